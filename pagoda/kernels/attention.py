@@ -1,0 +1,98 @@
+"""Paged attention over the KV cache: plain-torch reference (CPU and CUDA).
+
+Layouts (shared with the Triton kernels in this package):
+- kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]; kv_cache[0] = K, kv_cache[1] = V.
+- q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim] (new tokens of
+  this step, flattened over requests in order).
+- slot_mapping: int64 [num_tokens], block_id * block_size + offset; negative = padding, not written.
+- query_start_loc: int32 [num_reqs + 1]; seq_lens: int32 [num_reqs] (KV length after this step);
+  block_tables: int32 [num_reqs, max_blocks]. Request r's queries sit at positions
+  seq_lens[r] - q_len + i and attend causally to every cached position up to their own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                            slot_mapping: torch.Tensor) -> None:
+    """Write this step's K/V into the paged cache at slot_mapping (padding slots < 0 skipped)."""
+    nb, bs = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, nb * bs, kv_cache.shape[3], kv_cache.shape[4])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+
+
+def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, n: int):
+    """[n, kv_heads, head_dim] K and V of one request, read through its block table."""
+    bs = kv_cache.shape[2]
+    nblk = (n + bs - 1) // bs
+    blocks = block_table[:nblk].long()
+    k = kv_cache[0, blocks].reshape(nblk * bs, kv_cache.shape[3], kv_cache.shape[4])[:n]
+    v = kv_cache[1, blocks].reshape(nblk * bs, kv_cache.shape[3], kv_cache.shape[4])[:n]
+    return k, v
+
+
+def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                          seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                          query_start_loc_cpu: list[int] | None = None,
+                          seq_lens_cpu: list[int] | None = None) -> torch.Tensor:
+    """Causal attention of each request's new queries over its cached KV (written beforehand).
+
+    Requests with one query token (decodes) are batched into a single padded SDPA call; each
+    multi-token request (prefill chunk) gets its own call. Host copies of the offsets can be
+    passed to avoid device syncs.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    group = num_heads // num_kv_heads
+    qsl = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc.tolist()
+    sl = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
+    out = torch.empty_like(q)
+    decodes = [r for r in range(len(sl)) if qsl[r + 1] - qsl[r] == 1]
+    if decodes:
+        _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group)
+    for r in range(len(sl)):
+        qs, qe = qsl[r], qsl[r + 1]
+        ql = qe - qs
+        if ql <= 1:
+            continue
+        n = sl[r]
+        k, v = _gather_kv(kv_cache, block_tables[r], n)
+        qr = q[qs:qe].transpose(0, 1).unsqueeze(0)                    # [1, H, ql, D]
+        kr = k.transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)  # [1, H, n, D]
+        vr = v.transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)
+        # query i sits at absolute position n - ql + i and sees keys 0 .. n - ql + i
+        qpos = torch.arange(n - ql, n, device=q.device).unsqueeze(1)
+        mask = torch.arange(n, device=q.device).unsqueeze(0) <= qpos
+        o = F.scaled_dot_product_attention(qr.to(kr.dtype), kr, vr, attn_mask=mask, scale=scale)
+        out[qs:qe] = o[0].transpose(0, 1).to(out.dtype)
+    return out
+
+
+def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group):
+    bs = kv_cache.shape[2]
+    rows = torch.tensor(decodes, device=q.device)
+    tok = torch.tensor([qsl[r] for r in decodes], device=q.device)
+    lens = torch.tensor([sl[r] for r in decodes], device=q.device)
+    max_len = max(sl[r] for r in decodes)
+    nblk = (max_len + bs - 1) // bs
+    bt = block_tables[rows, :nblk].long()                             # [B, nblk]
+    B = len(decodes)
+    kvh, d = kv_cache.shape[3], kv_cache.shape[4]
+    k = kv_cache[0][bt].reshape(B, nblk * bs, kvh, d)                 # [B, L, kvh, D]
+    v = kv_cache[1][bt].reshape(B, nblk * bs, kvh, d)
+    qb = q[tok].view(B, kvh, group, d)                                # [B, kvh, G, D]
+    k = k.permute(0, 2, 3, 1)                                         # [B, kvh, D, L]
+    scores = torch.matmul(qb.to(k.dtype), k).float() * scale          # [B, kvh, G, L]
+    valid = torch.arange(nblk * bs, device=q.device).unsqueeze(0) < lens.unsqueeze(1)
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    # slots past a request's length hold whatever was there (maybe NaN/Inf): 0 * NaN = NaN
+    v = v.masked_fill(~valid[:, :, None, None], 0)
+    o = torch.matmul(p, v.permute(0, 2, 1, 3))                        # [B, kvh, G, D]
+    out[tok] = o.reshape(B, kvh * group, d).to(out.dtype)

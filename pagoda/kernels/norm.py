@@ -1,0 +1,18 @@
+"""RMSNorm, plain torch (reference for the Triton kernel beside it)."""
+from __future__ import annotations
+
+import torch
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(dtype) if dtype != torch.float32 else xf * weight
+
+
+def fused_add_rms_norm_torch(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual <- x + residual; returns (rms_norm(residual), residual)."""
+    residual = x + residual
+    return rms_norm_torch(residual, weight, eps), residual

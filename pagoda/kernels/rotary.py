@@ -1,0 +1,25 @@
+"""Rotary position embedding (neox / rotate-half style, as HF Llama and Qwen), plain torch.
+
+cos_sin_cache: [max_positions, rotary_dim] = [cos(pos * inv_freq) | sin(pos * inv_freq)], float32.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D]; rotates the first rotary_dim features, returns new q, k."""
+    cs = cos_sin_cache[positions]                      # [T, rot]
+    half = cs.shape[-1] // 2
+    cos = cs[:, :half].unsqueeze(1)
+    sin = cs[:, half:].unsqueeze(1)
+
+    def rot(x):
+        rd = 2 * half
+        xr = x[..., :rd].float()
+        x1, x2 = xr[..., :half], xr[..., half:]
+        o = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        return o if rd == x.shape[-1] else torch.cat((o, x[..., rd:]), dim=-1)
+
+    return rot(q), rot(k)

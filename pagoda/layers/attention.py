@@ -1,0 +1,60 @@
+"""Attention over the paged KV cache.
+
+The per-step metadata (one flattened batch) is set once by the model runner with
+`set_attention_metadata` and read by every layer, so model code never threads it through.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pagoda.kernels import ops
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor        # int64 [num_tokens]
+    query_start_loc: torch.Tensor     # int32 [num_reqs + 1]
+    seq_lens: torch.Tensor            # int32 [num_reqs]
+    block_tables: torch.Tensor        # int32 [num_reqs, max_blocks]
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc_cpu: Optional[list[int]] = None
+    seq_lens_cpu: Optional[list[int]] = None
+
+
+_META: Optional[AttentionMetadata] = None
+
+
+def set_attention_metadata(meta: Optional[AttentionMetadata]) -> None:
+    global _META
+    _META = meta
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    assert _META is not None, "attention called outside a model-runner step"
+    return _META
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the layer's cache by slot mapping, then attends through the
+    block tables. `kv_cache` is bound by the model runner after the cache is allocated."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.kv_cache: torch.Tensor = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = get_attention_metadata()
+        ops.reshape_and_cache(k, v, self.kv_cache, m.slot_mapping)
+        if ops.triton_enabled:
+            return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
+                                       self.scale, max_query_len=m.max_query_len,
+                                       max_seq_len=m.max_seq_len)
+        return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
+                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu)
