@@ -78,9 +78,11 @@ def make_cert(directory: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-def write_nginx_config(root: Path, upstream: str, listen: str, tls_listen: str | None = None) -> Path:
+def write_nginx_config(root: Path, upstream: str, listen: str, tls_listen: str | None = None,
+                       http_extra: str = "") -> Path:
     """Lay out root/ like the nginx image's /etc/nginx: templates rendered into conf.d/, certs/,
-    and a main nginx.conf shaped like the image's, with every runtime path kept under root."""
+    and a main nginx.conf shaped like the image's, with every runtime path kept under root.
+    http_extra: directives an operator might add to the main http block."""
     values = {"PAGODA_UPSTREAM": upstream, "NGINX_LISTEN": listen}
     templates = ["default.conf", "pagoda-locations.inc"]
     if tls_listen:
@@ -107,6 +109,7 @@ http {{
     fastcgi_temp_path {temp}/fastcgi;
     uwsgi_temp_path {temp}/uwsgi;
     scgi_temp_path {temp}/scgi;
+    {http_extra}
     include conf.d/*.conf;
 }}
 """)
@@ -343,7 +346,7 @@ def test_dashboard_covers_the_required_views():
 # ----------------------------------------------------------------------------- Dockerfile
 
 def dockerfile_commands():
-    import dockerfile
+    dockerfile = pytest.importorskip("dockerfile", reason="pip install dockerfile (in the test extra)")
     return dockerfile.parse_file(str(REPO / "Dockerfile"))
 
 
