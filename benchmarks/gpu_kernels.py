@@ -1,0 +1,427 @@
+"""GPU check and timings of the Triton kernels against their torch references, at model sizes.
+
+    python benchmarks/gpu_kernels.py [--out DIR] [--sweep] [--budget-s 300]
+
+For each case: relative error norm of the Triton output against the reference run in higher
+precision (fp32 for bf16 inputs, float64 for fp32 inputs), a NaN check on a poisoned output,
+and median times (triton.testing.do_bench, L2 flushed between runs) of the Triton kernel and
+of the torch reference. Decode attention also reports bytes moved (K/V of every context read
+once, q read, out written) against the device-to-device copy ceiling measured in the same run.
+Shapes: Qwen3-0.6B (16 q heads, 8 KV heads, head_dim 128), Llama-3-8B (32/8/128) and a
+Llama-2-7B-like MHA (32/32/128) for GQA ratio 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+DRY = os.environ.get("PAGODA_BENCH_DRY") == "1"  # CPU smoke test of this script: tiny sizes
+if DRY:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pagoda.kernels import attention_triton as at  # noqa: E402
+from pagoda.kernels.activation import silu_and_mul_torch  # noqa: E402
+from pagoda.kernels.activation_triton import silu_and_mul_triton  # noqa: E402
+from pagoda.kernels.attention import paged_attention_torch, reshape_and_cache_torch  # noqa: E402
+from pagoda.kernels.norm import fused_add_rms_norm_torch, rms_norm_torch  # noqa: E402
+from pagoda.kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton  # noqa: E402
+from pagoda.kernels.rotary import rotary_embedding_torch  # noqa: E402
+from pagoda.kernels.rotary_triton import rotary_embedding_triton  # noqa: E402
+from pagoda.kernels.sampling import apply_top_k_top_p_min_p, sample  # noqa: E402
+
+DEV = "cpu" if DRY else "cuda"
+BUDGET_S = 300.0
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+SHAPES = {"qwen3-0.6b": (16, 8, 128), "llama3-8b": (32, 8, 128), "mha-32": (32, 32, 128)}
+ROWS: list[dict] = []
+T0 = time.time()
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def n(x: int) -> int:
+    """A size; divided by 64 in the dry run."""
+    return max(1, x // 64) if DRY else x
+
+
+def sync():
+    if not DRY:
+        torch.cuda.synchronize()
+
+
+def ms(fn) -> float:
+    if DRY:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def hi(t: torch.Tensor) -> torch.Tensor:
+    """Reference precision for inputs of t's dtype."""
+    return t.double() if t.dtype == torch.float32 else t.float()
+
+
+def record(name, dtype, err, nan, t_tri, t_ref, nbytes=None, flops=None, extra=None):
+    row = dict(case=name, dtype=str(dtype).replace("torch.", ""), rel_err=err, nan=nan,
+               ok=(not nan) and err <= TOL[dtype], triton_ms=t_tri, torch_ms=t_ref,
+               speedup=t_ref / t_tri if t_tri and t_ref else None)
+    if nbytes:
+        row["GB/s"] = nbytes / t_tri / 1e6
+    if flops:
+        row["TFLOP/s"] = flops / t_tri / 1e9
+    row.update(extra or {})
+    ROWS.append(row)
+    log(json.dumps(row))
+
+
+# ---------------------------------------------------------------- ceilings
+
+def copy_ceiling() -> float:
+    x = torch.randn(n(256 * 2**20), device=DEV)  # 1 GiB
+    y = torch.empty_like(x)
+    t = ms(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / t / 1e6  # GB/s, read + write
+
+
+def matmul_ceiling() -> float:
+    m = n(8192)
+    a = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=DEV, dtype=torch.bfloat16)
+    return 2 * m**3 / ms(lambda: a @ b) / 1e9
+
+
+# ---------------------------------------------------------------- paged batches
+
+def paged_batch(q_lens, seq_lens, heads, kv_heads, dim, dtype, page=16, seed=0):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    blocks = [(s + page - 1) // page for s in seq_lens]
+    nb = sum(blocks) + 8
+    kv = torch.randn(2, nb, page, kv_heads, dim, device=DEV, generator=g).to(dtype)
+    perm = torch.randperm(nb, device=DEV, generator=g)
+    bt = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32, device=DEV)
+    starts = torch.tensor([0] + blocks).cumsum(0).tolist()
+    for r, n in enumerate(blocks):
+        bt[r, :n] = perm[starts[r]:starts[r] + n]
+        tail = seq_lens[r] % page
+        if tail:  # slots past the end hold NaN: reading them would show
+            kv[:, bt[r, n - 1], tail:] = float("nan")
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                       device=DEV)
+    q = torch.randn(int(sum(q_lens)), heads, dim, device=DEV, generator=g).to(dtype)
+    return q, kv, qsl, torch.tensor(seq_lens, dtype=torch.int32, device=DEV), bt
+
+
+def ragged(n, lo, hi_, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi_ + 1, (n,), generator=g).tolist()
+
+
+def attention_case(name, q_lens, seq_lens, shape, dtype, *, time_ref=True, tune=None,
+                   num_splits=None, quiet=False):
+    if time.time() - T0 > BUDGET_S:
+        raise TimeoutError("over the time budget")
+    if DRY:  # three requests, lengths / 64
+        q_lens = [1 if ql == 1 else max(2, ql // 64) for ql in q_lens[:3]]
+        seq_lens = [max(ql, s // 64) for ql, s in zip(q_lens, seq_lens)]
+    h, kvh, d = SHAPES[shape]
+    q, kv, qsl, sl, bt = paged_batch(q_lens, seq_lens, h, kvh, d, dtype)
+    scale = d ** -0.5
+    mql = max(q_lens)
+    out = torch.full_like(q, float("nan"))
+    qsl_l, sl_l = qsl.tolist(), sl.tolist()
+
+    def tri():
+        return at.paged_attention_triton(q, kv, qsl, sl, bt, scale, max_query_len=mql,
+                                         max_seq_len=max(seq_lens), out=out, tune=tune,
+                                         num_splits=num_splits)
+
+    tri()
+    sync()
+    nan = bool(out.isnan().any())
+    err = float("nan")
+    if not quiet:
+        ref = paged_attention_torch(hi(q), hi(kv), qsl, sl, bt, scale, qsl_l, sl_l)
+        err = rel_err(out, ref)
+        del ref
+    t_tri = ms(tri)
+    t_ref = ms(lambda: paged_attention_torch(q, kv, qsl, sl, bt, scale, qsl_l, sl_l)) \
+        if time_ref else None
+    el = q.element_size()
+    kv_bytes = sum(seq_lens) * kvh * d * 2 * el
+    nbytes = kv_bytes + 2 * q.numel() * el
+    flops = 4 * h * d * sum(ql * (s - ql + (ql + 1) / 2) for s, ql in zip(seq_lens, q_lens))
+    extra = {"shape": shape, "tune": tune, "splits": num_splits}
+    if mql == 1:
+        extra["%copy"] = 100 * nbytes / t_tri / 1e6 / CEIL["copy"]
+    if not quiet:
+        record(name, dtype, err, nan, t_tri, t_ref, nbytes=nbytes, flops=flops, extra=extra)
+    del q, kv
+    if not DRY:
+        torch.cuda.empty_cache()
+    return t_tri
+
+
+def flash_baseline(q_len, shape):
+    """SDPA causal on dense tensors (no paging): what a fused flash kernel does at this size."""
+    h, kvh, d = SHAPES[shape]
+    q_len = n(q_len)
+    q = torch.randn(1, h, q_len, d, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(1, h, q_len, d, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(1, h, q_len, d, device=DEV, dtype=torch.bfloat16)
+    t = ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    flops = 4 * h * d * q_len * (q_len + 1) / 2
+    log(json.dumps({"case": f"flash-sdpa dense causal {q_len} {shape}", "ms": t,
+                    "TFLOP/s": flops / t / 1e9}))
+    ROWS.append({"case": f"sdpa-flash dense {q_len}", "shape": shape, "dtype": "bfloat16",
+                 "triton_ms": None, "torch_ms": t, "TFLOP/s": flops / t / 1e9, "ok": True})
+
+
+# ---------------------------------------------------------------- other kernels
+
+def elementwise_cases(dtype):
+    g = torch.Generator(device=DEV).manual_seed(1)
+
+    def rnd(*s):
+        return torch.randn(*s, device=DEV, generator=g).to(dtype)
+
+    el = torch.tensor([], dtype=dtype).element_size()
+    for rows, hid in ((256, 1024), (2048, 1024), (2048, 4096)):
+        rows = n(rows)
+        x, w = rnd(rows, hid), rnd(hid)
+        out = rms_norm_triton(x, w, 1e-6)
+        record(f"rms_norm {rows}x{hid}", dtype, rel_err(out, rms_norm_torch(hi(x), hi(w), 1e-6)),
+               bool(out.isnan().any()), ms(lambda: rms_norm_triton(x, w, 1e-6)),
+               ms(lambda: rms_norm_torch(x, w, 1e-6)), nbytes=2 * x.numel() * el)
+        r = rnd(rows, hid)
+        ref_o, ref_r = fused_add_rms_norm_torch(hi(x), hi(r), hi(w), 1e-6)
+        o, r2 = fused_add_rms_norm_triton(x, r, w, 1e-6)
+        err = max(rel_err(o, ref_o), rel_err(r2, ref_r))
+        record(f"fused_add_rms_norm {rows}x{hid}", dtype, err, bool(o.isnan().any()),
+               ms(lambda: fused_add_rms_norm_triton(x, r, w, 1e-6)),
+               ms(lambda: fused_add_rms_norm_torch(x, r, w, 1e-6)), nbytes=4 * x.numel() * el)
+    # Qwen3 per-head q-norm on a strided view of qkv
+    qkv = rnd(n(2048), (16 + 16) * 128)
+    qv, w = qkv[:, :2048].view(n(2048), 16, 128), rnd(128)
+    out = rms_norm_triton(qv, w, 1e-6)
+    record("rms_norm per-head view 2048x16x128", dtype,
+           rel_err(out, rms_norm_torch(hi(qv), hi(w), 1e-6)), bool(out.isnan().any()),
+           ms(lambda: rms_norm_triton(qv, w, 1e-6)), ms(lambda: rms_norm_torch(qv, w, 1e-6)),
+           nbytes=2 * qv.numel() * el)
+    # rotary on views of qkv, Llama-3-8B heads
+    t, hq, hk, d = n(2048), 32, 8, 128
+    qkv = rnd(t, (hq + 2 * hk) * d)
+    q, k = qkv[:, :hq * d].view(t, hq, d), qkv[:, hq * d:(hq + hk) * d].view(t, hk, d)
+    inv = 1.0 / 500000.0 ** (torch.arange(0, d, 2, device=DEV, dtype=torch.float32) / d)
+    f = torch.arange(8192, device=DEV, dtype=torch.float32)[:, None] * inv
+    cache = torch.cat((f.cos(), f.sin()), -1)
+    pos = torch.randint(0, 8192, (t,), device=DEV, generator=g)
+    rq, rk = rotary_embedding_torch(pos, hi(q), hi(k), hi(cache))
+    rotary_embedding_triton(pos, q, k, cache)
+    record("rotary 2048 tok 32q/8k x128 (in place)", dtype, max(rel_err(q, rq), rel_err(k, rk)),
+           bool(q.isnan().any() or k.isnan().any()),
+           ms(lambda: rotary_embedding_triton(pos, q, k, cache)),
+           ms(lambda: rotary_embedding_torch(pos, q, k, cache)),
+           nbytes=2 * (q.numel() + k.numel()) * el)
+    for rows, inter in ((2048, 3072), (2048, 14336), (256, 14336)):
+        rows = n(rows)
+        x = rnd(rows, 2 * inter)
+        out = silu_and_mul_triton(x)
+        record(f"silu_and_mul {rows}x{inter}", dtype, rel_err(out, silu_and_mul_torch(hi(x))),
+               bool(out.isnan().any()), ms(lambda: silu_and_mul_triton(x)),
+               ms(lambda: silu_and_mul_torch(x)), nbytes=3 * rows * inter * el)
+    # KV write, 2048 tokens of Llama-3-8B K/V as views of qkv
+    nb, page = 4096, 16
+    kc = torch.full((2, nb, page, hk, d), float("nan"), device=DEV, dtype=dtype)
+    ref = kc.clone()
+    kk, vv = k, qkv[:, (hq + hk) * d:].view(t, hk, d)
+    slots = torch.randperm(nb * page, device=DEV, generator=g)[:t]
+    slots[::17] = -1
+    at.reshape_and_cache_triton(kk, vv, kc, slots)
+    reshape_and_cache_torch(kk, vv, ref, slots)
+    same = torch.equal(kc.nan_to_num(), ref.nan_to_num()) and torch.equal(kc.isnan(), ref.isnan())
+    record("reshape_and_cache 2048 tok 8x128", dtype, 0.0 if same else 1.0, False,
+           ms(lambda: at.reshape_and_cache_triton(kk, vv, kc, slots)),
+           ms(lambda: reshape_and_cache_torch(kk, vv, ref, slots)),
+           nbytes=2 * 2 * kk.numel() * el)
+
+
+def sampling_cases():
+    b, vocab = n(256) * 16, 151936
+    g = torch.Generator(device=DEV).manual_seed(2)
+    logits = torch.randn(b, vocab, device=DEV, generator=g) * 4
+    temp = torch.rand(b, device=DEV, generator=g) + 0.3
+    temp[::4] = 0.0
+    top_k = torch.randint(0, 100, (b,), device=DEV, generator=g)
+    top_p = torch.rand(b, device=DEV, generator=g) * 0.5 + 0.5
+    noise = torch.empty(b, vocab, device=DEV).exponential_(generator=g)
+    got = sample(logits, temp, top_k, top_p, noise=noise)
+    cpu = sample(logits[:16].cpu(), temp[:16].cpu(), top_k[:16].cpu(), top_p[:16].cpu(),
+                 noise=noise[:16].cpu())
+    agree = torch.equal(got[:16].cpu(), cpu)
+    filt = apply_top_k_top_p_min_p(logits, top_k, top_p)
+    kept = (filt > float("-inf")).sum(-1)
+    sane = bool(((kept <= torch.where(top_k > 0, top_k, vocab)) & (kept >= 1)).all())
+    t_full = ms(lambda: sample(logits, temp, top_k, top_p))
+    t_temp = ms(lambda: sample(logits, temp))
+    t_greedy = ms(lambda: sample(logits, temp, all_greedy=True))
+    row = {"case": f"sampling B={b} V={vocab}", "gpu_equals_cpu": agree, "filters_sane": sane,
+           "ok": agree and sane, "top_k+top_p ms": t_full, "temperature-only ms": t_temp,
+           "greedy ms": t_greedy}
+    ROWS.append(row)
+    log(json.dumps(row))
+
+
+# ---------------------------------------------------------------- sweep
+
+def sweep():
+    cases = [("decode B=64 ctx1024", [1] * 64, [1024] * 64),
+             ("decode B=256 ctx512-1024", [1] * 256, ragged(256, 512, 1024, 3)),
+             ("decode B=1 ctx4096", [1], [4096])]
+    for name, ql, sl in cases:
+        best = None
+        for bn in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    tune = dict(block_n=bn, num_warps=warps, num_stages=stages)
+                    try:
+                        t = attention_case(name, ql, sl, "llama3-8b", torch.bfloat16,
+                                           time_ref=False, tune=tune, quiet=True)
+                    except Exception as e:  # noqa: BLE001 - a config may not compile
+                        log("sweep", name, tune, "failed", type(e).__name__)
+                        continue
+                    log(f"sweep {name} {tune} {t * 1e3:.1f} us")
+                    if best is None or t < best[0]:
+                        best = (t, tune)
+        log(f"SWEEP BEST {name}: {best}")
+        ROWS.append({"case": f"sweep best {name}", "triton_ms": best[0], "tune": best[1],
+                     "ok": True})
+        for splits in (1, 2, 4, 8, 16, 32):
+            t = attention_case(name, ql, sl, "llama3-8b", torch.bfloat16, time_ref=False,
+                               tune=best[1], num_splits=splits, quiet=True)
+            log(f"sweep {name} best tune, splits={splits}: {t * 1e3:.1f} us")
+    pf = ("prefill 2048", [2048], [2048])
+    best = None
+    for rows in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    tune = dict(rows=rows, block_n=bn, num_warps=warps, num_stages=stages)
+                    try:
+                        t = attention_case(pf[0], pf[1], pf[2], "llama3-8b", torch.bfloat16,
+                                           time_ref=False, tune=tune, quiet=True)
+                    except Exception as e:  # noqa: BLE001
+                        log("sweep", pf[0], tune, "failed", type(e).__name__)
+                        continue
+                    log(f"sweep {pf[0]} {tune} {t:.3f} ms")
+                    if best is None or t < best[0]:
+                        best = (t, tune)
+    log(f"SWEEP BEST {pf[0]}: {best}")
+    ROWS.append({"case": "sweep best prefill 2048", "triton_ms": best[0], "tune": best[1],
+                 "ok": True})
+
+
+def attention_cases(dtype):
+    for shape in ("qwen3-0.6b", "llama3-8b"):
+        for b in (64, 256):
+            attention_case(f"decode B={b} ctx512-1024", [1] * b, ragged(b, 512, 1024, b), shape,
+                           dtype)
+        attention_case("decode B=1 ctx4096 (split-K)", [1], [4096], shape, dtype)
+        attention_case("decode B=8 ctx 15..8193", [1] * 8,
+                       [15, 16, 17, 511, 1024, 2049, 4095, 8193], shape, dtype)
+        attention_case("prefill 2048 fresh", [2048], [2048], shape, dtype)
+        attention_case("prefill chunk 2048, prefix 1024", [2048], [3072], shape, dtype)
+        attention_case("mixed 1x1024 chunk(prefix 512) + 63 decodes", [1024] + [1] * 63,
+                       [1536] + ragged(63, 512, 1024, 7), shape, dtype)
+        attention_case("16 prompts x 128", [128] * 16, [128] * 16, shape, dtype)
+    attention_case("decode B=64 ctx512-1024 (GQA 1)", [1] * 64, ragged(64, 512, 1024, 5),
+                   "mha-32", dtype)
+
+
+def table():
+    cols = ["case", "shape", "dtype", "ok", "rel_err", "triton_ms", "torch_ms", "speedup",
+            "GB/s", "%copy", "TFLOP/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in ROWS:
+        if "rel_err" not in r:
+            continue
+
+        def f(c):
+            v = r.get(c)
+            if isinstance(v, float):
+                return f"{v:.2e}" if c == "rel_err" else (f"{v * 1e3:.1f}us" if c.endswith("ms")
+                                                          and v < 1 else f"{v:.3g}")
+            return "" if v is None else str(v)
+        lines.append("| " + " | ".join(f(c) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+CEIL: dict[str, float] = {}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=300)
+    args = ap.parse_args()
+    global BUDGET_S
+    BUDGET_S = args.budget_s
+    torch.backends.cuda.matmul.allow_tf32 = False
+    gpu = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
+    sms = 0 if DRY else torch.cuda.get_device_properties(0).multi_processor_count
+    log(f"torch {torch.__version__} triton {triton.__version__} {gpu} SMs={sms}")
+    CEIL["copy"] = copy_ceiling()
+    CEIL["bf16 matmul TFLOP/s"] = matmul_ceiling()
+    log("ceilings", CEIL)
+    sections = [("attention bf16", lambda: attention_cases(torch.bfloat16)),
+                ("elementwise bf16", lambda: elementwise_cases(torch.bfloat16)),
+                ("flash baseline", lambda: [flash_baseline(2048, s) for s in SHAPES
+                                            if s != "mha-32"]),
+                ("sampling", sampling_cases),
+                ("attention fp32", lambda: attention_cases(torch.float32)),
+                ("elementwise fp32", lambda: elementwise_cases(torch.float32))]
+    if args.sweep:
+        sections.insert(1, ("sweep", sweep))
+    for name, fn in sections:
+        if time.time() - T0 > args.budget_s:
+            log(f"SKIPPED {name}: over budget")
+            ROWS.append({"case": f"SKIPPED {name}", "ok": False})
+            continue
+        log(f"== {name} ({time.time() - T0:.0f}s)")
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - keep the other sections
+            log(traceback.format_exc())
+            ROWS.append({"case": f"FAILED {name}", "ok": False})
+    with open(os.path.join(args.out, "gpu_kernels.json"), "w") as fh:
+        json.dump({"ceilings": CEIL, "rows": ROWS, "torch": torch.__version__,
+                   "triton": triton.__version__, "gpu": gpu}, fh,
+                  indent=1, default=str)
+    tbl = table()
+    with open(os.path.join(args.out, "gpu_kernels.md"), "w") as fh:
+        fh.write(tbl + "\n")
+    log(f"ceilings: {CEIL}")
+    log(tbl)
+    bad = [r["case"] for r in ROWS if not r.get("ok")]
+    log(f"total {time.time() - T0:.0f}s; failing: {bad or 'none'}")
+
+
+if __name__ == "__main__":
+    main()

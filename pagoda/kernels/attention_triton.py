@@ -1,0 +1,282 @@
+"""Paged attention and the KV-cache write in Triton (the plain-torch twins live in attention.py).
+
+Layouts are those documented in attention.py. One attention kernel serves every batch shape:
+
+- A program owns one *query tile* (up to BLOCK_Q consecutive new tokens of one request) and one
+  KV head, and computes all GROUP query heads that share that KV head at once: the tile's rows
+  are (token, head-in-group) pairs, so K and V are read once per tile instead of once per head.
+- Tiles are numbered without a host sync: request r's tiles start at
+  query_start_loc[r] // BLOCK_Q + r, so num_tokens // BLOCK_Q + num_reqs programs always cover
+  the batch and each finds its request by binary search (spare programs exit at once). When no
+  request has more than BLOCK_Q new tokens (decode steps), program r is request r.
+- Split-K: the keys of a tile can be cut into NUM_SPLITS segments handled by separate programs,
+  each writing a normalised partial output and its log-sum-exp; a second small kernel merges
+  them. The dispatcher uses this for decode batches too small to fill the GPU.
+- Online softmax in fp32 with exp2 (the scale is folded into log2 units). K and V are gathered
+  through the block table a BLOCK_N-token tile at a time, whatever the page size.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter's tl.dot multiplies bf16 bit patterns as integers (seen with triton 3.9), so
+# under TRITON_INTERPRET the operands are upcast to fp32 first; rounding points stay the same.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mm(a, b, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _reshape_and_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                              stride_kt, stride_kh, stride_vt, stride_vh,
+                              stride_cb, stride_cs, stride_ch,
+                              NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                              H_PAD: tl.constexpr, D_PAD: tl.constexpr,
+                              PAGE: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    if slot < 0:
+        return
+    h = tl.arange(0, H_PAD)[:, None]
+    d = tl.arange(0, D_PAD)[None, :]
+    mask = (h < NUM_KV_HEADS) & (d < HEAD_DIM)
+    dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch + d
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                             slot_mapping: torch.Tensor) -> None:
+    """Same contract as reshape_and_cache_torch; k/v may be strided views (last dim dense)."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    assert k.stride(-1) == 1 and v.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    kc, vc = kv_cache[0], kv_cache[1]
+    _reshape_and_cache_kernel[(num_tokens,)](
+        k, v, kc, vc, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
+        H_PAD=triton.next_power_of_2(num_kv_heads), D_PAD=triton.next_power_of_2(head_dim),
+        PAGE=kv_cache.shape[2])
+
+
+@triton.jit
+def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                       qsl_ptr, part_out_ptr, part_lse_ptr,
+                       num_reqs, qk_scale,
+                       stride_qt, stride_qh, stride_ot, stride_oh,
+                       stride_cb, stride_cs, stride_ch, stride_bt,
+                       NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                       BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       NUM_SPLITS: tl.constexpr, TILE_IS_REQ: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr):
+    tile = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    if TILE_IS_REQ:
+        req = tile
+        first_tile = tile
+    else:  # largest req with qsl[req] // BLOCK_Q + req <= tile
+        lo = tile * 0  # a tensor from the start: the loop carries it
+        hi = lo + num_reqs
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            go_right = tl.load(qsl_ptr + mid) // BLOCK_Q + mid <= tile
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        req = lo
+        first_tile = tl.load(qsl_ptr + req) // BLOCK_Q + req
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    q0 = (tile - first_tile) * BLOCK_Q          # first query of this tile, within the request
+    if q0 >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx_len = seq_len - q_len                    # keys cached before this step's tokens
+
+    rows = tl.arange(0, BLOCK_M)
+    qi = q0 + rows // GROUP_PAD
+    head = kvh * GROUP + rows % GROUP_PAD
+    row_ok = (rows < BLOCK_Q * GROUP_PAD) & (rows % GROUP_PAD < GROUP) & (qi < q_len)
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    tok = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q_pos = ctx_len + qi
+
+    # keys this tile needs: 0 .. (position of its last query), cut into NUM_SPLITS segments
+    n_keys = tl.minimum(seq_len, ctx_len + q0 + BLOCK_Q)
+    n_tiles = tl.cdiv(n_keys, BLOCK_N)
+    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, n_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    kv_head_off = kvh * stride_ch
+    for t in range(t_begin, t_end):
+        k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < n_keys
+        page = tl.load(bt_row + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
+        kv_off = page * stride_cb + (k_pos % PAGE) * stride_cs + kv_head_off
+        k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None],
+                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)          # [D_PAD, BLOCK_N]
+        s = _mm(q, k, UPCAST, PREC) * qk_scale
+        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet
+        p = tl.math.exp2(s - m_ref[:, None])
+        alpha = tl.math.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)          # [BLOCK_N, D_PAD]
+        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        part = (tok * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], o, mask=o_mask)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.maximum(l_i, 1e-30)))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, stride_ot, stride_oh,
+                         NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    s_ok = s < NUM_SPLITS
+    d = tl.arange(0, D_PAD)
+    d_ok = d < HEAD_DIM
+    part = (tok * NUM_HEADS + head) * NUM_SPLITS + s
+    lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+    top = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(top == float("-inf"), 0.0, top))
+    w = tl.where(s_ok, w, 0.0)
+    o = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                mask=s_ok[:, None] & d_ok[None, :] & (w[:, None] > 0), other=0.0)
+    total = tl.sum(w, 0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + tok * stride_ot + head * stride_oh + d, o.to(out_ptr.dtype.element_ty),
+             mask=d_ok)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, sm_count: int,
+                      min_keys_per_split: int = 256, max_splits: int = 32) -> int:
+    """Enough split-K programs for about two per SM, each with a few hundred keys at least."""
+    programs = max(1, num_reqs * num_kv_heads)
+    want = triton.cdiv(2 * sm_count, programs)
+    return max(1, min(want, triton.cdiv(max_seq_len, min_keys_per_split), max_splits))
+
+
+def launch_config(dtype: torch.dtype, decode: bool) -> dict[str, int]:
+    """Default tile sizes; `rows` is query rows per program (tokens x heads of a KV group)."""
+    if decode:
+        return dict(block_n=64, num_warps=4, num_stages=2)  # rows: the KV group, >= 16
+    if dtype == torch.float32:
+        return dict(rows=64, block_n=32, num_warps=4, num_stages=2)
+    return dict(rows=128, block_n=64, num_warps=8, num_stages=2)
+
+
+def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                           seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                           max_query_len: int | None = None, max_seq_len: int | None = None,
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           tune: dict[str, int] | None = None) -> torch.Tensor:
+    """Causal paged attention, same contract as paged_attention_torch, no host syncs.
+
+    max_query_len: the longest new-token count in the batch; 1 (all decodes) selects the decode
+    launch with split-K. None means "unknown": the general launch, always correct.
+    max_seq_len: bound on seq_lens, only used to size split-K (default: the block table's
+    capacity, which is fixed and so safe under CUDA graphs). num_splits overrides the choice;
+    tune overrides launch_config's tile sizes (benchmark sweeps).
+    Rows of `out` past query_start_loc[-1] (padding tokens) are left unspecified.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+    num_reqs = seq_lens.shape[0]
+    assert num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads"
+    assert q.stride(-1) == 1 and kv_cache.stride(-1) == 1
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_reqs == 0:
+        return out
+    decode = max_query_len == 1
+    cfg = {**launch_config(q.dtype, decode), **(tune or {})}
+    block_q = 1 if decode else max(1, cfg["rows"] // group_pad)
+    block_m = max(16, block_q * group_pad)
+    tile_is_req = max_query_len is not None and max_query_len <= block_q
+    if tile_is_req:
+        num_tiles = num_reqs
+    else:
+        num_tiles = num_tokens // block_q + num_reqs
+    if num_splits is None:
+        num_splits = 1
+        if decode:
+            cap = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
+            num_splits = decode_num_splits(num_reqs, num_kv_heads, cap, _sm_count(q.device))
+    kc, vc = kv_cache[0], kv_cache[1]
+    if num_splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32,
+                               device=q.device)
+    else:
+        part_out = part_lse = out  # unused
+    d_pad = triton.next_power_of_2(head_dim)
+    _paged_attn_kernel[(num_tiles, num_kv_heads, num_splits)](
+        out, q, kc, vc, block_tables, seq_lens, query_start_loc, part_out, part_lse,
+        num_reqs, scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
+        PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+        NUM_SPLITS=num_splits, TILE_IS_REQ=tile_is_req, UPCAST=_INTERPRET,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if num_splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            out, part_out, part_lse, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad, NUM_SPLITS=num_splits,
+            S_PAD=triton.next_power_of_2(num_splits), num_warps=4)
+    return out
