@@ -12,7 +12,7 @@ def parse_backends(s: str) -> list[str]:
     names = [b.strip() for b in s.split(",") if b.strip()]
     bad = [b for b in names if b not in BACKENDS]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(bad) or s!r}; choose from "
+        raise argparse.ArgumentTypeError(f"unknown backend(s) {', '.join(bad) if bad else repr(s)}; choose from "
                                          f"{', '.join(BACKENDS)} (comma-separated)")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"backend listed twice in {s!r}")

@@ -130,7 +130,8 @@ def _point(backend, b, L, out_len, runs) -> dict:
     return {"backend": backend, "batch_size": b, "input_len": L, "output_len": out_len,
             "prefill_ms": sum(p for p, _, _ in runs) / len(runs) * 1e3,
             "decode_ms": decode_ms, "decode": summarize(decode_ms),
-            "output_tokens": counted, "expected_output_tokens": expected, "counts_ok": counted == expected}
+            "output_tokens": counted, "expected_output_tokens": expected,
+            "counts_ok": all(len(c) == b and all(n == out_len for n in c) for _, _, c in runs)}
 
 
 def validate(args) -> None:

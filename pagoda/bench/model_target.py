@@ -72,23 +72,27 @@ def vocab_size(target: ModelTarget) -> int:
     return getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size
 
 
+def _dtype_bytes(target: ModelTarget) -> int:
+    import torch
+    return getattr(torch, target.dtype).itemsize
+
+
 def weight_bytes(target: ModelTarget) -> int:
     """Bytes of the weights in the run dtype, counted on the meta device (tied weights once)."""
     import torch
     from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(target))
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=getattr(torch, target.dtype)).element_size()
+    return sum(p.numel() for p in model.parameters()) * _dtype_bytes(target)
 
 
 def kv_bytes_per_token(target: ModelTarget) -> int:
     """K and V of one token across all layers, in the run dtype."""
-    import torch
     cfg = hf_config(target)
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=getattr(torch, target.dtype)).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * _dtype_bytes(target)
 
 
 def cleanup(target: ModelTarget) -> None:

@@ -134,7 +134,7 @@ async def send_request(session, cfg: LoadConfig, index: int, prompt: str, t0: fl
     except asyncio.TimeoutError:
         rec.error = f"timed out after {cfg.request_timeout_s:g} s"
         return rec
-    except (aiohttp.ClientError, json.JSONDecodeError, OSError) as e:
+    except (aiohttp.ClientError, ValueError, OSError) as e:  # ValueError: bad JSON, overlong line
         rec.error = f"{type(e).__name__}: {e}"
         return rec
     end = time.perf_counter()

@@ -16,8 +16,9 @@ SHAPES: dict[str, dict] = {
     "llama3-8b": dict(arch="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                       tie_word_embeddings=False, max_position_embeddings=8192, rope_theta=5e5),
+    # vocabulary of the bundled SmolLM2 tokenizer, so text workloads work with --tokenizer
     "tiny-llama": dict(arch="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                        tie_word_embeddings=False, max_position_embeddings=2048, rope_theta=1e4),
 }
 
@@ -56,15 +57,6 @@ def build_hf_model(name: str, dtype, device: str, seed: int = 0):
         for p in model.parameters():
             p.normal_(0, 0.02)
     return model
-
-
-def shape_weight_bytes(name: str, dtype_bytes: int) -> int:
-    """Bytes of all weights (tied embeddings counted once), without materializing them."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(make_config(name))
-    return sum(p.numel() for p in model.parameters()) * dtype_bytes
 
 
 def cleanup_model_dir(path: str) -> None:

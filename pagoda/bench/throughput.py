@@ -40,13 +40,20 @@ def make_prompts(args, target) -> list[list[int]]:
         lo, hi = (args.input_len, args.input_len) if args.input_len is not None else args.input_len_range
         return workloads.random_token_prompts(args.num_prompts, lo, hi, model_target.vocab_size(target),
                                               args.seed)
-    if target.shape:
-        raise ValueError(f"--model-shape: {target.shape} has no tokenizer; use --workload random")
+    tokenizer = target.engine_kwargs.get("tokenizer")
+    if target.shape and not tokenizer:
+        raise ValueError(f"--model-shape: {target.shape} has no tokenizer; use --workload random or "
+                         "give --tokenizer")
     from pagoda.worker import loader
-    tok = loader.load_tokenizer(loader.resolve_model(target.model, target.engine_kwargs.get("tokenizer")))
+    texts = (workloads.load_jsonl_prompts(args.dataset, args.num_prompts) if args.dataset
+             else workloads.synthetic_chat_prompts(args.num_prompts))
+    tok = loader.load_tokenizer(loader.resolve_model(target.model, tokenizer))
+    if len(tok) > model_target.vocab_size(target):
+        raise ValueError(f"--tokenizer: its {len(tok)} tokens do not fit the model's vocabulary of "
+                         f"{model_target.vocab_size(target)}")
     if args.dataset:
-        return [tok(p).input_ids for p in workloads.load_jsonl_prompts(args.dataset, args.num_prompts)]
-    return [workloads.chat_token_ids(tok, p) for p in workloads.synthetic_chat_prompts(args.num_prompts)]
+        return [tok(p).input_ids for p in texts]
+    return [workloads.chat_token_ids(tok, p) for p in texts]
 
 
 def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[int], list[int]]:
@@ -57,8 +64,8 @@ def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[
     llm = LLM(**target.engine_kwargs)
     try:
         if warmup:  # reversed prompts: same lengths, but nothing the prefix cache could reuse later
-            llm.generate([p[::-1] for p in prompts[:8]], SamplingParams(temperature=0, max_tokens=min(out_len, 8), ignore_eos=True),
-                         use_tqdm=False)
+            llm.generate([p[::-1] for p in prompts[:8]],
+                         SamplingParams(temperature=0, max_tokens=min(out_len, 8), ignore_eos=True), use_tqdm=False)
         params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
         sync(target.device)
         t0 = time.perf_counter()
@@ -103,7 +110,8 @@ def measure(backend, target, prompts, args) -> dict:
     expected = n * out_len
     return {"backend": backend, "elapsed_s": dt, "requests": n, "input_tokens": in_tokens,
             "output_tokens": out_tokens, "expected_output_tokens": expected,
-            "counts_ok": out_tokens == expected and len(counts) == n and not errors, "errors": errors[:3],
+            "counts_ok": len(counts) == n and all(c == out_len for c in counts) and not errors,
+            "errors": errors[:3],
             "requests_per_s": n / dt, "input_tok_per_s": in_tokens / dt, "output_tok_per_s": out_tokens / dt}
 
 
