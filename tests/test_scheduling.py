@@ -1,0 +1,99 @@
+"""Continuous batching behaviour: batch invariance, prefix caching, n>1 block sharing, preemption
+under a small KV cache, chunked prefill. All compared on greedy outputs of a tiny model."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_prompts
+from pagoda import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def toks(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(16, 5, 90, 49152, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llm, prompts):
+    """Each prompt alone."""
+    return [toks(tiny_llm.generate([p], GREEDY, use_tqdm=False))[0] for p in prompts]
+
+
+def test_batch_of_16_equals_each_alone(tiny_llm, prompts, reference):
+    assert toks(tiny_llm.generate(prompts, GREEDY, use_tqdm=False)) == reference
+
+
+def test_preemption_with_small_cache_finishes_all_identically(tiny_llama_dir, prompts, reference):
+    # 14 blocks x 16 tokens: the longest request needs 7 blocks, all 16 together need ~60
+    llm = LLM(tiny_llama_dir, max_model_len=112, num_gpu_blocks_override=14, enable_prefix_caching=False)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert toks(outs) == reference
+    assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outs)
+    eng = llm.engine
+    assert eng.scheduler.num_preemptions > 0, "the cache was meant to be too small to hold everyone"
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    assert not eng.scheduler.running and not eng.scheduler.waiting
+
+
+def test_chunked_prefill_equals_unchunked(tiny_llama_dir, prompts, reference):
+    llm = LLM(tiny_llama_dir, max_model_len=1024, max_num_batched_tokens=7, enable_prefix_caching=False)
+    long = [p for p in prompts if len(p) > 40]
+    assert long
+    got = toks(llm.generate(long, GREEDY, use_tqdm=False))
+    assert got == [reference[prompts.index(p)] for p in long]
+
+
+def test_prefix_cache_hit_gives_identical_output(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, max_model_len=1024)
+    bm = llm.engine.block_manager
+    base = random_prompts(1, 200, 200, 49152, seed=7)[0]
+    a, b = base + [501, 502, 503], base + [601, 602]
+    cold = LLM(tiny_llama_dir, max_model_len=1024, enable_prefix_caching=False)
+    expect_b = toks(cold.generate([b], GREEDY, use_tqdm=False))[0]
+    llm.generate([a], GREEDY, use_tqdm=False)
+    hits_before = bm.hits
+    out = llm.generate([b], GREEDY, use_tqdm=False)[0]
+    hit_tokens = bm.hits - hits_before
+    assert hit_tokens == (200 // 16) * 16  # every full block of the shared 200-token prefix
+    assert out.num_cached_tokens == hit_tokens
+    assert out.outputs[0].token_ids == expect_b
+
+
+def test_n4_shares_prompt_blocks(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, max_model_len=1024)
+    bm = llm.engine.block_manager
+    prompt = random_prompts(1, 100, 100, 49152, seed=9)[0]
+    eng = llm.engine
+    eng.add_request("n4", prompt, SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=3, ignore_eos=True))
+    eng.step()  # prefill of all four samples
+    seqs = eng.requests["n4"].seqs
+    full = 100 // 16
+    for s in seqs[1:]:
+        assert s.block_ids[:full] == seqs[0].block_ids[:full]
+    used = bm.num_blocks - bm.num_free_blocks
+    assert used == full + 4 * 1  # shared full blocks + one private partial block per sample
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_max_num_seqs_bounds_the_batch(tiny_llama_dir, prompts, reference):
+    llm = LLM(tiny_llama_dir, max_model_len=1024, max_num_seqs=3)
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, GREEDY)
+    peak = 0
+    done = {}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                done[int(o.request_id)] = o.outputs[0].token_ids
+        peak = max(peak, len(eng.scheduler.running))
+    assert peak == 3
+    assert [done[i] for i in range(len(prompts))] == reference
