@@ -38,19 +38,25 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=
 ARG PAGODA_EXTRAS=
 WORKDIR /opt/pagoda
-COPY . .
-# torch goes in first from the PyTorch index; setup.sh then finds its pin already satisfied
-# (torch==X matches X+cu128 / X+cpu) and installs pagoda, the bundled model and the extras.
+# torch first, from the PyTorch index, in a layer of its own: editing pagoda's code doesn't
+# reinstall gigabytes of CUDA libraries.
 RUN --mount=type=cache,target=/root/.cache/pip \
     set -eu; \
     case "$VARIANT" in \
-      cuda) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}"; extras="${PAGODA_EXTRAS:-gpu,bench}" ;; \
-      cpu)  index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}";   extras="${PAGODA_EXTRAS:-bench}" ;; \
+      cuda) index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}" ;; \
+      cpu)  index="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" ;; \
       *) echo "VARIANT must be cuda or cpu, got '$VARIANT'" >&2; exit 1 ;; \
     esac; \
     python3 -m venv .venv; \
-    .venv/bin/python -m pip install --disable-pip-version-check -q --index-url "$index" "torch==${TORCH_VERSION}"; \
-    PAGODA_TORCH_SPEC="torch==${TORCH_VERSION}" PAGODA_EXTRAS="$extras" PAGODA_VENV=.venv scripts/setup.sh; \
+    .venv/bin/python -m pip install --disable-pip-version-check -q --index-url "$index" "torch==${TORCH_VERSION}"
+COPY . .
+# setup.sh finds its torch==X pin already met (X+cu128 / X+cpu match it) and installs pagoda,
+# the bundled model and the extras (bench everywhere, so `pagoda bench` works in the container).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    set -eu; \
+    if [ "$VARIANT" = cuda ]; then default_extras=gpu,bench; else default_extras=bench; fi; \
+    PAGODA_TORCH_SPEC="torch==${TORCH_VERSION}" PAGODA_EXTRAS="${PAGODA_EXTRAS:-$default_extras}" \
+      PAGODA_VENV=.venv scripts/setup.sh; \
     .venv/bin/pagoda --version
 
 # ---- runtime ----
