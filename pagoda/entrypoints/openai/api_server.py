@@ -1,0 +1,83 @@
+"""Run the server: load the engine, build the app, serve it with uvicorn, drain on SIGTERM.
+
+Also the vLLM-style entry point:
+    python -m pagoda.entrypoints.openai.api_server --model MODEL [flags]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Callable
+
+import uvicorn
+
+logger = logging.getLogger("pagoda.server")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app the moment a shutdown signal arrives, so new
+    completions get 503 while in-flight ones finish (uvicorn stops accepting connections)."""
+
+    def __init__(self, config: uvicorn.Config, on_signal: Callable[[], None]):
+        super().__init__(config)
+        self._on_signal = on_signal
+
+    def handle_exit(self, sig, frame) -> None:
+        self._on_signal()
+        super().handle_exit(sig, frame)
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
+                                           datefmt="%m-%d %H:%M:%S"))
+    root = logging.getLogger("pagoda")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def run_server(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain."""
+    _configure_logging(args.log_level)
+    from pagoda.config import EngineArgs
+    engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
+
+    from pagoda.engine.async_engine import AsyncLLMEngine
+
+    from .server import build_app
+
+    engine = AsyncLLMEngine.from_engine_args(engine_args)
+    app = build_app(engine, args)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                            access_log=not args.disable_log_requests,
+                            ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                            timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=10)
+    server = _DrainingServer(config, on_signal=lambda: setattr(app.state.server, "draining", True))
+    # uvicorn re-raises the signal it handled once it has shut down; a drained shutdown is a
+    # normal exit, so make that re-raise a no-op and return 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    logger.info("serving %s on %s://%s:%d", ", ".join(engine.model_config.served_model_names),
+                "https" if args.ssl_certfile else "http", args.host, args.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli_args import HelpFormatter, add_serve_args, resolve_args
+    parser = argparse.ArgumentParser(prog="python -m pagoda.entrypoints.openai.api_server",
+                                     description="pagoda's OpenAI-compatible server (same as `pagoda serve`).",
+                                     formatter_class=HelpFormatter)
+    args = add_serve_args(parser).parse_args(argv)
+    try:
+        return run_server(resolve_args(args))
+    except ValueError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""`pagoda serve` arguments: the engine flags (defined once in pagoda.config) plus the server's.
+
+Precedence, highest first: command line, ``--config`` YAML file, ``PAGODA_*`` environment
+variables, built-in defaults. To know which flags the command line really set, every default is
+wrapped in ``_Default`` before parsing and unwrapped afterwards.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from pagoda.config import EngineArgs, Flag, add_flags, load_config_file, parse_bytes
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _origins(value: str | list) -> list[str]:
+    """'*', 'http://a,http://b' or vLLM's JSON list '["http://a"]'."""
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    value = value.strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}")
+        return [str(v) for v in parsed]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+SERVER_FLAGS: list[Flag] = [
+    Flag("host", str, "127.0.0.1", "Address to listen on. 127.0.0.1 accepts local clients only; "
+         "0.0.0.0 (or ::) listens on all interfaces.", group="Server"),
+    Flag("port", int, 8000, "TCP port to listen on.", group="Server"),
+    Flag("api-key", str, None, "Require 'Authorization: Bearer <key>' on every route except "
+         "/health and /ping.", group="Server"),
+    Flag("config", str, None, "YAML file of flag: value pairs (flag names as on the command line); "
+         "command-line flags override it.", group="Server"),
+    Flag("root-path", str, None, "URL prefix when behind a path-based reverse proxy (e.g. /llm).",
+         group="Server"),
+    Flag("allowed-origins", _origins, ["*"], "CORS origins allowed to call the API from a browser: "
+         "'*', a comma-separated list or a JSON list; '' disables CORS.", group="Server"),
+    Flag("ssl-keyfile", str, None, "TLS private key file (serve HTTPS with --ssl-certfile).",
+         group="Server"),
+    Flag("ssl-certfile", str, None, "TLS certificate file.", group="Server"),
+    Flag("max-concurrent-requests", int, None, "Admission limit: completions in flight at once; "
+         "beyond it requests get 429 with Retry-After. Default: unlimited.", group="Server"),
+    Flag("max-request-body-size", parse_bytes, 16 << 20, "Largest request body (e.g. 1MiB); larger "
+         "gets 413.", group="Server"),
+    Flag("shutdown-timeout", float, 30.0, "Seconds in-flight requests may take to finish after "
+         "SIGTERM/SIGINT before they are aborted.", group="Server"),
+    Flag("disable-fastapi-docs", None, False, "Do not serve /docs, /redoc and /openapi.json.",
+         group="Server", boolean=True),
+    Flag("chat-template", str, None, "Chat template replacing the model's: a Jinja file or an "
+         "inline template.", group="Chat"),
+    Flag("disable-log-requests", None, False, "Do not log each request (nor uvicorn's access log).",
+         group="Logging", boolean=True),
+    Flag("disable-log-stats", None, False, "Do not log the periodic throughput / KV-cache line.",
+         group="Logging", boolean=True),
+    Flag("log-stats-interval", float, 10.0, "Seconds between two stats log lines.", group="Logging"),
+    Flag("log-level", str.lower, "info", "pagoda's log level.", group="Logging", choices=LOG_LEVELS),
+    Flag("uvicorn-log-level", str.lower, "info", "uvicorn's log level.", group="Logging",
+         choices=LOG_LEVELS + ("trace",)),
+]
+
+# --help lists the groups in this order
+GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Chat", "Logging")
+
+
+class _Default:
+    """A default argparse left in place: the flag was not on the command line."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    __repr__ = __str__
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's default where it has a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default.value if isinstance(action.default, _Default) else action.default
+        if action.option_strings and default not in (None, False, "", [], argparse.SUPPRESS):
+            shown = ",".join(map(str, default)) if isinstance(default, list) else default
+            text += f" [default: {shown}]".replace("%", "%%")
+        return text
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("model_tag", nargs="?", metavar="MODEL", default=None,
+                        help="Model to serve (same as --model): a HF-format directory, a .gguf file "
+                             "or a hub id. Default: the bundled SmolLM2-135M-Instruct.")
+    groups = {name: parser.add_argument_group(name) for name in GROUP_ORDER}
+    add_flags(parser, SERVER_FLAGS, groups)
+    EngineArgs.add_cli_args(parser, groups)
+    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of actions
+        if action.dest != "help" and action.default is not argparse.SUPPRESS:
+            action.default = _Default(action.default)
+    parser.set_defaults(_serve_parser=parser)
+    return parser
+
+
+def _convert(action: argparse.Action, key: str, value: Any) -> Any:
+    """A config-file value, checked like the command line would check it."""
+    if isinstance(value, str) and action.type is not None:
+        try:
+            value = action.type(value)
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise ValueError(f"--config: {key}: {e}")
+    if action.choices and value not in action.choices:
+        raise ValueError(f"--config: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _load_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Apply --config and the positional MODEL, unwrap defaults, and check the server flags."""
+    parser: argparse.ArgumentParser = vars(args).pop("_serve_parser")
+    actions = {a.dest: a for a in parser._actions}  # noqa: SLF001
+    config_path = args.config.value if isinstance(args.config, _Default) else args.config
+    if config_path:
+        try:
+            values = load_config_file(config_path)
+        except OSError as e:
+            raise ValueError(f"--config: cannot read {config_path}: {e.strerror or e}")
+        unknown = sorted(k for k in values if k not in actions or k in ("help", "model_tag"))
+        if unknown:
+            raise ValueError(f"--config: unknown flag(s) in {config_path}: {', '.join(unknown)}")
+        for key, value in values.items():
+            if isinstance(getattr(args, key), _Default):
+                setattr(args, key, _convert(actions[key], key, value))
+    for key, value in vars(args).items():
+        if isinstance(value, _Default):
+            setattr(args, key, value.value)
+
+    tag = args.__dict__.pop("model_tag", None)
+    if tag is not None:
+        if args.model is not None and args.model != tag:
+            raise ValueError(f"--model: the model is given twice ({tag!r} and --model {args.model!r})")
+        args.model = tag
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port: must be in 1..65535, got {args.port}")
+    if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
+        raise ValueError(f"--max-concurrent-requests: must be >= 1, got {args.max_concurrent_requests}")
+    if args.max_request_body_size is None or args.max_request_body_size < 1:
+        raise ValueError(f"--max-request-body-size: must be > 0, got {args.max_request_body_size}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout: must be >= 0, got {args.shutdown_timeout}")
+    if args.log_stats_interval <= 0:
+        raise ValueError(f"--log-stats-interval: must be > 0, got {args.log_stats_interval}")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        raise ValueError("--ssl-keyfile and --ssl-certfile must be given together")
+    for flag in ("ssl_keyfile", "ssl_certfile"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise ValueError(f"--{flag.replace('_', '-')}: no such file: {path}")
+    if args.api_key is not None and not args.api_key:
+        raise ValueError("--api-key: must not be empty")
+    args.chat_template = _load_chat_template(args.chat_template)
+    return args
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .api_server import run_server  # heavy imports (engine, torch) only when serving
+    return run_server(resolve_args(args))
+
+
+def register(subparsers) -> None:
+    """Adds ``pagoda serve`` to the ``pagoda`` command."""
+    parser = subparsers.add_parser(
+        "serve", help="Serve a model over an OpenAI-compatible HTTP API.", formatter_class=HelpFormatter,
+        description="Serve a model over an OpenAI-compatible HTTP API (flags as vLLM's `vllm serve`; "
+                    "every flag can also be set by a PAGODA_<FLAG> environment variable).")
+    add_serve_args(parser)
+    parser.set_defaults(func=run_serve)

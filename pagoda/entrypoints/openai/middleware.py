@@ -1,0 +1,170 @@
+"""Pure ASGI middlewares of the server (no BaseHTTPMiddleware: it buffers and breaks streaming).
+
+Outermost first, as ``server.build_app`` stacks them:
+  RequestContext  X-Request-Id in and out, HTTP metrics by route template
+  (CORS)          Starlette's, when --allowed-origins is set
+  APIKey          401 without the key, on every route but /health and /ping
+  BodySizeLimit   413 past --max-request-body-size
+  Admission       429 past --max-concurrent-requests, 503 while draining on SIGTERM
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pagoda.metrics import ServerMetrics
+
+from .errors import error_response
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+OPEN_PATHS = frozenset({"/health", "/ping"})
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
+
+
+@dataclass
+class ServerState:
+    """Mutable server-wide state, shared by the middlewares and the lifespan."""
+    draining: bool = False
+    active_generations: int = 0
+
+
+def route_path(scope: Scope) -> str:
+    """The path the router matches: without --root-path when the proxy left it in."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):] or "/"
+    return path
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: list):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    def _template(self, scope: Scope) -> str:
+        route = scope.get("route")
+        if route is None:  # rejected before routing (401, 413, 429): match it ourselves
+            for r in self.routes:
+                match, _ = r.matches(scope)
+                if match != Match.NONE:
+                    route = r
+                    break
+        return getattr(route, "path", None) or "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = Headers(scope=scope).get("x-request-id")
+        request_id = given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+            await send(message)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self.metrics.observe_http(scope["method"], self._template(scope), status,
+                                      time.perf_counter() - t0)
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS:
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(given, self.expected):
+                msg = ("Missing API key: send 'Authorization: Bearer <key>'." if not given
+                       else "Invalid API key.")
+                return await error_response(msg, 401, code="invalid_api_key",
+                                            headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimitMiddleware:
+    """Reads the whole body up front (requests are small JSON) and replays it to the app.
+
+    An oversized body is still read, up to ``drain_limit``, before the 413 goes out, so that
+    the client sees the 413 instead of a connection reset in the middle of its upload.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_limit: int = 64 << 20):
+        self.app = app
+        self.max_bytes = max_bytes
+        self.drain_limit = max(drain_limit, max_bytes)
+
+    def _too_large(self) -> ASGIApp:
+        return error_response(f"Request body too large: the limit is {self.max_bytes} bytes "
+                              "(--max-request-body-size).", 413, code="request_too_large")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.drain_limit:
+            return await self._too_large()(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size <= self.max_bytes:
+                chunks.append(body)
+            elif size > self.drain_limit:
+                break
+            if not message.get("more_body", False):
+                break
+        if size > self.max_bytes:
+            return await self._too_large()(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls wait for http.disconnect
+        await self.app(scope, replay, send)
+
+
+class AdmissionMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState, limit: Optional[int]):
+        self.app = app
+        self.state = state
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or route_path(scope) not in GENERATION_PATHS:
+            return await self.app(scope, receive, send)
+        st = self.state
+        if st.draining:
+            return await error_response("The server is shutting down; retry on another replica.", 503,
+                                        code="shutting_down", headers={"Retry-After": "5"})(scope, receive, send)
+        if self.limit is not None and st.active_generations >= self.limit:
+            return await error_response(
+                f"Too many concurrent requests: the limit is {self.limit} (--max-concurrent-requests); "
+                "retry later.", 429, code="too_many_requests", headers={"Retry-After": "1"})(scope, receive, send)
+        st.active_generations += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            st.active_generations -= 1

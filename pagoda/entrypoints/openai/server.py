@@ -1,0 +1,191 @@
+"""The FastAPI app: routes, middlewares, error handlers and lifespan around one running engine.
+
+``build_app(engine, args)`` takes an engine that is already loaded (AsyncLLMEngine: it steps on
+its own thread) and the parsed ``pagoda serve`` arguments; ``api_server`` runs it with uvicorn.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Union
+
+from fastapi import Body, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pagoda import __version__
+from pagoda.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
+
+from .errors import OpenAIError, error_response, from_exception
+from .middleware import (AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
+                         RequestContextMiddleware, ServerState)
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
+                       ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest,
+                       TokenizeResponse, VersionResponse)
+from .serving_base import OpenAIServing
+from .serving_chat import ServingChat
+from .serving_completion import ServingCompletion
+from .serving_models import ServingModels
+from .serving_tokenize import ServingTokenize
+from .streams import ClientDisconnected
+
+logger = logging.getLogger("pagoda.server")
+
+_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 503)}
+_STREAM = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "with \"stream\": true: server-sent events, "
+                                                "ending with `data: [DONE]`"}}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for err in exc.errors()[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        param = param or (where or None)
+        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more errors)" if more > 0 else ""), param
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_: Request, exc: OpenAIError):
+        return from_exception(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        message, param = _validation_message(exc)
+        return error_response(message, 400, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        message = (f"Route {request.method} {request.url.path} not found." if exc.status_code == 404
+                   else str(exc.detail))
+        return error_response(message, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, __: ClientDisconnected):
+        return Response(status_code=499)  # nobody reads it; recorded in the HTTP metrics
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(f"Internal server error ({type(exc).__name__}).", 500)
+
+
+def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState) -> None:
+    chat, completion = ServingChat(serving), ServingCompletion(serving)
+    models, tokenize = ServingModels(serving), ServingTokenize(serving)
+    engine = serving.engine
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["OpenAI"],
+              responses={200: {"content": _STREAM}, **_ERRORS})
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
+        return await chat.create(request, raw)
+
+    @app.post("/v1/completions", response_model=CompletionResponse, tags=["OpenAI"],
+              responses={200: {"content": _STREAM}, **_ERRORS})
+    async def create_completion(request: CompletionRequest, raw: Request):
+        return await completion.create(request, raw)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["OpenAI"], responses=_ERRORS)
+    async def list_models():
+        return models.list()
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["OpenAI"], responses=_ERRORS)
+    async def retrieve_model(model_id: str):
+        return models.get(model_id)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, tags=["Tokens"], responses=_ERRORS)
+    async def tokenize_prompt(request: Union[TokenizeCompletionRequest, TokenizeChatRequest] = Body()):
+        return await tokenize.tokenize(request)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, tags=["Tokens"], responses=_ERRORS)
+    async def detokenize_tokens(request: DetokenizeRequest):
+        return await tokenize.detokenize(request)
+
+    async def health() -> Response:
+        if state.draining:
+            return error_response("The server is shutting down.", 503, code="shutting_down")
+        if not engine.is_healthy():
+            return error_response("The engine is not running.", 503, code="engine_dead")
+        return Response(status_code=200)
+
+    health_doc = dict(tags=["Operations"], response_class=Response,
+                      responses={200: {"description": "Ready (empty body)."}, 503: {"model": ErrorResponse}})
+    app.add_api_route("/health", health, methods=["GET"], summary="Health (200 when ready)", **health_doc)
+    app.add_api_route("/ping", health, methods=["GET", "POST"], summary="Ping (same as /health)",
+                      **health_doc)
+
+    @app.get("/version", response_model=VersionResponse, tags=["Operations"])
+    async def version():
+        return VersionResponse(version=__version__)
+
+    @app.get("/metrics", tags=["Operations"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def build_app(engine: Any, args: Any) -> FastAPI:
+    """The app for one loaded engine; ``args`` is the resolved ``pagoda serve`` namespace."""
+    state = ServerState()
+    served = engine.model_config.served_model_names
+    metrics = ServerMetrics(engine, served[0], engine.model_config.max_model_len)
+    engine.add_step_listener(metrics.on_engine_step)
+    serving = OpenAIServing(engine, metrics, chat_template=args.chat_template,
+                            log_requests=not args.disable_log_requests)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        stats_task = None
+        if not args.disable_log_stats:
+            stats_task = asyncio.create_task(_log_stats(StatsLogger(engine), args.log_stats_interval))
+        try:
+            yield
+        finally:
+            state.draining = True
+            if stats_task:
+                stats_task.cancel()
+            await engine.shutdown(drain_timeout_s=args.shutdown_timeout)
+            serving.close()
+
+    docs = not args.disable_fastapi_docs
+    app = FastAPI(title="pagoda", version=__version__, lifespan=lifespan, root_path=args.root_path or "",
+                  description="OpenAI-compatible API served by pagoda.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.state.server = state
+    app.state.serving = serving
+    app.state.metrics = metrics
+    _install_error_handlers(app)
+    _add_routes(app, serving, metrics, state)
+
+    # add_middleware wraps: the last one added runs first
+    app.add_middleware(AdmissionMiddleware, state=state, limit=args.max_concurrent_requests)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size)
+    if args.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+    if args.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials="*" not in args.allowed_origins,
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=app.router.routes)
+    return app
+
+
+async def _log_stats(stats: StatsLogger, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            line = stats.line()
+        except Exception:  # noqa: BLE001 - logging must never take the server down
+            logger.exception("stats logging failed")
+            continue
+        if line:
+            logger.info(line)

@@ -1,0 +1,282 @@
+"""What every endpoint shares: model names, prompt rendering and tokenization, request ->
+SamplingParams, starting an engine request, and following its outputs until it ends.
+
+Prompts are tokenized here (not in the engine) so ``usage`` reports exactly the tokenizer's
+counts, and on a dedicated single thread so long prompts never stall the event loop (one thread
+also keeps the Rust tokenizer from being borrowed twice at once).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+from functools import partial
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
+
+import jinja2
+from starlette.requests import Request
+
+from pagoda.metrics import RequestTracker, ServerMetrics
+from pagoda.outputs import RequestOutput
+from pagoda.sampling_params import SamplingParams
+
+from .errors import OpenAIError, model_not_found
+from .logprobs import TokenText
+from .protocol import LOGIT_BIAS_RANGE, ChatMessage, SamplingFields
+from .streams import unless_disconnected
+
+logger = logging.getLogger("pagoda.server")
+
+T = TypeVar("T")
+
+# chat_template_kwargs may not override what the request sets through its own fields
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt",
+                                       "continue_final_message", "chat_template", "tokenize",
+                                       "return_dict", "tools"})
+
+
+def bad_request(e: ValueError) -> OpenAIError:
+    """Engine and SamplingParams messages start with the field they are about
+    ("max_tokens: ...", "temperature must be ..."): report it as the error's param."""
+    message = str(e)
+    m = re.match(r"([a-z_]+)(:| must| is)", message)
+    return OpenAIError(message, param=m.group(1) if m else None)
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _message_dict(m: ChatMessage, index: int) -> dict:
+    """A request message as chat templates expect it: text parts joined into one string."""
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type != "text" or part.text is None:
+                raise OpenAIError(f"messages[{index}].content: content part type {part.type!r} is not "
+                                  "supported; only text parts ({\"type\": \"text\", \"text\": ...}) are",
+                                  param=f"messages.{index}.content")
+            texts.append(part.text)
+        content = "\n".join(texts)
+    d: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
+    for key in ("name", "tool_call_id", "tool_calls"):
+        if getattr(m, key) is not None:
+            d[key] = getattr(m, key)
+    return d
+
+
+class OpenAIServing:
+    def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
+                 log_requests: bool = True):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        mc = engine.model_config
+        self.served_model_names: list[str] = list(mc.served_model_names)
+        self.model_name = self.served_model_names[0]
+        self.max_model_len: int = mc.max_model_len
+        self.vocab_size: int = mc.vocab_size
+        self.metrics = metrics
+        self.chat_template = chat_template
+        self.log_requests = log_requests
+        self.vocab_limit = len(self.tokenizer) if self.tokenizer is not None else self.vocab_size
+        self.token_text = TokenText(self.tokenizer)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagoda-tokenizer")
+        self._background: set[asyncio.Task] = set()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------ checks
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name not in self.served_model_names:
+            raise model_not_found(name)
+
+    def check_engine(self) -> None:
+        if not self.engine.is_healthy():
+            raise OpenAIError("The engine is not running; the server is restarting or broken.", 503,
+                              code="engine_dead", headers={"Retry-After": "5"})
+
+    # -------------------------------------------------------------------------- tokenizing
+    async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
+        """Run tokenizer work on the tokenizer thread; ValueError-like failures become a 400."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+        except ValueError as e:  # UnicodeError included
+            raise bad_request(e) from e
+        except (TypeError, jinja2.TemplateError) as e:  # from a chat template and its kwargs
+            raise OpenAIError(f"chat template failed: {e}") from e
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("prompt: text needs a tokenizer (started with --skip-tokenizer-init); "
+                             "send token ids")
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self.off_loop(self._encode, text, add_special_tokens)
+
+    async def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return await self.off_loop(self.tokenizer.decode, token_ids)
+
+    async def token_strs(self, token_ids: list[int]) -> list[str]:
+        if self.tokenizer is None:
+            return [f"token_id:{t}" for t in token_ids]
+        return await self.off_loop(self.tokenizer.convert_ids_to_tokens, token_ids)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        limit = self.vocab_limit
+        for t in ids:
+            if not 0 <= t < limit:
+                raise OpenAIError(f"{param}: token id {t} is outside the vocabulary [0, {limit}).",
+                                  param=param)
+
+    async def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                              continue_final_message: bool, chat_template: Optional[str],
+                              template_kwargs: Optional[dict], tools: Optional[list],
+                              add_special_tokens: bool = False) -> list[int]:
+        if add_generation_prompt and continue_final_message:
+            raise OpenAIError("continue_final_message and add_generation_prompt cannot both be true; "
+                              "set add_generation_prompt to false to continue the last message.",
+                              param="continue_final_message")
+        kwargs = dict(template_kwargs or {})
+        clash = sorted(_RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if clash:
+            raise OpenAIError(f"chat_template_kwargs may not set {', '.join(clash)}; use the request "
+                              "fields of the same name.", param="chat_template_kwargs")
+        if tools is not None:
+            kwargs["tools"] = tools
+        msgs = [_message_dict(m, i) for i, m in enumerate(messages)]
+        template = chat_template or self.chat_template
+
+        def render() -> list[int]:
+            text = self.engine.apply_chat_template(
+                msgs, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, chat_template=template, **kwargs)
+            return self._encode(text, add_special_tokens)
+        return await self.off_loop(render)
+
+    # -------------------------------------------------------------------------- sampling
+    def sampling_params(self, req: SamplingFields, *, max_tokens: Optional[int], prompt_len: int,
+                        logprobs: Optional[int] = None,
+                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+        if max_tokens is None:  # as much as the context allows; the engine names the lengths if none
+            max_tokens = max(self.max_model_len - prompt_len, 1)
+        bias = None
+        if req.logit_bias:
+            bias = {}
+            for key, value in req.logit_bias.items():
+                try:
+                    tid = int(key)
+                except ValueError:
+                    raise OpenAIError(f"logit_bias: key {key!r} is not a token id.", param="logit_bias")
+                if not 0 <= tid < self.vocab_size:
+                    raise OpenAIError(f"logit_bias: token id {tid} is outside the vocabulary "
+                                      f"[0, {self.vocab_size}).", param="logit_bias")
+                if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+                    raise OpenAIError(f"logit_bias: bias {value} for token {tid} must be in "
+                                      f"[-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}].", param="logit_bias")
+                bias[tid] = value
+
+        def given(value, default):
+            return default if value is None else value
+        try:
+            return SamplingParams(
+                n=req.n, temperature=given(req.temperature, 1.0), top_p=given(req.top_p, 1.0),
+                top_k=given(req.top_k, 0), min_p=given(req.min_p, 0.0),
+                presence_penalty=given(req.presence_penalty, 0.0),
+                frequency_penalty=given(req.frequency_penalty, 0.0),
+                repetition_penalty=given(req.repetition_penalty, 1.0), seed=req.seed,
+                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
+                stop_token_ids=req.stop_token_ids,
+                include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
+                logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
+                skip_special_tokens=req.skip_special_tokens,
+                spaces_between_special_tokens=req.spaces_between_special_tokens)
+        except ValueError as e:
+            raise bad_request(e) from e
+
+    # ---------------------------------------------------------------------------- running
+    async def start(self, raw: Request, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+        """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
+        engine validates before its first yield) rather than an error inside a 200 stream."""
+        self.check_engine()
+        if self.log_requests:
+            logger.info("request %s (X-Request-Id %s): %d prompt tokens, %s", request_id,
+                        raw.scope.get("state", {}).get("request_id"), len(prompt_ids), params)
+        gen = self.engine.generate(prompt_ids, params, request_id)
+        try:
+            first = await unless_disconnected(raw, gen.__anext__())
+        except ValueError as e:
+            raise bad_request(e) from e
+        except StopAsyncIteration:
+            raise OpenAIError(f"request {request_id} ended without output", 500)
+        except BaseException:
+            self.abort_soon(request_id)
+            raise
+        return first, gen
+
+    async def start_all(self, raw: Request, prompts: list[list[int]], params: list[SamplingParams],
+                        request_ids: list[str]) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
+        started = await asyncio.gather(*(self.start(raw, p, sp, rid) for p, sp, rid in
+                                         zip(prompts, params, request_ids)), return_exceptions=True)
+        errors = [s for s in started if isinstance(s, BaseException)]
+        if errors:
+            for s, rid in zip(started, request_ids):
+                if not isinstance(s, BaseException):
+                    self.abort_soon(rid)
+            raise errors[0]
+        return started  # type: ignore[return-value]
+
+    def abort_soon(self, request_id: str) -> None:
+        """Abort without awaiting: callable from a cancelled task or a generator's finally."""
+        task = asyncio.get_running_loop().create_task(self.engine.abort(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def follow(self, first: RequestOutput, gen: AsyncIterator[RequestOutput],
+                     request_id: str) -> AsyncIterator[RequestOutput]:
+        """Yield a request's outputs, feed the metrics, and abort it if the consumer stops early
+        (client gone, error): its KV blocks are freed at once."""
+        tracker: RequestTracker = self.metrics.track()
+        t0 = time.monotonic()
+        last, finished = first, False
+        try:
+            async with aclosing(gen):
+                tracker.on_output(first)
+                finished = first.finished
+                yield first
+                while not finished:
+                    try:
+                        last = await gen.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    tracker.on_output(last)
+                    finished = last.finished
+                    yield last
+        finally:
+            if not finished:
+                tracker.finish(last, reason="abort")
+                self.abort_soon(request_id)
+            if self.log_requests:
+                logger.info("request %s %s: %d generated tokens, %.2fs", request_id,
+                            "finished (" + ",".join(str(o.finish_reason) for o in last.outputs) + ")"
+                            if finished else "aborted",
+                            sum(len(o.token_ids) for o in last.outputs), time.monotonic() - t0)
+
+    async def collect(self, raw: Request, streams: list[AsyncIterator[RequestOutput]]) -> list[RequestOutput]:
+        """Run streams to their final outputs; a client that disconnects aborts all of them."""
+        async def last_of(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+            async with aclosing(stream):
+                out = None
+                async for out in stream:
+                    pass
+                return out
+        return await unless_disconnected(raw, asyncio.gather(*(last_of(s) for s in streams)))
