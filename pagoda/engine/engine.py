@@ -138,8 +138,18 @@ class LLMEngine:
         self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_cuda else 2048)
 
         self.runner = ModelRunner(model, hf_config, self.device, self.dtype, args.block_size, args.seed)
+        backend = args.attention_backend
+        if backend == "auto":
+            backend = "triton" if on_cuda else "torch"
+        if backend == "triton" and not on_cuda:
+            raise ValueError("--attention-backend: triton needs a CUDA device; use torch on CPU")
+        from pagoda.kernels import ops
+        ops.use_triton(backend == "triton")
+        self.attention_backend = backend
         num_blocks = self._plan_kv_cache(max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
+        if on_cuda and not args.enforce_eager:
+            self.runner.capture_cuda_graphs(self.max_num_seqs, max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}

@@ -45,6 +45,8 @@ class ModelRunner:
         self.head_dim = attn[0].head_dim
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_out: dict[int, torch.Tensor] = {}
 
     # -- KV cache -------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -95,9 +97,95 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
+    # -- CUDA graphs for decode -------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Record one decode step per batch size of a ladder (1, 2, 4, 8, 16, 32, 48, ...) into
+        CUDA graphs sharing one memory pool, largest first. A decode step of n sequences replays
+        the smallest graph >= n on persistent input buffers, padded with rows that write nowhere
+        (slot -1) and read one cached position; host launch cost drops to one replay per step."""
+        max_bs = min(max_num_seqs, 512)
+        sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+        sizes = sorted(set(sizes))
+        dev = self.device
+        self.max_blocks = -(-max_model_len // self.block_size)
+        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self.g_bt = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
+        pool = None
+        t0 = time.time()
+        for bs in reversed(sizes):
+            meta = AttentionMetadata(self.g_slots[:bs], self.g_qsl[:bs + 1], self.g_seq_lens[:bs],
+                                     self.g_bt[:bs], max_query_len=1, max_seq_len=None)
+            set_attention_metadata(meta)
+            try:
+                self.model(self.g_ids[:bs], self.g_pos[:bs])  # warm-up: JIT compiles outside capture
+                torch.cuda.synchronize(dev)
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = self.model(self.g_ids[:bs], self.g_pos[:bs])
+            finally:
+                set_attention_metadata(None)
+            if pool is None:
+                pool = g.pool()
+            self.graphs[bs] = g
+            self.graph_out[bs] = out
+        torch.cuda.synchronize(dev)
+        self.graph_sizes = sizes
+        logger.info("captured %d CUDA graphs (decode batch 1..%d) in %.1fs", len(sizes), max_bs,
+                    time.time() - t0)
+
+    def _replay_decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        n = len(seqs)
+        bs = next(b for b in self.graph_sizes if b >= n)
+        bsz = self.block_size
+        ids, pos, slots, lens = [], [], [], []
+        for s in seqs:
+            p = s.num_tokens - 1
+            ids.append(s.token_ids[p])
+            pos.append(p)
+            slots.append(s.block_ids[p // bsz] * bsz + p % bsz)
+            lens.append(p + 1)
+        width = max(len(s.block_ids) for s in seqs)
+        bt = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
+        dev = self.device
+        host = torch.tensor([ids, pos, slots], dtype=torch.long)
+        self.g_ids[:n].copy_(host[0], non_blocking=True)
+        self.g_pos[:n].copy_(host[1], non_blocking=True)
+        self.g_slots[:n].copy_(host[2], non_blocking=True)
+        self.g_seq_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
+        self.g_bt[:n, :width].copy_(torch.tensor(bt, dtype=torch.int32), non_blocking=True)
+        if bs > n:  # padding rows: write nowhere, attend to one position of block 0
+            self.g_slots[n:bs].fill_(-1)
+            self.g_seq_lens[n:bs].fill_(1)
+            self.g_bt[n:bs, 0].fill_(0)
+        self.graphs[bs].replay()
+        return self.graph_out[bs][:n]
+
+    def _can_replay(self, sched: SchedulerOutput) -> bool:
+        if not self.graphs or len(sched.num_tokens) > self.graph_sizes[-1]:
+            return False
+        for seq, n in sched.num_tokens.items():
+            if n != 1 or seq.num_computed_tokens != seq.num_tokens - 1 or seq.needs_prompt_logprobs:
+                return False
+        return True
+
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
+        if self._can_replay(sched):
+            seqs = list(sched.num_tokens)
+            h = self._replay_decode(seqs)
+            result = StepResult({}, {}, {})
+            res = self.sampler(self.model.compute_logits(h), seqs)
+            for i, seq in enumerate(seqs):
+                result.sampled[seq] = res.token_ids[i]
+                if res.logprobs is not None and res.logprobs[i] is not None:
+                    result.logprobs[seq] = res.logprobs[i]
+            return result
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

@@ -71,6 +71,10 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        if all(s.params.greedy and s.params.logprobs is None and not s.params.logit_bias
+               and not s.params.min_tokens and s.params.repetition_penalty == 1.0
+               and not s.params.presence_penalty and not s.params.frequency_penalty for s in seqs):
+            return SampleResult(logits.argmax(dim=-1).tolist(), None)  # the common greedy batch
         logits = logits.float()
         dev = logits.device
         max_lp = max((s.params.logprobs or 0) if s.params.logprobs is not None else -1 for s in seqs)
