@@ -148,7 +148,7 @@ class LLMEngine:
         self.attention_backend = backend
         num_blocks = self._plan_kv_cache(max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
-        if on_cuda and not args.enforce_eager:
+        if on_cuda and not args.enforce_eager and backend == "triton":  # torch backend syncs
             self.runner.capture_cuda_graphs(self.max_num_seqs, max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
