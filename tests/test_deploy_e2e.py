@@ -198,9 +198,11 @@ def test_streaming_through_nginx_arrives_incrementally(server, nginx):
     assert len(arrivals) >= 24, len(arrivals)
     assert incremental(arrivals, sent), [round(a - sent, 3) for a in arrivals]
     # nginx handed the request to pagoda with its request id, and logged where it went
+    # (nginx writes the line once the request is finalized, a moment after the last byte)
     request_id = r.headers["x-request-id"]
-    lines = [ln for ln in nginx["log"].read_text().splitlines() if f"req_id={request_id}" in ln]
-    assert lines and f"upstream=127.0.0.1:{server['port']}" in lines[-1]
+    line = wait_until(lambda: next((ln for ln in nginx["log"].read_text().splitlines()
+                                    if f"req_id={request_id}" in ln), None), 10, "access log line")
+    assert f"upstream=127.0.0.1:{server['port']}" in line and " 200 " in line
 
 
 def test_measurement_detects_a_buffering_proxy(server, work):
@@ -216,8 +218,9 @@ def test_measurement_detects_a_buffering_proxy(server, work):
     assert len(arrivals) >= 16 and not incremental(arrivals, sent)
 
 
-OPEN_METRICS = ("Prometheus scrapes /metrics without credentials, as with vLLM, whose --api-key "
-                "guards the API only; pagoda answered 401")
+OPEN_METRICS = ("pagoda answered 401 on /metrics: Prometheus scrapes without credentials, as it "
+                "does vLLM, whose --api-key guards the API only (add '/metrics' to OPEN_PATHS in "
+                "pagoda/entrypoints/openai/middleware.py)")
 
 
 def test_metrics_and_health_through_nginx(server, nginx):
@@ -278,6 +281,7 @@ def test_dashboard_metrics_are_exported_live(server, nginx):
 
 
 def test_dashboard_queries_run_in_prometheus(server, nginx, prometheus):
+    assert get(server["base"] + "/metrics").status_code != 401, OPEN_METRICS
     stream_chat(nginx["base"], server["model"], max_tokens=8)
     gpu_here = gpu_collector_available()
     exprs = dashboard_queries()
