@@ -23,8 +23,9 @@ pytestmark = pytest.mark.timeout(120)
 class FakeServer:
     """An OpenAI-shaped streaming server on 127.0.0.1 in its own thread and event loop."""
 
-    def __init__(self, ttft_s=0.25, itl_s=0.04, fail_every=0, usage=True):
+    def __init__(self, ttft_s=0.25, itl_s=0.04, fail_every=0, usage=True, cut_after=None):
         self.ttft_s, self.itl_s, self.fail_every, self.usage = ttft_s, itl_s, fail_every, usage
+        self.cut_after = cut_after  # end every stream after this many tokens, with no finish_reason
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
         self.in_flight = self.peak = self.count = 0
@@ -56,11 +57,13 @@ class FakeServer:
             if chat:  # a role-only first chunk carries no text and must not count as the first token
                 await send({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
             await asyncio.sleep(self.ttft_s)
-            for i in range(body["max_tokens"]):
+            n_out = body["max_tokens"]
+            for i in range(min(n_out, self.cut_after or n_out)):
                 if i:
                     await asyncio.sleep(self.itl_s)
                 piece = f" tok{i}"
                 choice = {"index": 0, "delta": {"content": piece}} if chat else {"index": 0, "text": piece}
+                choice["finish_reason"] = "length" if i == n_out - 1 else None
                 await send({"choices": [choice]})
             if self.usage and body.get("stream_options", {}).get("include_usage"):
                 await send({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": body["max_tokens"],
@@ -122,7 +125,7 @@ def test_timings_match_the_servers_delays(tmp_path, capsys):
         assert sum(r["itl_ms"]) >= 5 * 40 - 5  # the gaps add up to the server's sleeps
         assert 40 <= r["tpot_ms"] < 90, r["tpot_ms"]
         assert r["e2e_ms"] >= r["ttft_ms"] + 5 * 40 - 5
-        assert r["prompt_tokens"] == 7
+        assert r["prompt_tokens"] == 7 and r["finish_reason"] == "length"
     # the request as the server saw it: auto-detected model, streaming with usage, ignore_eos, key
     assert {b["model"] for b in srv.bodies} == {"fake-model"}
     assert all(b["stream"] and b["stream_options"] == {"include_usage": True} for b in srv.bodies)
@@ -153,6 +156,14 @@ def test_server_errors_are_counted_not_timed(tmp_path):
     failed = [r for r in res["requests"] if r["error"]]
     assert all(r["error"].startswith("HTTP 500") and r["ttft_ms"] is None for r in failed)
     assert s["output_tokens"] == 6 * 3
+
+
+def test_streams_cut_short_are_errors(tmp_path):
+    with FakeServer(ttft_s=0.02, itl_s=0.01, cut_after=2, usage=False) as srv:
+        res = bench(tmp_path, srv, "--num-prompts", 2, "--max-tokens", 5)
+    s = res["summary"]
+    assert (s["completed"], s["errors"]) == (0, 2)
+    assert all("without a finish_reason after 2 text chunks" in r["error"] for r in res["requests"])
 
 
 def test_tokens_counted_from_chunks_without_usage(tmp_path):

@@ -21,7 +21,10 @@ class ModelTarget:
 
     @property
     def label(self) -> str:
-        return self.shape or self.model or "bundled model"
+        import os
+        if self.shape:
+            return self.shape
+        return os.path.basename(self.model) if os.path.isfile(self.model) else self.model
 
 
 def resolve_device(device: str) -> str:

@@ -97,7 +97,7 @@ def _pyplot():
     return plt
 
 
-def plot_serve(results: Sequence[dict], path: str, bin_s: float = 1.0) -> None:
+def plot_serve(results: Sequence[dict], path: str, bin_s: float | None = None) -> None:
     """One row per run: TTFT, TPOT and ITL distributions, and output tokens/s over time."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(results), 4, figsize=(18, 3.6 * len(results)), squeeze=False)
@@ -126,12 +126,14 @@ def plot_serve(results: Sequence[dict], path: str, bin_s: float = 1.0) -> None:
     plt.close(fig)
 
 
-def _throughput_over_time(ax, ok: Sequence[dict], bin_s: float, label: str | None = None) -> None:
-    """Output tokens per second in bins of bin_s, from the arrival time of every text chunk."""
+def _throughput_over_time(ax, ok: Sequence[dict], bin_s: float | None, label: str | None = None) -> None:
+    """Output tokens per second in bins of bin_s (default: about 40 bins, at least 1 s), from the
+    arrival time of every text chunk."""
     # each text chunk stands for output_tokens / chunks tokens (servers may send several per chunk)
     times = [(t, r["output_tokens"] / len(r["token_times_s"])) for r in ok for t in r["token_times_s"]]
     if times:
         end = max(t for t, _ in times)
+        bin_s = bin_s or max(1.0, math.ceil(end / 40))
         nbins = max(1, math.ceil(end / bin_s))
         counts = [0.0] * nbins
         for t, w in times:
@@ -143,7 +145,7 @@ def _throughput_over_time(ax, ok: Sequence[dict], bin_s: float, label: str | Non
     ax.set_ylabel("output tokens/s")
 
 
-def plot_serve_compare(results: Sequence[dict], path: str, title: str = "", bin_s: float = 1.0) -> None:
+def plot_serve_compare(results: Sequence[dict], path: str, title: str = "", bin_s: float | None = None) -> None:
     """Several runs side by side: aggregate output tokens/s, ITL and TTFT distributions, and
     output tokens/s over time."""
     plt = _pyplot()

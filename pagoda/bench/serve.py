@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ class RequestRecord:
     output_tokens: int = 0
     prompt_tokens: Optional[int] = None  # from the server's usage, when it reports one
     tokens_from_usage: bool = False
+    finish_reason: Optional[str] = None
     token_times_s: list[float] = field(default_factory=list)
     error: Optional[str] = None
 
@@ -127,6 +129,8 @@ async def send_request(session, cfg: LoadConfig, index: int, prompt: str, t0: fl
                     return rec
                 if _chunk_text(obj, chat):
                     stamps.append(time.perf_counter())
+                for choice in obj.get("choices") or []:
+                    rec.finish_reason = choice.get("finish_reason") or rec.finish_reason
                 usage = obj.get("usage")
                 if usage:
                     usage_tokens = usage.get("completion_tokens")
@@ -140,6 +144,9 @@ async def send_request(session, cfg: LoadConfig, index: int, prompt: str, t0: fl
     end = time.perf_counter()
     if not stamps:
         rec.error = "the stream carried no text"
+        return rec
+    if rec.finish_reason is None:  # e.g. cut off by the server for another request
+        rec.error = f"the stream ended without a finish_reason after {len(stamps)} text chunks"
         return rec
     rec.tokens_from_usage = usage_tokens is not None
     rec.output_tokens = usage_tokens if usage_tokens is not None else len(stamps)
@@ -249,7 +256,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="API to load (default /v1/completions).")
     p.add_argument("--model", default=None, help="Model name sent in requests (default: the first "
                    "one GET /v1/models lists).")
-    p.add_argument("--api-key", default=None, help="Sent as 'Authorization: Bearer KEY'.")
+    p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                   help="Sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", default=None, help="JSONL file, one {\"prompt\": ...} per line.")
     src.add_argument("--workload", default="synthetic-chat", choices=("synthetic-chat", "random"),
