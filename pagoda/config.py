@@ -69,7 +69,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], groups: dict[s
         if g is None:
             g = groups[f.group] = parser.add_argument_group(f.group)
         default = f.default
-        if f.env in os.environ:
+        if os.environ.get(f.env, "").strip():  # an empty variable counts as unset
             raw = os.environ[f.env]
             default = _bool(raw) if f.boolean else (f.type(raw) if f.type else raw)
             if f.nargs and not isinstance(default, list):

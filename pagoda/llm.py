@@ -22,6 +22,7 @@ class LLM:
 
     def __init__(self, model: Optional[str] = None, **kwargs):
         self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs))
+        self.engine.stream_outputs = False  # only finished requests matter here
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -156,6 +156,10 @@ class LLMEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
+        # False: step() reports only finished requests (offline batches skip per-step outputs)
+        self.stream_outputs = True
+        # step kind -> [steps, seconds]; "decode-graph" steps replay a CUDA graph, "eager" don't
+        self.step_timing: dict[str, list] = {}
         self.last_step_stats: Optional[StepStats] = None
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks x %d tokens = %d tokens, "
                     "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", time.time() - t0,
@@ -340,11 +344,16 @@ class LLMEngine:
             if req.finished:
                 req.metrics.finished_time = now
                 self.requests.pop(req.request_id, None)
-            outputs.append(self._make_output(req))
+                outputs.append(self._make_output(req))
+            elif self.stream_outputs:
+                outputs.append(self._make_output(req))
         new_tokens = sum(1 for _ in result.sampled)
         self.generation_tokens_total += new_tokens
         st = StepStats(n_prompt, new_tokens, len(self.scheduler.running), len(self.scheduler.waiting),
                        self.block_manager.usage(), time.time() - t0)
+        rec = self.step_timing.setdefault("decode-graph" if self.runner.last_step_graph else "eager", [0, 0.0])
+        rec[0] += 1
+        rec[1] += st.step_time_s
         self.last_step_stats = st
         for fn in self.step_listeners:
             try:

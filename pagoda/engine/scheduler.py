@@ -59,9 +59,17 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         i = 0
+        bsz = self.bm.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            end = seq.num_computed_tokens + n
+            if n == 1 and end <= len(seq.block_ids) * bsz and end % bsz:
+                # common decode step: the token fits in the last block, which is not yet full
+                out.num_tokens[seq] = 1
+                budget -= 1
+                i += 1
+                continue
             while not self.bm.allocate(seq, n):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim, out)

@@ -45,6 +45,7 @@ class ModelRunner:
         self.head_dim = attn[0].head_dim
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.last_step_graph = False
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_out: dict[int, torch.Tensor] = {}
 
@@ -115,6 +116,9 @@ class ModelRunner:
         self.g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
         self.g_bt = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
+        self.bt_host = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32).pin_memory()
+        self.bt_rows: list = [None] * max_bs
+        self.io_host = torch.zeros(4, max_bs, dtype=torch.long).pin_memory()
         pool = None
         t0 = time.time()
         for bs in reversed(sizes):
@@ -150,14 +154,25 @@ class ModelRunner:
             slots.append(s.block_ids[p // bsz] * bsz + p % bsz)
             lens.append(p + 1)
         width = max(len(s.block_ids) for s in seqs)
-        bt = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
-        dev = self.device
-        host = torch.tensor([ids, pos, slots], dtype=torch.long)
-        self.g_ids[:n].copy_(host[0], non_blocking=True)
-        self.g_pos[:n].copy_(host[1], non_blocking=True)
-        self.g_slots[:n].copy_(host[2], non_blocking=True)
-        self.g_seq_lens[:n].copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
-        self.g_bt[:n, :width].copy_(torch.tensor(bt, dtype=torch.int32), non_blocking=True)
+        # block-table rows change only when a sequence gains a block or the batch reshuffles:
+        # keep them in a pinned host mirror and rewrite just the rows that changed
+        bt = self.bt_host
+        for i, s in enumerate(seqs):
+            key = (s.seq_id, len(s.block_ids))
+            if self.bt_rows[i] != key:
+                bt[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.int32)
+                self.bt_rows[i] = key
+        host = self.io_host
+        host[0, :n] = torch.tensor(ids, dtype=torch.long)
+        host[1, :n] = torch.tensor(pos, dtype=torch.long)
+        host[2, :n] = torch.tensor(slots, dtype=torch.long)
+        host[3, :n] = torch.tensor(lens, dtype=torch.long)
+        dev_io = host[:, :n].to(self.device, non_blocking=True)
+        self.g_ids[:n].copy_(dev_io[0])
+        self.g_pos[:n].copy_(dev_io[1])
+        self.g_slots[:n].copy_(dev_io[2])
+        self.g_seq_lens[:n].copy_(dev_io[3])
+        self.g_bt[:n, :width].copy_(bt[:n, :width], non_blocking=True)
         if bs > n:  # padding rows: write nowhere, attend to one position of block 0
             self.g_slots[n:bs].fill_(-1)
             self.g_seq_lens[n:bs].fill_(1)
@@ -176,7 +191,8 @@ class ModelRunner:
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
-        if self._can_replay(sched):
+        self.last_step_graph = self._can_replay(sched)
+        if self.last_step_graph:
             seqs = list(sched.num_tokens)
             h = self._replay_decode(seqs)
             result = StepResult({}, {}, {})
