@@ -74,7 +74,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], groups: dict[s
             default = _bool(raw) if f.boolean else (f.type(raw) if f.type else raw)
             if f.nargs and not isinstance(default, list):
                 default = raw.split()
-        names = ["--" + f.name] + ["--" + a for a in f.aliases]
+        names = ["--" + f.name] + [a if a.startswith("-") else "--" + a for a in f.aliases]
         hint = f" (env {f.env})"
         if f.boolean:
             g.add_argument(*names, dest=f.dest, default=default, action=argparse.BooleanOptionalAction,
@@ -102,7 +102,7 @@ ENGINE_FLAGS: list[Flag] = [
     Flag("dtype", str, "auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
          choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")),
     Flag("quantization", str, None, "Weight quantization: int8 = weight-only int8 per output channel.",
-         aliases=("q",), choices=("int8",)),
+         aliases=("-q",), choices=("int8",)),
     Flag("max-model-len", int, None, "Longest prompt + output per request (default: the model's "
          "max_position_embeddings).", aliases=("session-len",)),
     Flag("load-format", str, "auto", "auto = read the checkpoint; dummy = random weights of the "
@@ -136,7 +136,7 @@ ENGINE_FLAGS: list[Flag] = [
          aliases=("max-prefill-token-num",)),
     Flag("enforce-eager", None, False, "Disable CUDA graphs.", group="Scheduler", boolean=True),
     Flag("tensor-parallel-size", int, 1, "GPUs to split the model over (only 1 is supported yet).",
-         group="Scheduler", aliases=("tp",)),
+         group="Scheduler", aliases=("-tp",)),
     Flag("attention-backend", str, "auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
          group="Scheduler", choices=("auto", "torch", "triton")),
 ]
