@@ -263,12 +263,13 @@ def elementwise_cases(dtype):
 
 
 def sampling_cases():
-    b, vocab = n(256) * 16, 151936
+    b, vocab = (16 if DRY else 256), 151936
     g = torch.Generator(device=DEV).manual_seed(2)
     logits = torch.randn(b, vocab, device=DEV, generator=g) * 4
     temp = torch.rand(b, device=DEV, generator=g) + 0.3
     temp[::4] = 0.0
     top_k = torch.randint(0, 100, (b,), device=DEV, generator=g)
+    top_k[::3] = 0
     top_p = torch.rand(b, device=DEV, generator=g) * 0.5 + 0.5
     noise = torch.empty(b, vocab, device=DEV).exponential_(generator=g)
     got = sample(logits, temp, top_k, top_p, noise=noise)
@@ -276,65 +277,159 @@ def sampling_cases():
                  noise=noise[:16].cpu())
     agree = torch.equal(got[:16].cpu(), cpu)
     filt = apply_top_k_top_p_min_p(logits, top_k, top_p)
+    same = torch.equal(filt, apply_top_k_top_p_min_p(logits, top_k, top_p, candidates=0))
     kept = (filt > float("-inf")).sum(-1)
     sane = bool(((kept <= torch.where(top_k > 0, top_k, vocab)) & (kept >= 1)).all())
-    t_full = ms(lambda: sample(logits, temp, top_k, top_p))
-    t_temp = ms(lambda: sample(logits, temp))
-    t_greedy = ms(lambda: sample(logits, temp, all_greedy=True))
-    row = {"case": f"sampling B={b} V={vocab}", "gpu_equals_cpu": agree, "filters_sane": sane,
-           "ok": agree and sane, "top_k+top_p ms": t_full, "temperature-only ms": t_temp,
-           "greedy ms": t_greedy}
+    row = {"case": f"sampling B={b} V={vocab}", "gpu_equals_cpu": agree,
+           "candidates_equal_full_sort": same, "filters_sane": sane, "ok": agree and same and sane,
+           "top_k+top_p ms (1024 candidates)": ms(lambda: sample(logits, temp, top_k, top_p)),
+           "top_k+top_p ms (full sort)": ms(lambda: apply_top_k_top_p_min_p(
+               logits / temp[:, None].clamp_min(1e-5), top_k, top_p, candidates=0)),
+           "top_p only ms": ms(lambda: sample(logits, temp, top_p=top_p)),
+           "top_k only ms": ms(lambda: sample(logits, temp, top_k=top_k)),
+           "temperature-only ms": ms(lambda: sample(logits, temp)),
+           "greedy ms": ms(lambda: sample(logits, temp, all_greedy=True))}
     ROWS.append(row)
     log(json.dumps(row))
+
+
+# ---------------------------------------------------------------- CUDA graphs
+
+def graph_decode(shape, b, ctx, dtype, num_splits=None, tune=None, check=True):
+    """Decode attention captured in a CUDA graph over several input sets (so K/V stream from
+    HBM, not L2); after capture one set's q, K/V and lengths change in place and the replay must
+    still match the reference. Returns microseconds per decode-attention call."""
+    h, kvh, d = SHAPES[shape]
+    if DRY:
+        b, ctx = min(b, 2), max(1, ctx // 64)
+    el = torch.tensor([], dtype=dtype).element_size()
+    per_set = b * ctx * kvh * d * 2 * el
+    nsets = 1 if DRY else int(min(16, max(1, -(-150e6 // per_set))))
+    sets = [paged_batch([1] * b, [ctx] * b, h, kvh, d, dtype, seed=i) for i in range(nsets)]
+    outs = [torch.full_like(st[0], float("nan")) for st in sets]
+    scale = d ** -0.5
+
+    def step():
+        for (q, kv, qsl, sl, bt), o in zip(sets, outs):
+            at.paged_attention_triton(q, kv, qsl, sl, bt, scale, max_query_len=1, out=o,
+                                      num_splits=num_splits, tune=tune)
+    if DRY:
+        step()
+        return 0.0
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    err, nan = 0.0, False
+    if check:
+        q, kv, qsl, sl, bt = sets[0]
+        q.normal_()
+        kv.view(-1)[: kv.numel() // 2].normal_()  # K changes, V keeps its poisoned tails
+        sl.copy_(torch.randint(1, ctx + 1, (b,), device=DEV))
+        outs[0].fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        nan = bool(outs[0].isnan().any())
+        err = rel_err(outs[0], paged_attention_torch(hi(q), hi(kv), qsl, sl, bt, scale))
+        sl.fill_(ctx)
+    graph.replay()
+    times = []
+    for _ in range(20):
+        a, z = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        z.record()
+        z.synchronize()
+        times.append(a.elapsed_time(z))
+    us = sorted(times)[len(times) // 2] / nsets * 1e3
+    if check:
+        nbytes = per_set + 2 * b * h * d * el
+        row = dict(case=f"graph decode B={b} ctx{ctx}", shape=shape,
+                   dtype=str(dtype).replace("torch.", ""), rel_err=err, nan=nan,
+                   ok=(not nan) and err <= TOL[dtype], triton_ms=us / 1e3, torch_ms=None,
+                   speedup=None, **{"GB/s": nbytes / us / 1e3,
+                                    "%copy": 100 * nbytes / us / 1e3 / CEIL["copy"]},
+                   splits=num_splits, sets=nsets)
+        ROWS.append(row)
+        log(json.dumps(row))
+    del sets, outs, graph
+    return us
+
+
+def graph_cases():
+    for shape, b, ctx in (("llama3-8b", 1, 512), ("llama3-8b", 1, 4096), ("llama3-8b", 8, 4096),
+                          ("llama3-8b", 64, 1024), ("llama3-8b", 256, 1024),
+                          ("qwen3-0.6b", 1, 1024), ("qwen3-0.6b", 1, 4096),
+                          ("qwen3-0.6b", 64, 1024)):
+        graph_decode(shape, b, ctx, torch.bfloat16)
+    graph_decode("llama3-8b", 4, 1024, torch.float32)
 
 
 # ---------------------------------------------------------------- sweep
 
 def sweep():
-    cases = [("decode B=64 ctx1024", [1] * 64, [1024] * 64),
-             ("decode B=256 ctx512-1024", [1] * 256, ragged(256, 512, 1024, 3)),
-             ("decode B=1 ctx4096", [1], [4096])]
-    for name, ql, sl in cases:
-        best = None
-        for bn in (32, 64, 128):
-            for warps in (2, 4, 8):
-                for stages in (2, 3):
-                    tune = dict(block_n=bn, num_warps=warps, num_stages=stages)
-                    try:
-                        t = attention_case(name, ql, sl, "llama3-8b", torch.bfloat16,
-                                           time_ref=False, tune=tune, quiet=True)
-                    except Exception as e:  # noqa: BLE001 - a config may not compile
-                        log("sweep", name, tune, "failed", type(e).__name__)
-                        continue
-                    log(f"sweep {name} {tune} {t * 1e3:.1f} us")
-                    if best is None or t < best[0]:
-                        best = (t, tune)
-        log(f"SWEEP BEST {name}: {best}")
-        ROWS.append({"case": f"sweep best {name}", "triton_ms": best[0], "tune": best[1],
-                     "ok": True})
-        for splits in (1, 2, 4, 8, 16, 32):
-            t = attention_case(name, ql, sl, "llama3-8b", torch.bfloat16, time_ref=False,
-                               tune=best[1], num_splits=splits, quiet=True)
-            log(f"sweep {name} best tune, splits={splits}: {t * 1e3:.1f} us")
-    pf = ("prefill 2048", [2048], [2048])
-    best = None
-    for rows in (64, 128):
-        for bn in (32, 64):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    tune = dict(rows=rows, block_n=bn, num_warps=warps, num_stages=stages)
-                    try:
-                        t = attention_case(pf[0], pf[1], pf[2], "llama3-8b", torch.bfloat16,
-                                           time_ref=False, tune=tune, quiet=True)
-                    except Exception as e:  # noqa: BLE001
-                        log("sweep", pf[0], tune, "failed", type(e).__name__)
-                        continue
-                    log(f"sweep {pf[0]} {tune} {t:.3f} ms")
-                    if best is None or t < best[0]:
-                        best = (t, tune)
-    log(f"SWEEP BEST {pf[0]}: {best}")
-    ROWS.append({"case": "sweep best prefill 2048", "triton_ms": best[0], "tune": best[1],
-                 "ok": True})
+    """Split-K choice for small decode batches (graph replay timings), then prefill variants
+    (each checked against the reference)."""
+    for b, ctx in ((1, 1024), (1, 4096), (4, 4096), (16, 2048), (64, 512)):
+        res = {}
+        for bn in (64, 128):
+            for splits in (1, 2, 4, 8, 16, 32):
+                if time.time() - T0 > BUDGET_S:
+                    raise TimeoutError("over the time budget")
+                res[(bn, splits)] = graph_decode("llama3-8b", b, ctx, torch.bfloat16,
+                                                 num_splits=splits,
+                                                 tune=dict(block_n=bn, num_warps=4, num_stages=2),
+                                                 check=False)
+        auto = at.decode_num_splits(b, 8, ctx, 8 if DRY else torch.cuda.get_device_properties(0)
+                                    .multi_processor_count)
+        best = min(res, key=res.get)
+        line = {"case": f"sweep splits llama3 B={b} ctx{ctx}", "auto_splits": auto,
+                "best (block_n, splits)": best, "best_us": res[best],
+                "us": {f"{k[0]}/{k[1]}": round(v, 1) for k, v in res.items()}, "ok": True}
+        ROWS.append(line)
+        log(json.dumps(line))
+    for dtype, variants in (
+            (torch.bfloat16, [dict(rows=r, block_n=bn, num_warps=w, num_stages=st, split_mask=sm)
+                              for r, bn, w, st in ((64, 64, 4, 2), (128, 64, 8, 2),
+                                                   (128, 128, 8, 2), (64, 128, 4, 2),
+                                                   (128, 64, 4, 3), (64, 64, 4, 3))
+                              for sm in (True, False)]),
+            (torch.float32, [dict(prec=p, rows=r, block_n=bn, num_warps=w)
+                             for p in ("tf32x3", "ieee")
+                             for r, bn, w in ((64, 32, 4), (32, 32, 4), (64, 64, 8))])):
+        for shape, ql, sl in (("llama3-8b", [2048], [3072]), ("qwen3-0.6b", [2048], [2048])):
+            h, kvh, d = SHAPES[shape]
+            if DRY:
+                ql, sl = [ql[0] // 64], [sl[0] // 64]
+            q, kv, qsl, sls, bt = paged_batch(ql, sl, h, kvh, d, dtype)
+            ref = paged_attention_torch(hi(q), hi(kv), qsl, sls, bt, d ** -0.5)
+            flops = 4 * h * d * sum(a * (s_ - a + (a + 1) / 2) for s_, a in zip(sl, ql))
+            for tune in variants:
+                if time.time() - T0 > BUDGET_S:
+                    raise TimeoutError("over the time budget")
+                out = torch.full_like(q, float("nan"))
+
+                def run():
+                    at.paged_attention_triton(q, kv, qsl, sls, bt, d ** -0.5,
+                                              max_query_len=max(ql), out=out, tune=tune)
+                try:
+                    run()
+                    t = ms(run)
+                except Exception as e:  # noqa: BLE001 - a variant may not compile
+                    log("sweep", shape, tune, "failed", repr(e)[:200])
+                    continue
+                err = rel_err(out, ref)
+                line = {"case": f"sweep prefill {shape} q{ql[0]} kv{sl[0]}",
+                        "dtype": str(dtype).replace("torch.", ""), "tune": tune,
+                        "ms": t, "TFLOP/s": flops / t / 1e9, "err": err,
+                        "ok": err <= TOL[dtype] and not out.isnan().any().item()}
+                ROWS.append(line)
+                log(json.dumps(line, default=str))
+            del q, kv, ref
 
 
 def attention_cases(dtype):
@@ -395,10 +490,11 @@ def main():
                 ("flash baseline", lambda: [flash_baseline(2048, s) for s in SHAPES
                                             if s != "mha-32"]),
                 ("sampling", sampling_cases),
+                ("cuda graphs", graph_cases),
                 ("attention fp32", lambda: attention_cases(torch.float32)),
                 ("elementwise fp32", lambda: elementwise_cases(torch.float32))]
     if args.sweep:
-        sections.insert(4, ("sweep", sweep))
+        sections.insert(6, ("sweep", sweep))
     for name, fn in sections:
         if time.time() - T0 > args.budget_s:
             log(f"SKIPPED {name}: over budget")

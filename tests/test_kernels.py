@@ -149,12 +149,17 @@ def test_decode_picks_split_k_for_small_batches(gen):
 def test_mixed_prefill_decode_with_prefix_hits(gen, heads, dtype):
     # q_len < seq_len: prefix-cache hits / later chunks; q_len == seq_len: fresh prompts;
     # q_len 1: decodes sharing the launch
-    q_lens = [5, 1, 16, 17, 1, 40]
-    seq_lens = [5, 16, 48, 17, 33, 41]
+    # the last three have whole key tiles before their queries; 62 and 63 cached keys put the
+    # first query just before / at the end of a 32- and 64-key tile
+    q_lens = [5, 1, 16, 17, 1, 40, 20, 3, 2]
+    seq_lens = [5, 16, 48, 17, 33, 41, 150, 65, 65]
     q, kv, qsl, sl, bt = paged_batch(gen, q_lens, seq_lens, *heads, 32, dtype)
+    ref = attention_ref(q, kv, qsl, sl, bt, 0.3)
     for hint in (None, max(q_lens)):
         out = run_attention(q, kv, qsl, sl, bt, 0.3, max_query_len=hint)
-        check(out, attention_ref(q, kv, qsl, sl, bt, 0.3), dtype, gen, f"hint={hint}")
+        check(out, ref, dtype, gen, f"hint={hint}")
+    out = run_attention(q, kv, qsl, sl, bt, 0.3, tune={"split_mask": False, "block_n": 16})
+    check(out, ref, dtype, gen, "all tiles masked")
 
 
 @pytest.mark.parametrize("head_dim,page", [(64, 16), (128, 32), (48, 8)])
@@ -300,15 +305,23 @@ def filter_ref(logits, top_k, top_p, min_p):
     return out
 
 
-def test_top_k_top_p_min_p_match_row_reference(gen):
-    b, vocab = 6, 50
+@pytest.mark.parametrize("candidates", [0, 8], ids=["full-sort", "8-candidates"])
+def test_top_k_top_p_min_p_match_row_reference(gen, candidates):
+    # with 8 candidates: rows 1, 2, 5 are decided among them, row 6 (k=20) and row 7 (a nearly
+    # flat row, top_p 0.99) must fall back to the full sort, rows 3 and 4 depend on the draw
+    b, vocab = 8, 50
     logits = randn(gen, b, vocab) * 3
-    top_k = torch.tensor([0, 1, 5, 0, 50, 7])
-    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.3, 1.0])
-    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.2])
-    got = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
-    assert torch.equal(got, filter_ref(logits, top_k, top_p, min_p)), f"seed {gen.initial_seed()}"
+    logits[7] /= 30
+    top_k = torch.tensor([0, 1, 5, 0, 50, 7, 20, 0])
+    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.3, 1.0, 1.0, 0.99])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0])
+    got = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, candidates=candidates)
+    want = filter_ref(logits, top_k, top_p, min_p)
+    assert torch.equal(got, want), f"seed {gen.initial_seed()}"
     assert (got[3] > float("-inf")).sum() < vocab  # top-p really removed something
+    assert (got[6] > float("-inf")).sum() == 20 and (got[7] > float("-inf")).sum() > 8
+    k_only = apply_top_k_top_p_min_p(logits, top_k=top_k, candidates=candidates)
+    assert torch.equal(k_only, filter_ref(logits, top_k, torch.ones(b), torch.zeros(b)))
 
 
 def test_top_p_one_keeps_the_whole_tail(gen):

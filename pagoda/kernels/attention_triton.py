@@ -75,6 +75,39 @@ def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
 
 
 @triton.jit
+def _load(ptr, mask, USE_MASK: tl.constexpr):
+    if USE_MASK:
+        return tl.load(ptr, mask=mask, other=0.0)
+    return tl.load(ptr)
+
+
+@triton.jit
+def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, t,
+                 n_keys, qk_scale, d, d_ok, stride_cb, stride_cs, PAGE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, D_MASK: tl.constexpr,
+                 UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """One BLOCK_N-key step of the online softmax; MASKED: causal and length masks needed."""
+    k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = k_pos < n_keys
+    page = _load(bt_row + k_pos // PAGE, k_ok, MASKED).to(tl.int64)
+    kv_off = page * stride_cb + (k_pos % PAGE) * stride_cs + kv_head_off
+    k = _load(k_cache_ptr + kv_off[None, :] + d[:, None], k_ok[None, :] & d_ok[:, None],
+              MASKED or D_MASK)                                             # [D_PAD, BLOCK_N]
+    s = _mm(q, k, UPCAST, PREC) * qk_scale
+    if MASKED:
+        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet
+    p = tl.math.exp2(s - m_ref[:, None])
+    alpha = tl.math.exp2(m_i - m_ref)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load(v_cache_ptr + kv_off[:, None] + d[None, :], k_ok[:, None] & d_ok[None, :],
+              MASKED or D_MASK)                                             # [BLOCK_N, D_PAD]
+    acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                        qsl_ptr, part_out_ptr, part_lse_ptr,
                        num_reqs, qk_scale,
@@ -84,7 +117,7 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_pt
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, TILE_IS_REQ: tl.constexpr,
-                       UPCAST: tl.constexpr, PREC: tl.constexpr):
+                       SPLIT_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -133,24 +166,22 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_pt
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_head_off = kvh * stride_ch
-    for t in range(t_begin, t_end):
-        k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_ok = k_pos < n_keys
-        page = tl.load(bt_row + k_pos // PAGE, mask=k_ok, other=0).to(tl.int64)
-        kv_off = page * stride_cb + (k_pos % PAGE) * stride_cs + kv_head_off
-        k = tl.load(k_cache_ptr + kv_off[None, :] + d[:, None],
-                    mask=k_ok[None, :] & d_ok[:, None], other=0.0)          # [D_PAD, BLOCK_N]
-        s = _mm(q, k, UPCAST, PREC) * qk_scale
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet
-        p = tl.math.exp2(s - m_ref[:, None])
-        alpha = tl.math.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :],
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)          # [BLOCK_N, D_PAD]
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
-        m_i = m_new
+    # key tiles below every query of this tile need neither the causal nor the length mask
+    if SPLIT_MASK:
+        n_full = tl.minimum(n_keys, ctx_len + q0 + 1) // BLOCK_N
+        t_mid = tl.maximum(tl.minimum(n_full, t_end), t_begin)
+    else:
+        t_mid = t_begin
+    for t in range(t_begin, t_mid):
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head_off, t, n_keys, qk_scale, d, d_ok, stride_cb,
+                                     stride_cs, PAGE, BLOCK_N, False, HEAD_DIM != D_PAD,
+                                     UPCAST, PREC)
+    for t in range(t_mid, t_end):
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head_off, t, n_keys, qk_scale, d, d_ok, stride_cb,
+                                     stride_cs, PAGE, BLOCK_N, True, HEAD_DIM != D_PAD,
+                                     UPCAST, PREC)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
@@ -207,20 +238,25 @@ def decode_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, sm_cou
     return max(1, min(want, triton.cdiv(max_seq_len, min_keys_per_split), max_splits))
 
 
-def launch_config(dtype: torch.dtype, decode: bool) -> dict[str, int]:
-    """Default tile sizes; `rows` is query rows per program (tokens x heads of a KV group)."""
-    if decode:
-        return dict(block_n=64, num_warps=4, num_stages=2)  # rows: the KV group, >= 16
+def launch_config(dtype: torch.dtype, decode: bool) -> dict:
+    """Default tile sizes; `rows` is query rows per program (tokens x heads of a KV group).
+
+    split_mask: run the key tiles that need no mask through a mask-free loop. prec: tl.dot
+    precision for fp32 inputs (tf32x3 keeps fp32 accuracy on the tensor cores).
+    """
+    base = dict(split_mask=True, prec="tf32x3" if dtype == torch.float32 else "tf32")
+    if decode:  # rows: the KV group, padded to >= 16
+        return dict(base, block_n=64, num_warps=4, num_stages=2)
     if dtype == torch.float32:
-        return dict(rows=64, block_n=32, num_warps=4, num_stages=2)
-    return dict(rows=128, block_n=64, num_warps=8, num_stages=2)
+        return dict(base, rows=64, block_n=32, num_warps=4, num_stages=2)
+    return dict(base, rows=64, block_n=64, num_warps=4, num_stages=2)
 
 
 def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            max_query_len: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           tune: dict[str, int] | None = None) -> torch.Tensor:
+                           tune: dict | None = None) -> torch.Tensor:
     """Causal paged attention, same contract as paged_attention_torch, no host syncs.
 
     max_query_len: the longest new-token count in the batch; 1 (all decodes) selects the decode
@@ -271,8 +307,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
-        NUM_SPLITS=num_splits, TILE_IS_REQ=tile_is_req, UPCAST=_INTERPRET,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        NUM_SPLITS=num_splits, TILE_IS_REQ=tile_is_req, SPLIT_MASK=cfg["split_mask"],
+        UPCAST=_INTERPRET, PREC=cfg["prec"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](
