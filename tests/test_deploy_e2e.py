@@ -2,11 +2,14 @@
 
 A real nginx (Debian's) runs the shipped nginx templates, rendered as the nginx image renders
 them but with loopback addresses; a real Prometheus runs the shipped prometheus.yml and alert
-rules with the pagoda job pointed at the live server. Checked: a streamed chat arrives through
-nginx chunk by chunk; /metrics through nginx is served to loopback and refused elsewhere;
-Prometheus scrapes pagoda (target up, rules evaluate); every metric the Grafana dashboard reads
-is on the live /metrics and every dashboard query runs in that Prometheus; the image's and
-compose's healthcheck commands pass against the server and fail without it.
+rules with the pagoda job pointed at the live server, which has an API key (it guards /metrics
+too), and a key file holding it, as compose provides. Checked: a streamed chat arrives through
+nginx chunk by chunk; /metrics through nginx is served to loopback and refused elsewhere, and
+needs the key; Prometheus scrapes pagoda with the key (target up, rules evaluate) while the same
+job without the key is refused; with no key set anywhere, compose's placeholder key file still
+scrapes a keyless server; every metric the Grafana dashboard reads is on the live /metrics and
+every dashboard query runs in that Prometheus; the image's and compose's healthcheck commands
+pass against the server and fail without it.
 """
 from __future__ import annotations
 
@@ -28,8 +31,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pagoda.gpu_monitor import GPU_METRIC_NAMES, gpu_collector_available
 from test_deploy_static import (DEPLOY, concrete, dashboard_queries, healthcheck_command,
-                                metric_names, nginx_bin, render_prometheus_config,
-                                write_nginx_config)
+                                metric_names, nginx_bin, pagoda_job, prometheus_key_from_compose,
+                                render_prometheus_config, write_nginx_config)
 
 pytestmark = pytest.mark.slow
 
@@ -89,21 +92,28 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("deploy_e2e")
 
 
-@pytest.fixture(scope="module")
-def server(work):
+@contextlib.contextmanager
+def running_pagoda(log: Path, *flags: str):
+    """`pagoda serve` (bundled model, CPU) on a free loopback port, no PAGODA_* from outside."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PAGODA_")}
-    log = work / "pagoda.log"
     proc = start([sys.executable, "-m", "pagoda.entrypoints.cli", "serve", "--host", "127.0.0.1",
-                  "--port", str(port), "--api-key", API_KEY, "--max-model-len", "1024",
-                  "--device", "cpu"], log, env)
+                  "--port", str(port), "--max-model-len", "1024", "--device", "cpu", *flags],
+                 log, env)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_until(lambda: get(base + "/health").status_code == 200, START_TIMEOUT_S,
                    "pagoda serve", proc, log, interval=0.5)
-        yield {"port": port, "base": base, "model": get(base + "/v1/models", headers=AUTH).json()["data"][0]["id"]}
+        yield {"port": port, "base": base}
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def server(work):
+    with running_pagoda(work / "pagoda.log", "--api-key", API_KEY) as s:
+        s["model"] = get(s["base"] + "/v1/models", headers=AUTH).json()["data"][0]["id"]
+        yield s
 
 
 # An operator who turns gzip on for everything, text/event-stream included: the shipped locations
@@ -140,16 +150,29 @@ def nginx(work, server):
         yield n
 
 
-@pytest.fixture(scope="module")
-def prometheus(work, server):
+WITHOUT_KEY = "pagoda-without-key"
+
+
+@contextlib.contextmanager
+def running_prometheus(root: Path, upstream_port: int, key: str, control_job: bool = False):
+    """Prometheus with the shipped config and rules, the pagoda job pointed at the live server and
+    reading key from its credentials file. control_job adds a copy of the pagoda job that sends
+    no key, to show that the key is what gets the scrape through."""
     binary = shutil.which("prometheus")
     if not binary:
         pytest.skip("prometheus not installed (scripts/ci_system_deps.sh installs it)")
+    root.mkdir(parents=True)
+    key_file = root / "pagoda_api_key"
+    key_file.write_text(key)
+    cfg = render_prometheus_config(f"127.0.0.1:{upstream_port}", key_file)
+    if control_job:
+        job = {k: v for k, v in pagoda_job(cfg).items() if k != "authorization"}
+        cfg["scrape_configs"].append({**job, "job_name": WITHOUT_KEY})
+    config = root / "prometheus.yml"
+    config.write_text(yaml.safe_dump(cfg))
     port = free_port()
-    config = work / "prometheus.yml"
-    config.write_text(yaml.safe_dump(render_prometheus_config(f"127.0.0.1:{server['port']}")))
-    log = work / "prometheus.log"
-    proc = start([binary, f"--config.file={config}", f"--storage.tsdb.path={work / 'tsdb'}",
+    log = root / "prometheus.log"
+    proc = start([binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'tsdb'}",
                   f"--web.listen-address=127.0.0.1:{port}"], log)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -157,6 +180,23 @@ def prometheus(work, server):
         yield {"base": base}
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def prometheus(work, server):
+    with running_prometheus(work / "prometheus", server["port"], API_KEY, control_job=True) as p:
+        yield p
+
+
+def scrape_target(prometheus_base: str, job: str, health: str) -> dict:
+    """The job's single target once its last scrape has the given health."""
+    def find():
+        targets = get(prometheus_base + "/api/v1/targets").json()["data"]["activeTargets"]
+        mine = [t for t in targets if t["labels"]["job"] == job]
+        return mine if mine and mine[0]["health"] == health else None
+
+    [target] = wait_until(find, 30, f"{job} target {health} in Prometheus")
+    return target
 
 
 def stream_chat(base: str, model: str, max_tokens: int = 48) -> tuple[httpx.Response, list[float], float]:
@@ -218,14 +258,8 @@ def test_measurement_detects_a_buffering_proxy(server, work):
     assert len(arrivals) >= 16 and not incremental(arrivals, sent)
 
 
-OPEN_METRICS = ("pagoda answered 401 on /metrics: Prometheus scrapes without credentials, as it "
-                "does vLLM, whose --api-key guards the API only (add '/metrics' to OPEN_PATHS in "
-                "pagoda/entrypoints/openai/middleware.py)")
-
-
 def test_metrics_and_health_through_nginx(server, nginx):
-    r = get(nginx["base"] + "/metrics")
-    assert r.status_code != 401, OPEN_METRICS
+    r = get(nginx["base"] + "/metrics", headers=AUTH)
     assert r.status_code == 200
     names = {f.name for f in text_string_to_metric_families(r.text)}
     assert "pagoda:num_requests_running" in names
@@ -235,18 +269,19 @@ def test_metrics_and_health_through_nginx(server, nginx):
         assert outside.get(nginx["base"] + "/metrics").status_code == 403
         assert outside.get(nginx["base"] + "/health").status_code == 200
     assert get(nginx["base"] + "/health").status_code == 200
-    unauthorized = get(nginx["base"] + "/v1/models")
-    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics"):  # the key guards /metrics too, through nginx as well
+        unauthorized = get(nginx["base"] + path)
+        assert unauthorized.status_code == 401, path
+        assert unauthorized.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_prometheus_scrapes_pagoda(server, prometheus):
-    def pagoda_target():
-        targets = get(prometheus["base"] + "/api/v1/targets").json()["data"]["activeTargets"]
-        mine = [t for t in targets if t["labels"]["job"] == "pagoda"]
-        return mine if mine and mine[0]["health"] == "up" else None
-
-    assert get(server["base"] + "/metrics").status_code != 401, OPEN_METRICS
-    [target] = wait_until(pagoda_target, 30, "pagoda target up in Prometheus")
+    # a scrape without the key is refused, by the server and so in Prometheus
+    assert get(server["base"] + "/metrics").status_code == 401
+    refused = scrape_target(prometheus["base"], WITHOUT_KEY, "down")
+    assert "401" in refused["lastError"], refused["lastError"]
+    # the shipped job sends the key from its credentials file
+    target = scrape_target(prometheus["base"], "pagoda", "up")
     assert target["scrapeUrl"] == f"{server['base']}/metrics"
     assert target["lastError"] == ""
     up = get(prometheus["base"] + "/api/v1/query", params={"query": 'up{job="pagoda"}'}).json()
@@ -281,7 +316,6 @@ def test_dashboard_metrics_are_exported_live(server, nginx):
 
 
 def test_dashboard_queries_run_in_prometheus(server, nginx, prometheus):
-    assert get(server["base"] + "/metrics").status_code != 401, OPEN_METRICS
     stream_chat(nginx["base"], server["model"], max_tokens=8)
     gpu_here = gpu_collector_available()
     exprs = dashboard_queries()
@@ -300,6 +334,17 @@ def test_dashboard_queries_run_in_prometheus(server, nginx, prometheus):
     assert gpu  # the GPU panels' queries, empty here unless this machine has a GPU
     if not gpu_here:
         assert not any(out[e] for e in gpu)
+
+
+def test_prometheus_scrapes_a_server_without_key(work):
+    """No PAGODA_API_KEY: compose fills Prometheus's key file with a placeholder, which a server
+    without --api-key ignores."""
+    placeholder = prometheus_key_from_compose()
+    with running_pagoda(work / "pagoda-keyless.log") as keyless:
+        assert get(keyless["base"] + "/metrics").status_code == 200
+        with running_prometheus(work / "prometheus-keyless", keyless["port"], placeholder) as p:
+            target = scrape_target(p["base"], "pagoda", "up")
+    assert target["scrapeUrl"] == f"{keyless['base']}/metrics" and target["lastError"] == ""
 
 
 def compose_healthcheck_command() -> list[str]:

@@ -3,7 +3,8 @@
 - deploy/compose.yaml (+ compose.tls.yaml): `docker compose config` for every profile, and the
   services wired to each other (aliases, upstream, scrape target, mounts that exist).
 - nginx templates: rendered the way the nginx image renders them, then `nginx -t` (plain and TLS).
-- Prometheus config and alert rules: `promtool check config`.
+- Prometheus config and alert rules: `promtool check config`, with the API key file compose
+  derives from PAGODA_API_KEY.
 - Grafana: provisioning consistent with compose; every dashboard query parsed by Prometheus's own
   parser (`promtool check rules`); the metrics it names are checked against a live server in
   test_deploy_e2e.py.
@@ -121,18 +122,30 @@ def nginx_test(main: Path) -> subprocess.CompletedProcess:
                 "-e", "stderr"])
 
 
-def render_prometheus_config(target: str, scrape_interval: str = "1s") -> dict:
-    """The shipped prometheus.yml with the pagoda job pointed at one live server instead of the
-    compose DNS name; rule files made absolute so the config can live anywhere."""
+def pagoda_job(cfg: dict) -> dict:
+    return next(j for j in cfg["scrape_configs"] if j["job_name"] == "pagoda")
+
+
+def relocated_prometheus_config(key_file: Path) -> dict:
+    """The shipped prometheus.yml as it can run outside the container: the API key read from
+    key_file instead of the file compose puts in the container, rule files made absolute."""
     cfg = yaml.safe_load(PROMETHEUS_YML.read_text())
-    job = next(j for j in cfg["scrape_configs"] if j["job_name"] == "pagoda")
+    pagoda_job(cfg)["authorization"]["credentials_file"] = str(key_file)
+    cfg["rule_files"] = [str(PROMETHEUS_YML.parent / f) for f in cfg["rule_files"]]
+    return cfg
+
+
+def render_prometheus_config(target: str, key_file: Path, scrape_interval: str = "1s") -> dict:
+    """The relocated config with the pagoda job pointed at one live server instead of the
+    compose DNS name."""
+    cfg = relocated_prometheus_config(key_file)
+    job = pagoda_job(cfg)
     assert job.pop("dns_sd_configs") == [{"names": ["pagoda"], "type": "A", "port": 8000,
                                           "refresh_interval": "15s"}]
     job["static_configs"] = [{"targets": [target]}]
     cfg["global"]["scrape_interval"] = scrape_interval
     cfg["global"]["scrape_timeout"] = scrape_interval
     cfg["global"]["evaluation_interval"] = scrape_interval
-    cfg["rule_files"] = [str(PROMETHEUS_YML.parent / f) for f in cfg["rule_files"]]
     return cfg
 
 
@@ -224,6 +237,27 @@ def test_compose_passes_flags_only_when_set():
     assert svc["deploy"]["replicas"] == 3
 
 
+def prometheus_key_from_compose(env: dict[str, str] | None = None) -> str:
+    """What compose writes to the file Prometheus reads the API key from, given this environment."""
+    cfg = compose_config("compose.yaml", env=env)
+    job = pagoda_job(yaml.safe_load(PROMETHEUS_YML.read_text()))
+    [mount] = [c for c in cfg["services"]["prometheus"]["configs"]
+               if c["target"] == job["authorization"]["credentials_file"]]
+    return cfg["configs"][mount["source"]]["content"].replace("$$", "$")  # compose escapes $ as $$
+
+
+def test_compose_gives_prometheus_the_replicas_key():
+    key = "sk-0123$abc"
+    cfg = compose_config("compose.yaml", env={"PAGODA_API_KEY": key})
+    assert cfg["services"]["pagoda"]["environment"]["PAGODA_API_KEY"].replace("$$", "$") == key
+    assert prometheus_key_from_compose({"PAGODA_API_KEY": key}) == key
+    # no key: a placeholder, never an empty file (recent compose refuses those); the replicas
+    # treat an empty PAGODA_API_KEY as unset, and so does the placeholder
+    placeholder = prometheus_key_from_compose()
+    assert placeholder.strip() and placeholder != key
+    assert prometheus_key_from_compose({"PAGODA_API_KEY": ""}) == placeholder
+
+
 def test_compose_tls_overlay():
     nginx = compose_config("compose.yaml", "compose.tls.yaml")["services"]["nginx"]
     assert nginx["environment"]["NGINX_TLS_LISTEN"] == "443"
@@ -238,6 +272,10 @@ def test_compose_monitoring_wiring():
     services = cfg["services"]
     prom_mount = next(v for v in services["prometheus"]["volumes"] if v["target"] == "/etc/prometheus")
     assert Path(prom_mount["source"]) == PROMETHEUS_YML.parent
+    # the key file prometheus.yml names is one compose puts there, outside the read-only mount
+    key_file = pagoda_job(yaml.safe_load(PROMETHEUS_YML.read_text()))["authorization"]["credentials_file"]
+    assert key_file in {c["target"] for c in services["prometheus"]["configs"]}
+    assert not key_file.startswith(prom_mount["target"] + "/")
     # Grafana reads the provisioning and the dashboards where the provisioning files say
     grafana = {v["target"]: Path(v["source"]) for v in services["grafana"]["volumes"] if v["type"] == "bind"}
     provider = yaml.safe_load((grafana["/etc/grafana/provisioning"] / "dashboards" / "pagoda.yaml").read_text())
@@ -281,18 +319,31 @@ def test_nginx_rejects_a_missing_certificate(tmp_path):
 
 # ----------------------------------------------------------------------------- prometheus
 
-def test_prometheus_config_and_rules():
-    promtool = need(shutil.which("promtool"), "promtool")
-    r = run([promtool, "check", "config", str(PROMETHEUS_YML)])
+def promtool_check_config(cfg: dict, directory: Path) -> subprocess.CompletedProcess:
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run([need(shutil.which("promtool"), "promtool"), "check", "config", str(path)])
+
+
+def test_prometheus_config_and_rules(tmp_path):
+    """The shipped config, its API key file moved out of the container path, passes promtool;
+    promtool reads the key file (a missing one fails), so the scrape credentials are checked."""
+    key_file = tmp_path / "pagoda_api_key"
+    key_file.write_text("sk-test")
+    r = promtool_check_config(relocated_prometheus_config(key_file), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS: 1 rule files found" in r.stdout + r.stderr
+    job = pagoda_job(yaml.safe_load(PROMETHEUS_YML.read_text()))
+    assert job["authorization"]["type"] == "Bearer"
+    key_file.unlink()
+    r = promtool_check_config(relocated_prometheus_config(key_file), tmp_path)
+    assert r.returncode != 0 and str(key_file) in r.stdout + r.stderr
 
 
 def test_prometheus_config_rendered_for_tests(tmp_path):
-    promtool = need(shutil.which("promtool"), "promtool")
-    path = tmp_path / "prometheus.yml"
-    path.write_text(yaml.safe_dump(render_prometheus_config("127.0.0.1:18000")))
-    r = run([promtool, "check", "config", str(path)])
+    key_file = tmp_path / "pagoda_api_key"
+    key_file.write_text("sk-test")
+    r = promtool_check_config(render_prometheus_config("127.0.0.1:18000", key_file), tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
