@@ -29,7 +29,7 @@ def server(tmp_path_factory):
                    "max-request-body-size: 64KiB\n"
                    "disable-log-stats: true\n")
     # the command line overrides the file: max-model-len ends up 1024
-    with PagodaServer(["--config", str(cfg), "--max-model-len", "1024"],
+    with PagodaServer(["--config", str(cfg), "--max-model-len", "1024", "--root-path", "/llm"],
                       env={"PAGODA_API_KEY": KEY}) as s:
         yield s
 
@@ -44,6 +44,15 @@ def test_config_file_env_and_cli_precedence(http):
     models = http.get("/v1/models", headers=AUTH).json()["data"]
     assert [m["id"] for m in models] == ["alpha", "beta"]
     assert {m["max_model_len"] for m in models} == {1024}
+
+
+def test_root_path_behind_a_proxy(http):
+    """--root-path /llm: works whether the proxy strips the prefix or forwards it."""
+    for path in ("/v1/models", "/llm/v1/models"):
+        assert http.get(path, headers=AUTH).status_code == 200, path
+    assert http.get("/llm/health").status_code == 200
+    assert http.get("/llm/v1/models").status_code == 401
+    assert http.get("/openapi.json", headers=AUTH).json()["servers"] == [{"url": "/llm"}]
 
 
 def test_every_route_but_health_and_ping_needs_the_key(http):

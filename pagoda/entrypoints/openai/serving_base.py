@@ -279,4 +279,12 @@ class OpenAIServing:
                 async for out in stream:
                     pass
                 return out
-        return await unless_disconnected(raw, asyncio.gather(*(last_of(s) for s in streams)))
+
+        async def all_of() -> list[RequestOutput]:
+            try:  # a TaskGroup cancels (aborts) the other prompts when one fails
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [tg.create_task(last_of(s)) for s in streams]
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
+            return [t.result() for t in tasks]
+        return await unless_disconnected(raw, all_of())
