@@ -1,9 +1,10 @@
 """Batched token sampling on the device: greedy, temperature, top-k, top-p, min-p.
 
-Every row of a batch is handled by the same few tensor ops (one sort when top-k or top-p is on
-anywhere, one softmax, one argmax), so the common case has no per-request Python loop and no
-host sync. Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) i.i.d. draws token
-i with probability p_i, which lets seeded requests supply their own noise rows.
+Every row of a batch is handled by the same few tensor ops (a top-k over 1024 candidates when
+top-k or top-p is on anywhere, one softmax, one argmax), so the common case has no per-request
+Python loop. Only the top-k/top-p filter syncs with the host, once, to find rows whose filter
+reaches past the candidates. Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1)
+i.i.d. draws token i with probability p_i, which lets seeded requests supply their own noise.
 """
 from __future__ import annotations
 
