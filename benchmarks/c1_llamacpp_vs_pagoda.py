@@ -46,6 +46,8 @@ def bench_serve(url: str, label: str, concurrency: int, out_json: str) -> dict:
         res = json.load(f)
     # other work on the machine skews CPU numbers: keep the 1-minute load average beside them
     res["load_avg_1m"] = [load_before, os.getloadavg()[0]]
+    with open(out_json, "w") as f:
+        json.dump(res, f, indent=1)
     return res
 
 
@@ -95,11 +97,20 @@ def main() -> int:
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-pagoda", action="store_true")
     ap.add_argument("--startup-timeout", type=float, default=600)
+    ap.add_argument("--replot", action="store_true", help="Start no server: redraw the table and plot "
+                    "from the JSON files already in --out-dir.")
     a = ap.parse_args()
     gguf = a.model or bundled_gguf()
     os.makedirs(a.out_dir, exist_ok=True)
     results: list[dict] = []
-    if not a.skip_llamacpp:
+    if a.replot:
+        for name in ("llama.cpp", "pagoda"):
+            for c in (1, NUM_PROMPTS):
+                path = os.path.join(a.out_dir, f"{name}_c{c}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        results.append(json.load(f))
+    if not a.skip_llamacpp and not a.replot:
         if not os.path.exists(a.llamacpp_python):
             sys.exit(f"--llamacpp-python: {a.llamacpp_python} not found; install llama-cpp-python[server] "
                      "in its own venv (see this file's docstring)")
@@ -111,7 +122,7 @@ def main() -> int:
                                             "--host", "127.0.0.1", "--port", str(a.llamacpp_port)],
                               a.llamacpp_port, a.out_dir, a.startup_timeout,
                               os.path.join(a.out_dir, "llamacpp_server.log"))
-    if not a.skip_pagoda:
+    if not a.skip_pagoda and not a.replot:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)  # torch's CPU threads in the server
         results += run_server("pagoda", [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", "--model", gguf,
                                          "--host", "127.0.0.1", "--port", str(a.pagoda_port)],

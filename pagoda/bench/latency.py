@@ -155,12 +155,14 @@ def run(args) -> int:
     try:
         source = _PromptSource(model_target.vocab_size(target), args.seed)
         bw = copy_bandwidth(target.device) if target.device.startswith("cuda") else None
-        results = []
-        for backend in args.backend:
+        by_backend = {}
+        # the baseline first: it frees its memory, pagoda's KV cache would not leave room for it
+        for backend in sorted(args.backend, key=lambda b: b == "pagoda"):
             if backend == "pagoda":
-                results += asyncio.run(_pagoda_sweep(target, points, args, source, progress))
+                by_backend[backend] = asyncio.run(_pagoda_sweep(target, points, args, source, progress))
             else:
-                results += _hf_sweep(target, points, args, source, progress)
+                by_backend[backend] = _hf_sweep(target, points, args, source, progress)
+        results = [r for b in args.backend for r in by_backend[b]]
         if bw:
             wbytes, kv_tok = model_target.weight_bytes(target), model_target.kv_bytes_per_token(target)
             for r in results:

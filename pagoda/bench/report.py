@@ -166,6 +166,10 @@ def plot_serve_compare(results: Sequence[dict], path: str, title: str = "", bin_
         ax.set_xticks(range(1, len(results) + 1), labels, fontsize=8, rotation=15)
         ax.set_ylabel("ms")
         ax.set_title(f"{name} (p50, quartiles, whiskers)")
+        finite = [v for d in data for v in d if v == v and v > 0]
+        if finite and max(finite) / min(finite) > 100:  # queued requests dwarf the rest
+            ax.set_yscale("log")
+            ax.set_ylabel("ms (log scale)")
     for i, ok in enumerate(oks):
         _throughput_over_time(axes[3], ok, bin_s, labels[i])
     axes[3].set_ylim(bottom=0)
