@@ -80,5 +80,8 @@ def test_triton_bf16_logprobs_close_to_torch(model_dir_bf16):
             if tid in lg:
                 worst = max(worst, abs(lp.logprob - lg[tid].logprob))
     assert worst <= 2e-2, worst
-    same = sum(a == b for a, b in zip(tokens(ref), tokens(got)))
-    assert same >= len(ref) - 2
+    for r, g in zip(ref, got):  # a different first token only where the reference had a near-tie
+        a, b = r.outputs[0].token_ids[0], g.outputs[0].token_ids[0]
+        if a != b:
+            lp = r.outputs[0].logprobs[0]
+            assert b in lp and lp[a].logprob - lp[b].logprob <= 2e-2
