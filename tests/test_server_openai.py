@@ -393,8 +393,12 @@ def test_chat_400(http, body, param):
 def test_nan_and_malformed_json_are_400(http):
     r = http.post("/v1/completions", content=b'{"prompt": "x", "temperature": NaN}',
                   headers={"content-type": "application/json"})
-    _error(r, 400)
-    _error(http.post("/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"}), 400)
+    assert _error(r, 400)["param"] == "temperature"
+    err = _error(http.post("/v1/completions", content=b'{"prompt": ',
+                           headers={"content-type": "application/json"}), 400)
+    assert "not valid JSON" in err["message"]
+    err = _error(http.post("/v1/completions", content=b'', headers={"content-type": "application/json"}), 400)
+    assert "request body" in err["message"]
 
 
 def test_suffix_is_rejected_clearly(http):

@@ -20,8 +20,8 @@ from server_utils import PagodaServer
 
 pytestmark = pytest.mark.slow
 
-MAX_EXAMPLES = 25
-GENERATION_CAPS = {"n": 2, "max_tokens": 8, "max_completion_tokens": 8}
+MAX_EXAMPLES = 20
+GENERATION_CAPS = {"n": 2, "max_tokens": 4, "max_completion_tokens": 4}
 
 
 @pytest.fixture(scope="module")

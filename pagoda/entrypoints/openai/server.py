@@ -44,10 +44,12 @@ _STREAM = {"text/event-stream": {"schema": {"type": "string"},
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for err in exc.errors()[:3]:
+        if err.get("type") == "json_invalid":
+            return f"The request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         where = ".".join(loc)
         param = param or (where or None)
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        parts.append(f"{where or 'request body'}: {err.get('msg')}")
     more = len(exc.errors()) - 3
     return "; ".join(parts) + (f" (and {more} more errors)" if more > 0 else ""), param
 
