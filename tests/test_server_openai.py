@@ -80,6 +80,10 @@ def test_health_ping_version(http):
     assert http.post("/ping").status_code == 200
     from pagoda import __version__
     assert http.get("/version").json() == {"version": __version__}
+    for path in ("/docs", "/redoc"):
+        r = http.get(path)
+        assert r.status_code == 200 and "openapi.json" in r.text
+    assert "/v1/chat/completions" in http.get("/openapi.json").json()["paths"]
 
 
 def test_greedy_capital_of_france(client):
@@ -353,11 +357,18 @@ def test_tokenize_detokenize(http, hf_tokenizer):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
-def test_request_id_header(http):
+def test_request_id_header_and_request_log(server, http):
     r = http.get("/v1/models", headers={"X-Request-Id": "my-trace-42"})
     assert r.headers["x-request-id"] == "my-trace-42"
     generated = http.get("/v1/models").headers["x-request-id"]
     assert len(generated) >= 16 and generated != "my-trace-42"
+    r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                  headers={"X-Request-Id": "trace-gen-7"})
+    assert r.headers["x-request-id"] == "trace-gen-7"
+    request_id = r.json()["id"]
+    log = server.log()
+    assert f"request {request_id} (X-Request-Id trace-gen-7)" in log
+    assert f"request {request_id} finished" in log
 
 
 # --------------------------------------------------------------------------------- errors
