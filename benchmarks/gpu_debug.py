@@ -9,19 +9,11 @@ from pagoda import LLM, SamplingParams  # noqa: E402
 
 
 def tiny_dir():
+    """The fp32 test model of tests/test_gpu.py."""
     import tempfile
-    from transformers import AutoModelForCausalLM, Qwen3Config
-    cfg = Qwen3Config(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-                      max_position_embeddings=4096, tie_word_embeddings=False, eos_token_id=None)
-    torch.manual_seed(0)
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in m.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p)) if "norm" in n else p.normal_(0, 0.08)
-    d = tempfile.mkdtemp()
-    m.save_pretrained(d)
-    return d
+    sys.path.insert(0, "tests")
+    from test_gpu import build
+    return build(tempfile.mkdtemp(), 0.08)
 
 
 def part_a():
