@@ -40,7 +40,8 @@ def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, n: int):
 def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                           seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                           query_start_loc_cpu: list[int] | None = None,
-                          seq_lens_cpu: list[int] | None = None) -> torch.Tensor:
+                          seq_lens_cpu: list[int] | None = None,
+                          step_cache: dict | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its cached KV (written beforehand).
 
     Requests with one query token (decodes) are batched into a single padded SDPA call; each
@@ -55,7 +56,8 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_l
     out = torch.empty_like(q)
     decodes = [r for r in range(len(sl)) if qsl[r + 1] - qsl[r] == 1]
     if decodes:
-        _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group)
+        _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group,
+                      step_cache if step_cache is not None else {})
     for r in range(len(sl)):
         qs, qe = qsl[r], qsl[r + 1]
         ql = qe - qs
@@ -74,14 +76,17 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_l
     return out
 
 
-def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group):
+def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group, memo):
     bs = kv_cache.shape[2]
-    rows = torch.tensor(decodes, device=q.device)
-    tok = torch.tensor([qsl[r] for r in decodes], device=q.device)
-    lens = torch.tensor([sl[r] for r in decodes], device=q.device)
-    max_len = max(sl[r] for r in decodes)
-    nblk = (max_len + bs - 1) // bs
-    bt = block_tables[rows, :nblk].long()                             # [B, nblk]
+    if "decode" not in memo:
+        rows = torch.tensor(decodes, device=q.device)
+        tok = torch.tensor([qsl[r] for r in decodes], device=q.device)
+        lens = torch.tensor([sl[r] for r in decodes], device=q.device)
+        nblk = (max(sl[r] for r in decodes) + bs - 1) // bs
+        bt = block_tables[rows, :nblk].long()                         # [B, nblk]
+        valid = torch.arange(nblk * bs, device=q.device).unsqueeze(0) < lens.unsqueeze(1)
+        memo["decode"] = (tok, nblk, bt, valid)
+    tok, nblk, bt, valid = memo["decode"]
     B = len(decodes)
     kvh, d = kv_cache.shape[3], kv_cache.shape[4]
     k = kv_cache[0][bt].reshape(B, nblk * bs, kvh, d)                 # [B, L, kvh, D]
@@ -89,7 +94,6 @@ def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group
     qb = q[tok].view(B, kvh, group, d)                                # [B, kvh, G, D]
     k = k.permute(0, 2, 3, 1)                                         # [B, kvh, D, L]
     scores = torch.matmul(qb.to(k.dtype), k).float() * scale          # [B, kvh, G, L]
-    valid = torch.arange(nblk * bs, device=q.device).unsqueeze(0) < lens.unsqueeze(1)
     scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)
     # slots past a request's length hold whatever was there (maybe NaN/Inf): 0 * NaN = NaN

@@ -7,13 +7,19 @@ from __future__ import annotations
 import torch
 
 
-def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                           cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [T, Hq, D], k: [T, Hk, D]; rotates the first rotary_dim features, returns new q, k."""
+def gather_cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor):
+    """(cos, sin), each [T, 1, rot/2], for these positions (shared by every layer of a step)."""
     cs = cos_sin_cache[positions]                      # [T, rot]
     half = cs.shape[-1] // 2
-    cos = cs[:, :half].unsqueeze(1)
-    sin = cs[:, half:].unsqueeze(1)
+    return cs[:, :half].unsqueeze(1), cs[:, half:].unsqueeze(1)
+
+
+def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                           cos_sin_cache: torch.Tensor, cos_sin=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, Hq, D], k: [T, Hk, D]; rotates the first rotary_dim features, returns new q, k.
+    `cos_sin` may carry gather_cos_sin's result when it was computed once for the step."""
+    cos, sin = cos_sin if cos_sin is not None else gather_cos_sin(positions, cos_sin_cache)
+    half = cos.shape[-1]
 
     def rot(x):
         rd = 2 * half

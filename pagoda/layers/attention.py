@@ -5,7 +5,7 @@ The per-step metadata (one flattened batch) is set once by the model runner with
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,6 +24,8 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: Optional[list[int]] = None
     seq_lens_cpu: Optional[list[int]] = None
+    # values every layer derives alike from this step's metadata, computed by the first layer
+    cache: dict = field(default_factory=dict)
 
 
 _META: Optional[AttentionMetadata] = None
@@ -57,4 +59,4 @@ class Attention(nn.Module):
                                        self.scale, max_query_len=m.max_query_len,
                                        max_seq_len=m.max_seq_len)
         return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu)
+                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache)

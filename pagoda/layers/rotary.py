@@ -8,6 +8,8 @@ import torch
 from torch import nn
 
 from pagoda.kernels import ops
+from pagoda.kernels.rotary import gather_cos_sin, rotary_embedding_torch
+from pagoda.layers.attention import get_attention_metadata
 
 
 def rope_parameters(config) -> dict:
@@ -54,4 +56,11 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        if ops.triton_enabled:
+            return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        cache = get_attention_metadata().cache  # one gather of cos/sin per step, not per layer
+        key = ("rope", id(self))
+        if key not in cache:
+            cache[key] = gather_cos_sin(positions, self.cos_sin_cache)
+        return rotary_embedding_torch(positions, q, k, self.cos_sin_cache, cache[key])
+

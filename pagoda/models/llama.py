@@ -21,7 +21,7 @@ from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
 class LlamaAttention(nn.Module):
     qk_norm = False
 
-    def __init__(self, config, max_position: int):
+    def __init__(self, config, rotary: RotaryEmbedding):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -35,8 +35,7 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        rot_dim = int(self.head_dim * float(getattr(config, "partial_rotary_factor", 1.0)))
-        self.rotary = RotaryEmbedding(self.head_dim, max_position, rope_parameters(config), rot_dim)
+        self.rotary = rotary  # one table shared by all layers
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim ** -0.5)
 
     def qkv_bias(self, config) -> bool:
@@ -75,9 +74,9 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     attention_cls = LlamaAttention
 
-    def __init__(self, config, max_position: int):
+    def __init__(self, config, rotary: RotaryEmbedding):
         super().__init__()
-        self.self_attn = self.attention_cls(config, max_position)
+        self.self_attn = self.attention_cls(config, rotary)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -106,7 +105,10 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         max_position = max_position or config.max_position_embeddings
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(self.layer_cls(config, max_position)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        rot_dim = int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0)))
+        rotary = RotaryEmbedding(head_dim, max_position, rope_parameters(config), rot_dim)
+        self.layers = nn.ModuleList(self.layer_cls(config, rotary)
                                     for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         tied = bool(getattr(config, "tie_word_embeddings", False))
