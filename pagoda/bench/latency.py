@@ -76,8 +76,10 @@ async def _pagoda_batch(engine, prompts, out_len, stamps) -> tuple[float, list[f
 
     res = await asyncio.gather(*(consume(i, p) for i, p in enumerate(prompts)))
     prefill_done = max(f for f, _ in res)
-    # decode steps: after every request has its first token, and with no prompt tokens in them
-    last_prefill = max((i for i, (t, _) in enumerate(stamps) if t <= prefill_done), default=0)
+    # decode steps: the ones after the last step that still computed prompt tokens. (Judged by the
+    # engine's own step stats, not by when the event loop saw the first token: under load that can
+    # be after the next step has already run.)
+    last_prefill = max((i for i, (_, st) in enumerate(stamps) if st.num_prompt_tokens > 0), default=0)
     steps = stamps[last_prefill:]
     gaps = [b[0] - a[0] for a, b in zip(steps, steps[1:]) if b[1].num_prompt_tokens == 0]
     return prefill_done - t0, gaps, [n for _, n in res]
