@@ -62,13 +62,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # ---- runtime ----
 FROM base AS runtime
 ARG VARIANT
-# Triton (the GPU kernels) compiles a small launcher module with the system C compiler the first
-# time a kernel runs, so the CUDA image keeps gcc and the Python headers; nothing else from build.
+# Both images keep a C compiler: Triton (the GPU kernels) compiles a small launcher module the
+# first time a kernel runs (it also needs the Python headers), and the CPU path builds its AVX2
+# kernels (pagoda/kernels/cpu_*.c) on first use. Nothing else from build.
 # hadolint ignore=DL3008
-RUN if [ "$VARIANT" = cuda ]; then \
-      apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
-      && rm -rf /var/lib/apt/lists/*; \
-    fi
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && if [ "$VARIANT" = cuda ]; then apt-get install -y --no-install-recommends python3-dev; fi \
+ && rm -rf /var/lib/apt/lists/*
 # uid 1000 (Ubuntu's stock `ubuntu` user gives it up) so a host ~/.cache/huggingface, usually owned
 # by uid 1000, mounts writable. The app and its venv stay root-owned: the server can't modify them.
 RUN userdel --remove ubuntu 2>/dev/null || true; \

@@ -101,8 +101,10 @@ ENGINE_FLAGS: list[Flag] = [
     Flag("download-dir", str, None, "Where hub downloads are cached (default: HF_HOME's hub cache)."),
     Flag("dtype", str, "auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
          choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")),
-    Flag("quantization", str, None, "Weight quantization: int8 = weight-only int8 per output channel.",
-         aliases=("-q",), choices=("int8",)),
+    Flag("quantization", str, None, "Weight quantization. int8: int8 weights (CPU: groups of 32 "
+         "with int8 activations, our AVX2 kernel; CUDA: weight-only per channel). none: weights in "
+         "--dtype. Default: int8 for a quantized GGUF on the CPU, else none.",
+         aliases=("-q",), choices=("int8", "none")),
     Flag("max-model-len", int, None, "Longest prompt + output per request (default: the model's "
          "max_position_embeddings).", aliases=("session-len",)),
     Flag("load-format", str, "auto", "auto = read the checkpoint; dummy = random weights of the "
@@ -207,8 +209,8 @@ class EngineArgs:
         if self.tensor_parallel_size != 1:
             bad("tensor-parallel-size", f"{self.tensor_parallel_size} is not supported yet; pagoda "
                 "runs on one device (use 1)")
-        if self.quantization not in (None, "int8"):
-            bad("quantization", f"unknown method {self.quantization!r}; supported: int8")
+        if self.quantization not in (None, "int8", "none"):
+            bad("quantization", f"unknown method {self.quantization!r}; supported: int8, none")
         if self.load_format not in ("auto", "dummy"):
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):

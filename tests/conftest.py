@@ -84,6 +84,7 @@ def tiny_llm(tiny_llama_dir):
 
 @pytest.fixture(scope="session")
 def bundled_llm():
+    """The bundled model as users get it: on the CPU its Q4_1/Q8_0 weights run as 8-bit groups."""
     from pagoda import LLM
     return LLM(max_model_len=2048)
 

@@ -124,10 +124,12 @@ class LLMEngine:
         finally:
             torch.set_default_dtype(prev)
         self._load_weights(model, src, hf_config)
-        if args.quantization == "int8":
+        self.quantization = self._pick_quantization(src)
+        if self.quantization == "int8":
+            from pagoda.layers.embedding import LMHead
             from pagoda.layers.linear import Linear
             for m in model.modules():
-                if isinstance(m, Linear):
+                if isinstance(m, (Linear, LMHead)):
                     m.quantize_int8()
         model.eval()
         self.model = model
@@ -193,6 +195,21 @@ class LLMEngine:
         if missing:
             raise ValueError(f"--model: checkpoint is missing {len(missing)} weight(s), e.g. "
                              f"{sorted(missing)[:3]}")
+
+    def _pick_quantization(self, src) -> str:
+        """vLLM runs a GGUF's quantized weights as they are; on the CPU our nearest fast path is
+        int8 (Q4/Q5/Q8 -> int8 groups of 32 loses little: see tests/test_int8.py)."""
+        q = self.args.quantization
+        if q is None:
+            q = "none"
+            if src.gguf_file and self.device.type == "cpu" and self.args.load_format != "dummy":
+                from pagoda.worker import loader
+                types = loader.gguf_quant_types(src.gguf_file)
+                if types:
+                    q = "int8"
+                    logger.info("GGUF weights are %s: running int8 on the CPU "
+                                "(--quantization none for %s)", ",".join(sorted(types)), self.dtype)
+        return q
 
     def _plan_kv_cache(self, max_model_len: int) -> int:
         from pagoda.worker import kv_cache as kvc

@@ -58,6 +58,14 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_l
     if decodes:
         _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group,
                       step_cache if step_cache is not None else {})
+    prefill_attention_torch(q, kv_cache, block_tables, scale, qsl, sl, out)
+    return out
+
+
+def prefill_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            scale: float, qsl: list[int], sl: list[int], out: torch.Tensor) -> None:
+    """Requests with more than one query token (prefill chunks), one SDPA call each, into out."""
+    group = q.shape[1] // kv_cache.shape[3]
     for r in range(len(sl)):
         qs, qe = qsl[r], qsl[r + 1]
         ql = qe - qs
@@ -73,7 +81,6 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_l
         mask = torch.arange(n, device=q.device).unsqueeze(0) <= qpos
         o = F.scaled_dot_product_attention(qr.to(kr.dtype), kr, vr, attn_mask=mask, scale=scale)
         out[qs:qe] = o[0].transpose(0, 1).to(out.dtype)
-    return out
 
 
 def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group, memo):

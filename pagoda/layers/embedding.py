@@ -21,6 +21,18 @@ class LMHead(nn.Module):
         self.tied = tied_to is not None
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
             torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.int8 = None
+
+    def quantize_int8(self):
+        """An int8 copy for the matmul; a tied embedding keeps its float table for lookups."""
+        from pagoda.layers.linear import Int8Matmul, int8_supported
+        if not int8_supported(self.weight):
+            return
+        self.int8 = Int8Matmul(self.weight.data, None)
+        if not self.tied:
+            self.weight = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return self.int8(h)
         return F.linear(h, self.weight)

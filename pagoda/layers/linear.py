@@ -1,11 +1,61 @@
 """Linear layers. Merged projections (q|k|v, gate|up) load their shards from the checkpoint's
-separate tensors; with --quantization int8 the weight is stored as int8 per output channel and
-multiplied through torch's int8 weight-only kernel (4x fewer weight bytes per decode step)."""
+separate tensors.
+
+With --quantization int8 weights are stored as int8 (4x fewer bytes than fp32 per decode step,
+which is what a decode step on the CPU is bound by):
+- on the CPU, 8 bits in groups of 32 along K with a scale and minimum each (exact for a GGUF's
+  Q4_0/Q4_1 blocks) and float32 activations, through our AVX2 kernel (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8 is about as fast but scales
+  activations per tensor, and greedy outputs then diverged from float32 at the first token on most
+  C1 prompts;
+- on CUDA, per output channel and weight-only (torch's int8 weight-only kernel).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from pagoda.kernels import cpu_int8
+
+
+def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8: returns (int8 weights, float32 scales)."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous(), scales
+
+
+def int8_supported(w: torch.Tensor) -> bool:
+    """Whether Int8Matmul can hold this weight (the CPU kernel needs K % 32 == 0 and AVX2)."""
+    if w.device.type != "cpu":
+        return True
+    return w.shape[1] % cpu_int8.GROUP == 0 and cpu_int8.available()
+
+
+class Int8Matmul:
+    """x @ w.T with w held as int8, for the device the weight lives on."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
+        self.out_features = w.shape[0]
+        self.bias = bias
+        self.cpu = w.device.type == "cpu"
+        if self.cpu:
+            self.qweight, self.scales, self.mins = cpu_int8.quantize_weight(w)
+            self.bias = bias.float().contiguous() if bias is not None else None
+        else:
+            q, scales = int8_per_channel(w)
+            self.qweight, self.scales = q, scales.to(w.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.cpu:
+            y = cpu_int8.int8_matmul(x2, self.qweight, self.scales, self.mins, self.bias).to(x.dtype)
+        else:
+            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
 
 
 class Linear(nn.Module):
@@ -17,8 +67,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
         # output rows of each shard of a merged projection, in order
         self.shard_sizes = shard_sizes or [out_features]
-        self.qweight: torch.Tensor | None = None
-        self.scales: torch.Tensor | None = None
+        self.int8: Int8Matmul | None = None
 
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor):
         start = sum(self.shard_sizes[:shard])
@@ -32,17 +81,12 @@ class Linear(nn.Module):
         target.data[start:start + size].copy_(tensor)
 
     def quantize_int8(self):
-        """Symmetric per-output-channel int8 weights (weight-only; activations stay float)."""
-        w = self.weight.data.float()
-        scales = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.qweight = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales.to(self.weight.dtype)
+        if not int8_supported(self.weight):
+            return  # stays float (logged once by the kernel loader)
+        self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            shape = x.shape
-            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scales)
-            y = y.reshape(*shape[:-1], self.out_features)
-            return y + self.bias if self.bias is not None else y
+        if self.int8 is not None:
+            return self.int8(x)
         return F.linear(x, self.weight, self.bias)

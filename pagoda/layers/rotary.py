@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from pagoda.kernels import ops
-from pagoda.kernels.rotary import gather_cos_sin, rotary_embedding_torch
+from pagoda.kernels.rotary import gather_cos_sin
 from pagoda.layers.attention import get_attention_metadata
 
 
@@ -59,8 +59,11 @@ class RotaryEmbedding(nn.Module):
         if ops.triton_enabled:
             return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
         cache = get_attention_metadata().cache  # one gather of cos/sin per step, not per layer
-        key = ("rope", id(self))
-        if key not in cache:
-            cache[key] = gather_cos_sin(positions, self.cos_sin_cache)
-        return rotary_embedding_torch(positions, q, k, self.cos_sin_cache, cache[key])
+
+        def cos_sin():  # only the torch fallback needs it
+            key = ("rope", id(self))
+            if key not in cache:
+                cache[key] = gather_cos_sin(positions, self.cos_sin_cache)
+            return cache[key]
+        return ops.rotary_embedding(positions, q, k, self.cos_sin_cache, cos_sin)
 

@@ -223,6 +223,12 @@ def iter_gguf(path: str, config) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, w
 
 
+def gguf_quant_types(path: str) -> set[str]:
+    """Names of the quantized tensor types in a GGUF file (empty when all are F32/F16/BF16)."""
+    from gguf import GGUFReader
+    return {t.tensor_type.name for t in GGUFReader(path).tensors} - {"F32", "F16", "BF16"}
+
+
 def gguf_tensor_count(path: str) -> int:
     from gguf import GGUFReader
     return len(GGUFReader(path).tensors)

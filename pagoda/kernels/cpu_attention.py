@@ -1,0 +1,56 @@
+"""Paged attention on the CPU: decode tokens through the C kernel in cpu_attention.c, prefill
+chunks through the torch reference (one SDPA call per request, already efficient on the CPU).
+Falls back to the torch reference entirely for non-float32 or when the kernel cannot be built."""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from pagoda.kernels import cpu_build
+from pagoda.kernels.attention import paged_attention_torch, prefill_attention_torch
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "pagoda_paged_decode": [_P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64,
+                            ctypes.c_float, _P],
+}
+
+
+def _lib():
+    return cpu_build.load("cpu_attention", _SIGNATURES)
+
+
+def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                        seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
+                        query_start_loc_cpu: list[int] | None = None,
+                        seq_lens_cpu: list[int] | None = None,
+                        step_cache: dict | None = None) -> torch.Tensor:
+    """Same contract as paged_attention_torch."""
+    num_heads = q.shape[1]
+    usable = (q.device.type == "cpu" and q.dtype == torch.float32 and kv_cache.dtype == torch.float32
+              and num_heads // kv_cache.shape[3] <= 64 and _lib() is not None)
+    if not usable:
+        return paged_attention_torch(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
+                                     query_start_loc_cpu, seq_lens_cpu, step_cache)
+    qsl = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc.tolist()
+    sl = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
+    memo = step_cache if step_cache is not None else {}
+    if "cpu_decode" not in memo:  # same for every layer of the step
+        decodes = [r for r in range(len(sl)) if qsl[r + 1] - qsl[r] == 1]
+        memo["cpu_decode"] = (torch.tensor([qsl[r] for r in decodes], dtype=torch.int64),
+                              torch.tensor(decodes, dtype=torch.int64),
+                              block_tables.to(torch.int32).contiguous(),
+                              seq_lens.to(torch.int32).contiguous(),
+                              len(decodes) < len(sl))
+    tok, req, bt, lens, has_prefill = memo["cpu_decode"]
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    if tok.numel():
+        _, nb, bs, kvh, d = kv_cache.shape
+        _lib().pagoda_paged_decode(q.data_ptr(), tok.data_ptr(), req.data_ptr(), tok.numel(),
+                                   kv_cache.data_ptr(), nb, bs, kvh, d, bt.data_ptr(), bt.shape[1],
+                                   lens.data_ptr(), num_heads, scale, out.data_ptr())
+    if has_prefill:
+        prefill_attention_torch(q, kv_cache, block_tables, scale, qsl, sl, out)
+    return out

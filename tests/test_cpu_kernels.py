@@ -1,0 +1,100 @@
+"""The C kernels of the CPU path (pagoda/kernels/cpu_*.c) against their torch references."""
+import pytest
+import torch
+
+from pagoda.kernels import cpu_build, cpu_fused, cpu_int8
+from pagoda.kernels.activation import silu_and_mul_torch
+from pagoda.kernels.attention import paged_attention_torch
+from pagoda.kernels.cpu_attention import paged_attention_cpu
+from pagoda.kernels.norm import fused_add_rms_norm_torch, rms_norm_torch
+from pagoda.kernels.rotary import rotary_embedding_torch
+
+pytestmark = pytest.mark.skipif(not cpu_int8.available(), reason="needs x86 AVX2 and a C compiler")
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 19, 64), (3, 300, 576), (8, 576, 1536), (13, 40, 96), (33, 7, 32)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_matmul_matches_reference(M, N, K, bias):
+    g = torch.Generator().manual_seed(M * N + K)
+    w, x = torch.randn(N, K, generator=g), torch.randn(M, K, generator=g)
+    b = torch.randn(N, generator=g) if bias else None
+    q = cpu_int8.quantize_weight(w)
+    ref = cpu_int8.int8_matmul_torch(x, *q, b)
+    out = cpu_int8.int8_matmul(x, *q, b)
+    assert out.shape == (M, N)
+    assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
+    # 8 bits per group of 32: close to the float weights too
+    full = x @ w.T + (b if bias else 0)
+    assert (out - full).norm() / full.norm() < 1e-2
+
+
+def test_int8_grid_holds_gguf_blocks_exactly():
+    g = torch.Generator().manual_seed(0)
+    # Q4_1 blocks: d * q + m with q in 0..15 (both ends used, as llama.cpp's quantizer does)
+    d, m = torch.rand(16, 4, 1, generator=g) * 0.1, -torch.rand(16, 4, 1, generator=g)
+    q = torch.randint(0, 16, (16, 4, 32), generator=g)
+    q[..., 0], q[..., 1] = 0, 15
+    q41 = (q * d + m).reshape(16, 128)
+    # Q8_0 blocks: d * q with q in -127..127, max |q| = 127
+    q8 = torch.randint(-127, 128, (16, 4, 32), generator=g)
+    q8[..., 0] = 127
+    q80 = (q8 * d).reshape(16, 128)
+    for w in (q41, q80):
+        back = cpu_int8.dequantize_weight(*cpu_int8.quantize_weight(w))
+        assert (back - w).abs().max() <= 1e-6 * w.abs().max()
+
+
+def test_rms_norm_and_fused_add_match_reference():
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(5, 576, generator=g) for _ in range(2))
+    w = torch.randn(576, generator=g)
+    torch.testing.assert_close(cpu_fused.rms_norm_cpu(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
+    out, res = cpu_fused.fused_add_rms_norm_cpu(x, r, w, 1e-6)
+    ref_out, ref_res = fused_add_rms_norm_torch(x, r, w, 1e-6)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(res, ref_res)
+
+
+@pytest.mark.parametrize("rot", [64, 32])
+def test_rotary_in_place_on_strided_views_matches_reference(rot):
+    g = torch.Generator().manual_seed(2)
+    T, H, KV, D = 6, 4, 2, 64
+    qkv = torch.randn(T, (H + 2 * KV) * D, generator=g)
+    cache = torch.randn(100, rot, generator=g)
+    pos = torch.tensor([0, 5, 17, 99, 3, 3])
+    q = qkv[:, :H * D].view(T, H, D)
+    k = qkv[:, H * D:(H + KV) * D].view(T, KV, D)
+    rq, rk = rotary_embedding_torch(pos, q.clone(), k.clone(), cache)
+    oq, ok = cpu_fused.rotary_embedding_cpu(pos, q, k, cache)
+    torch.testing.assert_close(oq, rq)
+    torch.testing.assert_close(ok, rk)
+    assert oq.data_ptr() == q.data_ptr()  # rotated in place inside the projection output
+
+
+def test_silu_and_mul_matches_reference():
+    x = torch.randn(7, 2 * 1536, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(cpu_fused.silu_and_mul_cpu(x), silu_and_mul_torch(x))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (16, 2)])
+def test_paged_decode_attention_matches_reference(heads, kv_heads):
+    g = torch.Generator().manual_seed(heads)
+    nb, bs, D = 48, 16, 64
+    kv = torch.randn(2, nb, bs, kv_heads, D, generator=g)
+    # decodes at block boundaries (1, 16, 17, 32) mixed with a prefill chunk and a prefix hit
+    qlens, lens = [1, 5, 1, 1, 1, 3], [37, 20, 16, 1, 17, 32]
+    qsl = [0]
+    for n in qlens:
+        qsl.append(qsl[-1] + n)
+    perm = torch.randperm(nb, generator=g).to(torch.int32)
+    bt = torch.stack([perm[i * 8:(i + 1) * 8] for i in range(len(lens))])
+    q = torch.randn(qsl[-1], heads, D, generator=g)
+    args = (q, kv, torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt, 0.125)
+    ref = paged_attention_torch(*args, qsl, lens, {})
+    out = paged_attention_cpu(*args, qsl, lens, {})
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("PAGODA_CPU_KERNELS", "0")
+    assert cpu_build._build("cpu_fused") is None
