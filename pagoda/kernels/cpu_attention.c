@@ -4,12 +4,14 @@
  * of the whole context into a padded batch, which cost the torch path more than its matmuls.
  * Layouts as in pagoda/kernels/attention.py: kv [2, num_blocks, block_size, kv_heads, D].
  * Work is split over (request, kv head); the query heads of one kv head share each K/V row read.
+ * q rows are `q_stride` floats apart (a view into the fused qkv projection works); out is dense.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-void pagoda_paged_decode(const float *q, const int64_t *tok, const int64_t *req, int64_t nd,
+void pagoda_paged_decode(const float *q, int64_t q_stride, const int64_t *tok, const int64_t *req,
+                         int64_t nd,
                          const float *kv, int64_t nb, int64_t bs, int64_t kvh, int64_t D,
                          const int32_t *block_tables, int64_t maxb, const int32_t *seq_lens,
                          int64_t H, float scale, float *out) {
@@ -21,7 +23,7 @@ void pagoda_paged_decode(const float *q, const int64_t *tok, const int64_t *req,
         const int64_t i = task / kvh, h = task % kvh;
         const int64_t n = seq_lens[req[i]];
         const int32_t *bt = block_tables + req[i] * maxb;
-        const float *qh = q + tok[i] * H * D + h * G * D;   /* G query heads, contiguous */
+        const float *qh = q + tok[i] * q_stride + h * G * D;   /* G query heads, contiguous */
         float *oh = out + tok[i] * H * D + h * G * D;
         float *s = malloc(sizeof(float) * G * (n > 0 ? n : 1));
         float mx[64], den[64];                   /* G <= 64 */

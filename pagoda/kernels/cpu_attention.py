@@ -12,8 +12,8 @@ from pagoda.kernels.attention import paged_attention_torch, prefill_attention_to
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "pagoda_paged_decode": [_P, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64, _P, _I64,
-                            ctypes.c_float, _P],
+    "pagoda_paged_decode": [_P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64, _P,
+                            _I64, ctypes.c_float, _P],
 }
 
 
@@ -48,7 +48,7 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
     out = torch.empty_like(q)
     if tok.numel():
         _, nb, bs, kvh, d = kv_cache.shape
-        _lib().pagoda_paged_decode(q.data_ptr(), tok.data_ptr(), req.data_ptr(), tok.numel(),
+        _lib().pagoda_paged_decode(q.data_ptr(), q.stride(0), tok.data_ptr(), req.data_ptr(), tok.numel(),
                                    kv_cache.data_ptr(), nb, bs, kvh, d, bt.data_ptr(), bt.shape[1],
                                    lens.data_ptr(), num_heads, scale, out.data_ptr())
     if has_prefill:

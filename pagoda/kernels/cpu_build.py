@@ -42,9 +42,12 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
         logger.warning("%s: no C compiler found; using the torch path", name)
         return None
     src_path = os.path.join(_HERE, f"{name}.c")
-    with open(src_path, "rb") as f:
-        src = f.read()
-    key = hashlib.sha256(src + cc.encode()).hexdigest()[:16]
+    h = hashlib.sha256(cc.encode())
+    for f in sorted(os.listdir(_HERE)):  # a kernel may #include another one
+        if f.startswith("cpu_") and f.endswith(".c"):
+            with open(os.path.join(_HERE, f), "rb") as fh:
+                h.update(f.encode() + fh.read())
+    key = h.hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"{name}-{key}.so")
     if not os.path.exists(path):
         os.makedirs(_cache_dir(), exist_ok=True)
