@@ -23,31 +23,37 @@ static inline float hsum8(__m256 v) {
 }
 
 /* One weight row against MT tokens. MT is a literal at every call site, so the accumulators stay
- * in registers (a runtime count spills them to the stack). */
+ * in registers (a runtime count spills them to the stack). Each token gets A independent
+ * accumulator chains so the FMAs of one group do not wait on each other (at one token a single
+ * chain made the kernel latency-bound). */
 static inline __attribute__((always_inline)) void row_tile(
         const uint8_t *wr, const float *swr, const float *mwr, const float *x, int64_t K, int64_t G,
         const int MT, float b, float *y, int64_t N) {
-    __m256 acc[8];
-    for (int t = 0; t < MT; t++) acc[t] = _mm256_setzero_ps();
+    const int A = MT == 1 ? 4 : (MT <= 4 ? 2 : 1);
+    __m256 acc[8][4];
+    for (int t = 0; t < MT; t++)
+        for (int a = 0; a < A; a++) acc[t][a] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         const __m256 s = _mm256_broadcast_ss(swr + g), mn = _mm256_broadcast_ss(mwr + g);
         const __m256i w32 = _mm256_loadu_si256((const __m256i *)(wr + g * GROUP));
+        const __m128i lo = _mm256_castsi256_si128(w32), hi = _mm256_extracti128_si256(w32, 1);
         __m256 wf[4];
-        wf[0] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm256_castsi256_si128(w32))), mn);
-        wf[1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(_mm256_castsi256_si128(w32), 8))), mn);
-        const __m128i hi = _mm256_extracti128_si256(w32, 1);
+        wf[0] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), mn);
+        wf[1] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), mn);
         wf[2] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), mn);
         wf[3] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), mn);
         for (int t = 0; t < MT; t++) {
             const float *xt = x + t * K + g * GROUP;
-            acc[t] = _mm256_fmadd_ps(wf[0], _mm256_loadu_ps(xt), acc[t]);
-            acc[t] = _mm256_fmadd_ps(wf[1], _mm256_loadu_ps(xt + 8), acc[t]);
-            acc[t] = _mm256_fmadd_ps(wf[2], _mm256_loadu_ps(xt + 16), acc[t]);
-            acc[t] = _mm256_fmadd_ps(wf[3], _mm256_loadu_ps(xt + 24), acc[t]);
+            for (int j = 0; j < 4; j++)
+                acc[t][j % A] = _mm256_fmadd_ps(wf[j], _mm256_loadu_ps(xt + 8 * j), acc[t][j % A]);
         }
     }
-    for (int t = 0; t < MT; t++) y[t * N] = hsum8(acc[t]) + b;
+    for (int t = 0; t < MT; t++) {
+        for (int a = 1; a < A; a++) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][a]);
+        y[t * N] = hsum8(acc[t][0]) + b;
+    }
 }
+
 void pagoda_w8_gemm(const float *x, int64_t M, const uint8_t *qw, const float *sw,
                     const float *mw, int64_t N, int64_t K, const float *bias, float *y) {
     const int64_t G = K / GROUP;
