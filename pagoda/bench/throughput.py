@@ -56,8 +56,9 @@ def make_prompts(args, target) -> list[list[int]]:
     return [workloads.chat_token_ids(tok, p) for p in texts]
 
 
-def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[int], list[int]]:
-    """Returns (seconds, generated tokens per request, prompt tokens per request as seen by pagoda)."""
+def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[int], list[int], str]:
+    """Returns (seconds, generated tokens per request, prompt tokens per request as seen by pagoda,
+    the weight format pagoda ran: 'int8' or 'none')."""
     from pagoda.bench.hf_backend import sync
     from pagoda.llm import LLM
     from pagoda.sampling_params import SamplingParams
@@ -72,13 +73,14 @@ def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[
         outs = llm.generate(prompts, params, use_tqdm=progress)
         sync(target.device)
         dt = time.perf_counter() - t0
+        quant = llm.engine.quantization
     finally:
         shutdown = getattr(llm, "shutdown", None)
         if shutdown:
             shutdown()
         del llm
         gc.collect()
-    return dt, [len(o.outputs[0].token_ids) for o in outs], [len(o.prompt_token_ids) for o in outs]
+    return dt, [len(o.outputs[0].token_ids) for o in outs], [len(o.prompt_token_ids) for o in outs], quant
 
 
 def run_hf(kind, target, prompts, out_len, batch, warmup, progress) -> tuple[float, list[int], list[str]]:
@@ -100,15 +102,17 @@ def measure(backend, target, prompts, args) -> dict:
     n, out_len = len(prompts), args.output_len
     in_tokens = sum(map(len, prompts))
     errors: list[str] = []
+    weights = target.dtype
     if backend == "pagoda":
-        dt, counts, seen_in = run_pagoda(target, prompts, out_len, args.warmup, progress)
+        dt, counts, seen_in, quant = run_pagoda(target, prompts, out_len, args.warmup, progress)
+        weights = "int8" if quant == "int8" else weights
         if seen_in != [len(p) for p in prompts]:
             errors.append("pagoda saw different prompt lengths than were sent")
     else:
         dt, counts, errors = run_hf(backend, target, prompts, out_len, args.hf_batch_size, args.warmup, progress)
     out_tokens = sum(counts)
     expected = n * out_len
-    return {"backend": backend, "elapsed_s": dt, "requests": n, "input_tokens": in_tokens,
+    return {"backend": backend, "weights": weights, "elapsed_s": dt, "requests": n, "input_tokens": in_tokens,
             "output_tokens": out_tokens, "expected_output_tokens": expected,
             "counts_ok": len(counts) == n and all(c == out_len for c in counts) and not errors,
             "errors": errors[:3],
@@ -143,15 +147,15 @@ def run(args) -> int:
     ref = by_name[reference_backend(args.backend)]
     for r in results:
         r["ratio_vs_" + ref["backend"]] = r["output_tok_per_s"] / ref["output_tok_per_s"]
-    rows = [[r["backend"], r["elapsed_s"], r["requests_per_s"], r["input_tok_per_s"], r["output_tok_per_s"],
+    rows = [[r["backend"], r["weights"], r["elapsed_s"], r["requests_per_s"], r["input_tok_per_s"], r["output_tok_per_s"],
              f"{r['output_tok_per_s'] / ref['output_tok_per_s']:.2f}x",
              f"{r['output_tokens']:,}/{r['expected_output_tokens']:,}" + ("" if r["counts_ok"] else " MISMATCH")]
             for r in results]
-    print(report.table(["backend", "time (s)", "req/s", "input tok/s", "output tok/s",
+    print(report.table(["backend", "weights", "time (s)", "req/s", "input tok/s", "output tok/s",
                         f"vs {ref['backend']}", "output tokens counted/expected"], rows,
                        title=f"bench throughput: {target.label}, {len(prompts)} requests, "
                              f"{sum(map(len, prompts)):,} prompt tokens, {args.output_len} out each, "
-                             f"{target.device} {target.dtype}"))
+                             f"{target.device}, activations {target.dtype}"))
     for r in results:
         for e in r["errors"]:
             print(f"{r['backend']}: {e}")
