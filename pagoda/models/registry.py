@@ -11,15 +11,43 @@ _MODELS = {
 }
 
 
+# encoders that produce embeddings (pooled last hidden states), served on /v1/embeddings
+_EMBEDDING_MODELS = {
+    "BertModel": ("bert", "BertModel"),
+    "BertForMaskedLM": ("bert", "BertModel"),  # same encoder under `bert.`; the MLM head is unused
+}
+
+
 def supported_architectures() -> list[str]:
     return sorted(_MODELS)
 
 
-def resolve_model_class(config):
+def _architectures(config) -> list[str]:
     archs = list(getattr(config, "architectures", None) or [])
     if not archs:  # configs built in code (e.g. LlamaConfig()) carry no architectures
         archs = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}.get(getattr(config, "model_type", ""), "")]
+                  "qwen3": "Qwen3ForCausalLM", "bert": "BertModel"}.get(getattr(config, "model_type", ""), "")]
+    return archs
+
+
+def is_embedding_model(config) -> bool:
+    return any(a in _EMBEDDING_MODELS for a in _architectures(config))
+
+
+def resolve_embedding_class(config):
+    for a in _architectures(config):
+        if a in _EMBEDDING_MODELS:
+            mod, cls = _EMBEDDING_MODELS[a]
+            return getattr(importlib.import_module(f"pagoda.models.{mod}"), cls)
+    raise ValueError(f"model architecture {_architectures(config)} is not an embedding model; "
+                     f"supported: {', '.join(sorted(_EMBEDDING_MODELS))}")
+
+
+def resolve_model_class(config):
+    archs = _architectures(config)
+    if is_embedding_model(config):
+        raise ValueError(f"model architecture {archs} is an embedding model: it serves "
+                         "/v1/embeddings (LLM.embed()), not text generation")
     for a in archs:
         if a in _MODELS:
             mod, cls = _MODELS[a]

@@ -1,0 +1,85 @@
+"""Hidden states of a padded batch -> one vector per input, as sentence-transformers computes it.
+
+An embedding checkpoint says how it wants to be pooled in its sentence-transformers files:
+``modules.json`` lists the pipeline (Transformer -> Pooling -> optional Normalize) and the
+Pooling module's ``config.json`` turns modes on (``pooling_mode_mean_tokens``, ...). Several
+modes on at once are concatenated in sentence-transformers' order. A module we do not implement
+(Dense, a second LayerNorm, ...) is refused: a silently different vector would be worse than
+an error.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# sentence-transformers' config key -> our mode name, in the order it concatenates them
+_MODE_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+MODES = ("cls", "max", "mean", "mean_sqrt_len", "lasttoken")
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    modes: tuple[str, ...] = ("mean",)
+    normalize: bool = True
+
+    def __post_init__(self):
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"pooling mode(s) {bad or '(none)'} not supported; supported: "
+                             f"{', '.join(MODES)}")
+
+    @classmethod
+    def from_model_dir(cls, path: str, default_mode: str = "mean") -> "PoolingConfig":
+        """Read sentence-transformers' modules.json + Pooling config; without them: the
+        architecture's default mode, L2-normalized (what embedding APIs return)."""
+        modules_file = os.path.join(path, "modules.json")
+        if not os.path.exists(modules_file):
+            return cls((default_mode,), True)
+        with open(modules_file) as f:
+            modules = json.load(f)
+        kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+        unknown = [m["type"] for m, k in zip(modules, kinds) if k not in _ST_MODULES]
+        if unknown:
+            raise ValueError(f"--model: sentence-transformers module(s) {', '.join(unknown)} in "
+                             f"{modules_file} are not supported (only {', '.join(_ST_MODULES)})")
+        modes: tuple[str, ...] = (default_mode,)
+        for m, kind in zip(modules, kinds):
+            if kind == "Pooling":
+                with open(os.path.join(path, m.get("path", ""), "config.json")) as f:
+                    cfg = json.load(f)
+                modes = tuple(name for key, name in _MODE_KEYS.items() if cfg.get(key))
+        return cls(modes, "Normalize" in kinds)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
+    """hidden [B, L, H] (right-padded), mask [B, L] bool (True = real token) -> [B, H * modes],
+    float32."""
+    h = hidden.float()
+    m = mask.unsqueeze(-1)
+    counts = mask.sum(dim=1, keepdim=True).float()
+    parts = []
+    for mode in config.modes:
+        if mode == "cls":
+            parts.append(h[:, 0])
+        elif mode == "max":
+            parts.append(h.masked_fill(~m, float("-inf")).amax(dim=1))
+        elif mode in ("mean", "mean_sqrt_len"):
+            total = (h * m).sum(dim=1)
+            parts.append(total / (counts.clamp(min=1e-9) if mode == "mean" else counts.sqrt()))
+        else:  # lasttoken: right padding puts it at count - 1
+            last = (counts.long() - 1).clamp(min=0).squeeze(1)
+            parts.append(h[torch.arange(h.shape[0], device=h.device), last])
+    out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    return F.normalize(out, p=2, dim=-1) if config.normalize else out
