@@ -6,11 +6,20 @@ import time
 from typing import Optional, Sequence, Union
 
 from pagoda.config import EngineArgs
+from pagoda.engine.embedding_engine import EmbeddingEngine, EmbedPrompt, is_embedding_model
 from pagoda.engine.engine import LLMEngine, PromptType
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 Conversation = list[dict]
+
+
+def _prompt_list(prompts) -> list:
+    """A single str / dict / token-id list is one prompt; anything else is a sequence of them."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                            and isinstance(prompts[0], int)):
+        return [prompts]
+    return list(prompts)
 
 
 class LLM:
@@ -18,12 +27,22 @@ class LLM:
 
     `model=None` runs the bundled SmolLM2-135M-Instruct. Every engine flag is a keyword argument
     (max_model_len=..., gpu_memory_utilization=..., dtype=..., enable_prefix_caching=..., ...).
+    An embedding model (BertModel) is detected from its config: it offers embed() only.
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs):
-        self.engine = LLMEngine(EngineArgs.from_kwargs(model=model, **kwargs))
-        self.engine.stream_outputs = False  # only finished requests matter here
+        args = EngineArgs.from_kwargs(model=model, **kwargs)
+        if is_embedding_model(args):
+            self.engine = EmbeddingEngine(args)
+        else:
+            self.engine = LLMEngine(args)
+            self.engine.stream_outputs = False  # only finished requests matter here
         self._ids = itertools.count()
+
+    def _require_generative(self) -> None:
+        if isinstance(self.engine, EmbeddingEngine):
+            raise ValueError(f"{self.engine.model_config.model} is an embedding model: use "
+                             "LLM.embed(), not generate()/chat()")
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -32,10 +51,8 @@ class LLM:
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """Results come back in the order of `prompts`. A single str / token-id list is one prompt."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
-                                                and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = list(prompts)
+        self._require_generative()
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -86,6 +103,7 @@ class LLM:
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        self._require_generative()
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [{"prompt_token_ids": self.engine_chat_ids(c, chat_template, add_generation_prompt,
                                                             continue_final_message, chat_template_kwargs)}
@@ -98,3 +116,13 @@ class LLM:
         text = render_chat(self.engine.tokenizer, conv, chat_template, add_generation_prompt,
                            continue_final_message, **(chat_template_kwargs or {}))
         return self.engine.tokenizer(text, add_special_tokens=False).input_ids
+
+    def embed(self, prompts: Union[EmbedPrompt, Sequence[EmbedPrompt]]) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (str, token-id list or {"prompt_token_ids": ...}), in order;
+        every prompt is checked before any runs (ValueError naming the length on too long)."""
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise ValueError(f"{self.engine.model_config.model} is a generative model: embed() needs "
+                             "an embedding model (e.g. a BertModel checkpoint)")
+        ids, vectors = self.engine.embed(_prompt_list(prompts))
+        return [EmbeddingRequestOutput(str(next(self._ids)), EmbeddingOutput(v.tolist()), p)
+                for p, v in zip(ids, vectors)]

@@ -58,3 +58,21 @@ class RequestOutput:
     delta_text: dict[int, str] = field(default_factory=dict)
     delta_token_ids: dict[int, list[int]] = field(default_factory=dict)
     delta_logprobs: dict[int, SampleLogprobs] = field(default_factory=dict)
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """One input's embedding, shaped like vLLM's (``out.outputs.embedding``)."""
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
