@@ -45,11 +45,16 @@ def run_server(args: argparse.Namespace) -> int:
     from pagoda.config import EngineArgs
     engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
 
-    from pagoda.engine.async_engine import AsyncLLMEngine
+    from pagoda.engine.embedding_engine import is_embedding_model
 
     from .server import build_app
 
-    engine = AsyncLLMEngine.from_engine_args(engine_args)
+    if is_embedding_model(engine_args):  # an encoder (BERT): /v1/embeddings, no KV cache
+        from pagoda.engine.async_embedding_engine import AsyncEmbeddingEngine
+        engine = AsyncEmbeddingEngine.from_engine_args(engine_args)
+    else:
+        from pagoda.engine.async_engine import AsyncLLMEngine
+        engine = AsyncLLMEngine.from_engine_args(engine_args)
     app = build_app(engine, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_log_requests,

@@ -140,6 +140,20 @@ class DetokenizeRequest(OpenAIModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(OpenAIModel):
+    model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
+    input: PromptType = Field(..., description="A string, a list of strings, a list of token ids, "
+                              "or a list of token-id lists; one embedding per item.")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
+    dimensions: Optional[int] = Field(None, description="Only the model's own embedding size is "
+                                      "accepted (no truncated, Matryoshka-style vectors).")
+    user: Optional[str] = None
+    # vLLM extra
+    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens "
+                                     "([CLS] ... [SEP] for BERT) to text inputs.")
+
+
 # ------------------------------------------------------------------------------------- responses
 
 class PromptTokensDetails(ResponseModel):
@@ -245,6 +259,26 @@ class CompletionResponse(ResponseModel):
     choices: list[CompletionChoice]
     usage: Optional[UsageInfo] = None
     system_fingerprint: Optional[str] = None
+
+
+class EmbeddingData(ResponseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: Union[list[float], str]
+
+
+class EmbeddingUsage(ResponseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(ResponseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
 
 
 class ModelCard(ResponseModel):

@@ -23,12 +23,13 @@ from .errors import OpenAIError, error_response, from_exception
 from .middleware import (AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
                          RequestContextMiddleware, ServerState)
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, ErrorResponse,
-                       ModelCard, ModelList, TokenizeChatRequest, TokenizeCompletionRequest,
-                       TokenizeResponse, VersionResponse)
+                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, EmbeddingRequest,
+                       EmbeddingResponse, ErrorResponse, ModelCard, ModelList, TokenizeChatRequest,
+                       TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
 from .serving_base import OpenAIServing
 from .serving_chat import ServingChat
 from .serving_completion import ServingCompletion
+from .serving_embedding import ServingEmbedding
 from .serving_models import ServingModels
 from .serving_tokenize import ServingTokenize
 from .streams import ClientDisconnected
@@ -83,17 +84,30 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState) -> None:
     chat, completion = ServingChat(serving), ServingCompletion(serving)
     models, tokenize = ServingModels(serving), ServingTokenize(serving)
+    embedding = ServingEmbedding(serving)
     engine = serving.engine
+
+    def require_generative(model: str | None) -> None:
+        serving.check_model(model)
+        if embedding.engine is not None:
+            raise OpenAIError(f"The model `{serving.model_name}` is an embedding model: this model "
+                              "serves /v1/embeddings only.", param="model", code="unsupported")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["OpenAI"],
               responses={200: {"content": _STREAM}, **_ERRORS})
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request):
+        require_generative(request.model)
         return await chat.create(request, raw)
 
     @app.post("/v1/completions", response_model=CompletionResponse, tags=["OpenAI"],
               responses={200: {"content": _STREAM}, **_ERRORS})
     async def create_completion(request: CompletionRequest, raw: Request):
+        require_generative(request.model)
         return await completion.create(request, raw)
+
+    @app.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["OpenAI"], responses=_ERRORS)
+    async def create_embedding(request: EmbeddingRequest, raw: Request):
+        return await embedding.create(request, raw)
 
     @app.get("/v1/models", response_model=ModelList, tags=["OpenAI"], responses=_ERRORS)
     async def list_models():
