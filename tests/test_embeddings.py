@@ -320,6 +320,8 @@ def test_errors(server, http, hf):
         r = http.post(path, json=body)
         assert r.status_code == 400
         assert "serves /v1/embeddings only" in r.json()["error"]["message"]
+    r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
     # API key: through the server's middleware like every other route
     r = httpx.post(server.url + "/v1/embeddings", json={"input": "x"}, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
