@@ -84,6 +84,7 @@ def test_explicit_default_value_on_cli_still_beats_config(tmp_path):
     (["--ssl-keyfile", "/no/such.key"], "--ssl-keyfile"),
     (["--chat-template", "no-such-template"], "--chat-template"),
     (["--max-request-body-size", "0"], "--max-request-body-size"),
+    (["--enable-auto-tool-choice"], "--tool-call-parser"),
 ])
 def test_bad_server_flags_name_the_flag(argv, flag):
     with pytest.raises(ValueError, match=flag):

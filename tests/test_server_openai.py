@@ -546,3 +546,12 @@ async def test_load_200_requests_32_concurrent(server, aclient):
     assert not errors, errors[:3]
     assert len(results) == 200
     assert all(r == ("length", max_tokens, True) for r in results), [r for r in results if r[0] != "length"][:3]
+
+
+def test_tool_choice_auto_needs_the_server_flags(http):
+    r = http.post("/v1/chat/completions", json={
+        "messages": CHAT, "max_tokens": 4, "tool_choice": "auto",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "tool_choice"
+    assert "--enable-auto-tool-choice" in r.json()["error"]["message"]

@@ -55,6 +55,10 @@ SERVER_FLAGS: list[Flag] = [
          group="Server", boolean=True),
     Flag("chat-template", str, None, "Chat template replacing the model's: a Jinja file or an "
          "inline template.", group="Chat"),
+    Flag("enable-auto-tool-choice", None, False, "Parse tool calls out of chat outputs (requests "
+         "with `tools`; tool_choice auto) with --tool-call-parser.", group="Chat", boolean=True),
+    Flag("tool-call-parser", str, None, "Format of the model's tool calls: hermes (Qwen2.5, Qwen3, "
+         "Hermes).", group="Chat", choices=("hermes",)),
     Flag("disable-log-requests", None, False, "Do not log each request (nor uvicorn's access log).",
          group="Logging", boolean=True),
     Flag("disable-log-stats", None, False, "Do not log the periodic throughput / KV-cache line.",
@@ -173,6 +177,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError(f"--{flag.replace('_', '-')}: no such file: {path}")
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key: must not be empty")
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
     args.chat_template = _load_chat_template(args.chat_template)
     return args
 

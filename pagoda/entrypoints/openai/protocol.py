@@ -94,7 +94,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="Passed to the chat template.")
+    tools: Optional[list[dict[str, Any]]] = Field(None, description="Passed to the chat template; "
+                                                  "calls are parsed with --enable-auto-tool-choice.")
+    tool_choice: Optional[Union[str, dict[str, Any]]] = Field(
+        None, description="none or auto (named / required need guided decoding: 400).")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: Optional[str] = None
@@ -212,6 +215,7 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):

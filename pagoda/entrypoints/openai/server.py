@@ -155,7 +155,10 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     metrics = ServerMetrics(engine, served[0], engine.model_config.max_model_len)
     engine.add_step_listener(metrics.on_engine_step)
     serving = OpenAIServing(engine, metrics, chat_template=args.chat_template,
-                            log_requests=not args.disable_log_requests)
+                            log_requests=not args.disable_log_requests,
+                            tool_call_parser=(getattr(args, "tool_call_parser", None)
+                                              if getattr(args, "enable_auto_tool_choice", False)
+                                              else None))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):

@@ -28,6 +28,7 @@ from .errors import OpenAIError, model_not_found
 from .logprobs import TokenText
 from .protocol import LOGIT_BIAS_RANGE, ChatMessage, SamplingFields
 from .streams import unless_disconnected
+from .tool_parsers import get_tool_parser
 
 logger = logging.getLogger("pagoda.server")
 
@@ -72,8 +73,10 @@ def _message_dict(m: ChatMessage, index: int) -> dict:
 
 class OpenAIServing:
     def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
-                 log_requests: bool = True):
+                 log_requests: bool = True, tool_call_parser: Optional[str] = None):
         self.engine = engine
+        # set by --enable-auto-tool-choice --tool-call-parser NAME
+        self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
         self.tokenizer = engine.tokenizer
         mc = engine.model_config
         self.served_model_names: list[str] = list(mc.served_model_names)
