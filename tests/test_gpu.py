@@ -85,3 +85,26 @@ def test_triton_bf16_logprobs_close_to_torch(model_dir_bf16):
         if a != b:
             lp = r.outputs[0].logprobs[0]
             assert b in lp and lp[a].logprob - lp[b].logprob <= 2e-2
+
+
+def test_overlapped_steps_equal_step_by_step(model_dir):
+    """On CUDA the engine reads sampled ids back one step late (CUDA graphs, Triton): the same
+    tokens, finish reasons and stop reasons as the step-by-step path, with requests ending at
+    different steps by length and by stop token."""
+    from pagoda import LLM, SamplingParams
+    ps = prompts()
+    base = run(model_dir, "cuda", "triton", eager=False)
+    params = [SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[o.outputs[0].token_ids[3 + i % 9]])
+              if i % 2 else SamplingParams(temperature=0, max_tokens=4 + i, ignore_eos=True)
+              for i, o in enumerate(base)]
+    got = {}
+    for overlap in (False, True):
+        llm = LLM(model_dir, device="cuda", attention_backend="triton", dtype="float32", skip_tokenizer_init=True,
+                  max_model_len=1024, num_gpu_blocks_override=400)
+        assert llm.engine.overlap  # the CUDA default
+        llm.engine.overlap = overlap
+        outs = llm.generate(ps, params, use_tqdm=False)
+        got[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs]
+        assert llm.engine.step_timing.get("decode-graph", [0])[0] > 0
+    assert got[True] == got[False]
+    assert {f for _, f, _ in got[True]} == {"length", "stop"}

@@ -79,6 +79,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
+        # a block whose tokens are still in flight on the device is hashed by a later call
+        num_tokens = min(num_tokens, seq.num_tokens - seq.num_pending)
         for i in range(len(seq.block_hashes), num_tokens // bs):
             toks = tuple(seq.token_ids[i * bs:(i + 1) * bs])
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, toks)

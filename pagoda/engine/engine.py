@@ -16,7 +16,7 @@ import torch
 from pagoda.config import EngineArgs
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
-from pagoda.engine.request import Request, Sequence, SequenceStatus
+from pagoda.engine.request import PENDING, Request, Sequence, SequenceStatus
 from pagoda.engine.scheduler import Scheduler
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -60,6 +60,15 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float
     step_time_s: float
+
+
+@dataclass
+class _Launched:
+    """A step queued on the device whose sampled ids the engine has not read back yet."""
+    pending: object         # model_runner.PendingStep
+    seqs: list[Sequence]    # every sequence the step computed tokens for
+    indices: list[int]      # where each sampling sequence's PENDING token sits in its token_ids
+    graph: bool             # replayed a CUDA graph
 
 
 def _pick_device(arg: str) -> torch.device:
@@ -136,7 +145,11 @@ class LLMEngine:
 
         # -- scheduler limits ---------------------------------------------------------------------
         on_cuda = self.device.type == "cuda"
-        self.max_num_seqs = args.max_num_seqs or (256 if on_cuda else 64)
+        default_seqs = 64
+        if on_cuda:  # big cards batch more, as vLLM does on 70+ GiB (CUDA graphs stop at 512)
+            mem = torch.cuda.get_device_properties(self.device).total_memory
+            default_seqs = 512 if mem >= 70 * 2**30 else 256
+        self.max_num_seqs = args.max_num_seqs or default_seqs
         self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_cuda else 2048)
 
         self.runner = ModelRunner(model, hf_config, self.device, self.dtype, args.block_size, args.seed)
@@ -163,6 +176,10 @@ class LLMEngine:
         # step kind -> [steps, seconds]; "decode-graph" steps replay a CUDA graph, "eager" don't
         self.step_timing: dict[str, list] = {}
         self.last_step_stats: Optional[StepStats] = None
+        # read sampled ids back one step late so host work overlaps the GPU (see step()); on the
+        # CPU the model runs on the host anyway, so there is nothing to overlap
+        self.overlap = on_cuda
+        self._inflight = None  # the launched step not yet resolved (model_runner.PendingStep)
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks x %d tokens = %d tokens, "
                     "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", time.time() - t0,
                     src.name, self.device, self.model_config.dtype, num_blocks, args.block_size,
@@ -305,6 +322,7 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
+                seq.drop_pending()  # tokens still in flight are dropped with the request
                 seq.finish_reason = "abort"
         req.metrics.finished_time = time.time()
         return self._make_output(req)
@@ -317,58 +335,124 @@ class LLMEngine:
 
     # -- the step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch one step, then resolve the step launched before it.
+
+        With `overlap` (on CUDA) a step's sampled ids are read back one call later: the host
+        schedules and prepares step N+1 while the GPU still runs step N, and step N+1 takes the
+        ids it needs from step N's device tensor. Until resolved, such a token is a PENDING
+        placeholder at the end of its sequence; a sequence that finishes at step N drops the
+        token step N+1 computed for it, so outputs equal the step-by-step path's. Batches whose
+        sampling reads the token history (penalties) or returns logprobs run step by step."""
         t0 = time.time()
         sched = self.scheduler.schedule()
-        if not sched:
+        prev, self._inflight = self._inflight, None
+        if not sched and prev is None:
             return []
+        outputs: list[RequestOutput] = []
+        n_gen = 0
+        sync = not self.overlap or not all(s.overlappable and not s.needs_prompt_logprobs
+                                           for s in sched.num_tokens)
+        if prev is not None and (sync or not sched):  # this step must see real tokens
+            outputs, n_gen = self._resolve(prev)
+            prev = None
+            for seq in [s for s in sched.num_tokens if s.is_finished]:
+                del sched.num_tokens[seq]  # finished by what was just resolved; blocks are freed
+        launched = None
+        n_prompt = 0
+        if sched:
+            launched, n_prompt = self._launch(sched)
+        if prev is not None:
+            outs, n = self._resolve(prev)
+            outputs += outs
+            n_gen += n
+        if launched is not None:
+            if sync:
+                outs, n = self._resolve(launched)
+                outputs += outs
+                n_gen += n
+            else:
+                self._inflight = launched
+        self.generation_tokens_total += n_gen
+        self._record_step(n_prompt, n_gen, t0, launched is not None and launched.graph)
+        return outputs
+
+    def _launch(self, sched) -> tuple["_Launched", int]:
         now = time.time()
-        n_prompt = n_gen = 0
+        n_prompt = 0
         for seq, n in sched.num_tokens.items():
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = now
+            m = seq.request.metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
             if seq.num_computed_tokens < seq.prompt_len:
                 n_prompt += min(n, seq.prompt_len - seq.num_computed_tokens)
-            n_gen += max(0, n - max(0, seq.prompt_len - seq.num_computed_tokens))
         try:
-            result = self.runner.execute(sched)
+            pending = self.runner.launch(sched)
         except Exception:
             # blocks hashed this step may hold garbage now: forget them before anyone reuses them
             self.block_manager.reset_prefix_cache()
             raise
-        touched: dict[str, Request] = {}
-        now = time.time()
         for seq, n in sched.num_tokens.items():
             seq.num_computed_tokens += n
-            req = seq.request
-            touched[req.request_id] = req
-            if seq in result.prompt_logprobs:
-                self._add_prompt_logprobs(req, result.prompt_logprobs[seq])
-            if seq not in result.sampled:
+        indices = []
+        for seq in pending.seqs:  # placeholders until resolved
+            indices.append(len(seq.token_ids))
+            seq.token_ids.append(PENDING)
+            seq.num_pending += 1
+        return _Launched(pending, list(sched.num_tokens), indices, self.runner.last_step_graph), n_prompt
+
+    def _resolve(self, launched: "_Launched") -> tuple[list[RequestOutput], int]:
+        """Read back a launched step's sampled ids (waits for that step only) and do its
+        bookkeeping: tokens, stop checks, finishing, outputs. Returns (outputs, new tokens)."""
+        try:
+            result = launched.pending.result()
+        except Exception:
+            self.block_manager.reset_prefix_cache()
+            raise
+        now = time.time()
+        if result.prompt_logprobs:
+            for seq, rows in result.prompt_logprobs.items():
+                if not seq.is_finished:
+                    self._add_prompt_logprobs(seq.request, rows)
+        new_tokens = 0
+        max_len = self.model_config.max_model_len
+        FINISHED = SequenceStatus.FINISHED
+        done: list[Request] = []
+        for seq, idx, tok in zip(launched.pending.seqs, launched.indices, result.sampled):
+            if seq.status is FINISHED:  # finished (or aborted) before this token: never existed
                 continue
-            tok = result.sampled[seq]
-            seq.token_ids.append(tok)
-            n_gen_seq = seq.num_output_tokens
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
+            seq.token_ids[idx] = tok
+            seq.num_pending -= 1
+            new_tokens += 1
+            m = seq.request.metrics
+            if m.first_token_time is None:
+                m.first_token_time = now
+            m.last_token_time = now
             if seq in result.logprobs:
-                self._add_logprobs(seq, result.logprobs[seq])
-            self._check_stop(seq, tok, n_gen_seq)
-            if seq.is_finished:
+                self._add_logprobs(seq, tok, result.logprobs[seq])
+            self._check_stop(seq, tok, idx + 1 - seq.prompt_len, idx + 1, max_len)
+            if seq.status is FINISHED:
+                seq.drop_pending()
                 self.scheduler.finish(seq)
+                done.append(seq.request)
         outputs = []
-        for req in touched.values():
+        # streaming reports every request the step touched; offline runs only finished ones
+        reqs = {s.request.request_id: s.request for s in launched.seqs} if self.stream_outputs \
+            else {r.request_id: r for r in done}
+        for rid, req in reqs.items():
+            if self.requests.get(rid) is not req:
+                continue  # aborted meanwhile: its abort output was the last
             if req.finished:
                 req.metrics.finished_time = now
-                self.requests.pop(req.request_id, None)
+                del self.requests[rid]
                 outputs.append(self._make_output(req))
             elif self.stream_outputs:
                 outputs.append(self._make_output(req))
-        new_tokens = sum(1 for _ in result.sampled)
-        self.generation_tokens_total += new_tokens
-        st = StepStats(n_prompt, new_tokens, len(self.scheduler.running), len(self.scheduler.waiting),
+        return outputs, new_tokens
+
+    def _record_step(self, n_prompt: int, n_gen: int, t0: float, graph: bool) -> None:
+        st = StepStats(n_prompt, n_gen, len(self.scheduler.running), len(self.scheduler.waiting),
                        self.block_manager.usage(), time.time() - t0)
-        rec = self.step_timing.setdefault("decode-graph" if self.runner.last_step_graph else "eager", [0, 0.0])
+        rec = self.step_timing.setdefault("decode-graph" if graph else "eager", [0, 0.0])
         rec[0] += 1
         rec[1] += st.step_time_s
         self.last_step_stats = st
@@ -377,9 +461,9 @@ class LLMEngine:
                 fn(st)
             except Exception:  # a broken listener must not stop the engine
                 logger.exception("step listener failed")
-        return outputs
 
-    def _check_stop(self, seq: Sequence, tok: int, n_out: int) -> None:
+    def _check_stop(self, seq: Sequence, tok: int, n_out: int, num_tokens: int, max_len: int) -> None:
+        """n_out / num_tokens: counts up to and including tok (tokens after it may be in flight)."""
         p = seq.params
         min_ok = n_out >= p.min_tokens
         if seq.detok is not None:
@@ -392,7 +476,7 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", None
         elif min_ok and tok in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", tok
-        elif n_out >= p.max_tokens or seq.num_tokens >= self.model_config.max_model_len:
+        elif n_out >= p.max_tokens or num_tokens >= max_len:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:
             seq.status = SequenceStatus.FINISHED
@@ -400,9 +484,8 @@ class LLMEngine:
     def _decoded(self, tid: int) -> Optional[str]:
         return decode_token(self._detok_tokenizer, tid) if self._detok_tokenizer is not None else None
 
-    def _add_logprobs(self, seq: Sequence, row) -> None:
+    def _add_logprobs(self, seq: Sequence, chosen: int, row) -> None:
         lp, rank, top = row
-        chosen = seq.token_ids[-1]
         d = {tid: Logprob(v, r + 1, self._decoded(tid)) for r, (tid, v) in enumerate(top)}
         d[chosen] = Logprob(lp, rank, self._decoded(chosen))
         # chosen token first, then alternatives by rank (dicts keep insertion order)
@@ -432,7 +515,7 @@ class LLMEngine:
             else:
                 text_out = ""
                 deltas_text[i] = ""
-            toks = seq.output_token_ids
+            toks = seq.token_ids[seq.prompt_len:len(seq.token_ids) - seq.num_pending]  # resolved only
             deltas_tok[i] = toks[req.sent_tokens[i]:]
             req.sent_tokens[i] = len(toks)
             if seq.logprobs is not None:
@@ -443,7 +526,7 @@ class LLMEngine:
                                          list(seq.logprobs) if seq.logprobs is not None else None,
                                          seq.finish_reason, seq.stop_reason))
         m = req.metrics
-        m.num_generation_tokens = sum(s.num_output_tokens for s in req.seqs)
+        m.num_generation_tokens = sum(s.num_output_tokens - s.num_pending for s in req.seqs)
         m.num_preemptions = sum(s.num_preemptions for s in req.seqs)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished,
                              req.prompt_logprobs, m, m.num_cached_tokens, deltas_text, deltas_tok,

@@ -12,6 +12,9 @@ from pagoda.outputs import Logprob, RequestMetrics, SampleLogprobs
 from pagoda.sampling_params import SamplingParams
 
 
+PENDING = -1  # placeholder token id: sampled on the device, not read back yet
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -42,6 +45,18 @@ class Sequence:
             self.generator = torch.Generator().manual_seed(seed)
         self.detok = None  # set by the engine (engine.detokenizer.IncrementalDetokenizer)
         self.num_preemptions = 0
+        # Overlapped steps: a token sampled on the device but not yet read back sits at the end of
+        # token_ids as PENDING until the engine resolves it one step later; sample_row is its row
+        # in that step's sampled-ids tensor, which the next step reads its input id from.
+        self.num_pending = 0
+        self.needs_prompt_logprobs = request.params.prompt_logprobs is not None and index == 0
+        self.sample_row = -1
+        # sampling that needs no token history and no host readback of logprobs: such a batch can
+        # be sampled on the device while the host goes on (see LLMEngine.step)
+        self.overlappable = (params.logprobs is None and params.repetition_penalty == 1.0
+                             and not params.presence_penalty and not params.frequency_penalty)
+        self.plain_greedy = (self.overlappable and params.greedy and not params.logit_bias
+                             and not params.min_tokens)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -55,13 +70,16 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    def drop_pending(self) -> None:
+        """Forget tokens still in flight (the sequence finished or was aborted before them)."""
+        if self.num_pending:
+            del self.token_ids[len(self.token_ids) - self.num_pending:]
+            self.num_pending = 0
+
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    @property
-    def needs_prompt_logprobs(self) -> bool:
-        return self.request.params.prompt_logprobs is not None and self.index == 0
 
     def __repr__(self):
         return f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, computed={self.num_computed_tokens})"

@@ -62,7 +62,11 @@ class Scheduler:
         bsz = self.bm.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = len(seq.token_ids)
+            if seq.num_pending and num_tokens - seq.prompt_len >= seq.params.max_tokens:
+                i += 1  # its last token is in flight: it finishes when that is resolved
+                continue
+            n = min(num_tokens - seq.num_computed_tokens, budget)
             end = seq.num_computed_tokens + n
             if n == 1 and end <= len(seq.block_ids) * bsz and end % bsz:
                 # common decode step: the token fits in the last block, which is not yet full

@@ -17,8 +17,17 @@ from pagoda.engine.request import Sequence
 
 @dataclass
 class SampleResult:
-    token_ids: list[int]                       # one per sampled row
+    token_ids: torch.Tensor                    # int64 [rows], on the logits' device
     logprobs: Optional[list[Optional[tuple[float, int, list[tuple[int, float]]]]]]  # (lp, rank, top-k)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without a stream sync (a plain torch.tensor(..., device=cuda)
+    copies from pageable memory and waits for the GPU, which would stall an overlapped step)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -38,15 +47,19 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 def _filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                              min_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to -inf) everything outside each row's top-k, nucleus top-p and min-p sets."""
+                              min_p: torch.Tensor, need: Optional[tuple[bool, bool, bool]] = None
+                              ) -> torch.Tensor:
+    """Mask (to -inf) everything outside each row's top-k, nucleus top-p and min-p sets.
+    `need` = (any min-p, any top-k, any top-p) when the caller knows it on the host: deciding from
+    the device tensors costs a stream sync."""
     V = logits.shape[1]
-    if bool((min_p > 0).any()):
+    if need is None:
+        need = (bool((min_p > 0).any()), bool(((top_k > 0) & (top_k < V)).any()), bool((top_p < 1).any()))
+    need_min_p, need_k, need_p = need
+    if need_min_p:
         probs = torch.softmax(logits, dim=-1)
         thresh = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         logits = logits.masked_fill(probs < thresh, float("-inf"))
-    need_k = bool(((top_k > 0) & (top_k < V)).any())
-    need_p = bool((top_p < 1).any())
     if not (need_k or need_p):
         return logits
     sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
@@ -71,42 +84,48 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
-        if all(s.params.greedy and s.params.logprobs is None and not s.params.logit_bias
-               and not s.params.min_tokens and s.params.repetition_penalty == 1.0
-               and not s.params.presence_penalty and not s.params.frequency_penalty for s in seqs):
-            return SampleResult(logits.argmax(dim=-1).tolist(), None)  # the common greedy batch
+        """Sampled ids stay on the device (no sync) unless a row asks for logprobs."""
+        if all(s.plain_greedy for s in seqs):
+            return SampleResult(logits.argmax(dim=-1), None)  # the common greedy batch
         logits = logits.float()
         dev = logits.device
+        V = logits.shape[1]
         max_lp = max((s.params.logprobs or 0) if s.params.logprobs is not None else -1 for s in seqs)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if max_lp >= 0 else None
 
         if any(s.params.logit_bias for s in seqs):
-            logits = logits.clone()
+            rows, cols, vals = [], [], []
             for i, s in enumerate(seqs):
                 for tid, bias in (s.params.logit_bias or {}).items():
-                    if 0 <= tid < logits.shape[1]:
-                        logits[i, tid] += bias
+                    if 0 <= tid < V:
+                        rows.append(i), cols.append(tid), vals.append(bias)
+            if rows:
+                logits = logits.index_put((to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)),
+                                          to_device(vals, torch.float32, dev), accumulate=True)
         # min_tokens: no stop/EOS token before the minimum length
+        rows, cols = [], []
         for i, s in enumerate(seqs):
             p = s.params
             if p.min_tokens and s.num_output_tokens < p.min_tokens:
                 stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
-                stops = [t for t in stops if 0 <= t < logits.shape[1]]
-                if stops:
-                    logits[i, stops] = float("-inf")
-        if any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
-               for s in seqs):
+                for t in stops:
+                    if 0 <= t < V:
+                        rows.append(i), cols.append(t)
+        if rows:
+            logits[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = float("-inf")
+        if not all(s.overlappable for s in seqs):  # penalties read the token history
             _apply_penalties(logits, seqs)
 
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=dev)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            temp = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs],
-                                device=dev).unsqueeze(1)
-            top_k = torch.tensor([s.params.top_k for s in seqs], device=dev)
-            top_p = torch.tensor([s.params.top_p for s in seqs], device=dev)
-            min_p = torch.tensor([s.params.min_p for s in seqs], device=dev)
-            scaled = _filter_top_k_top_p_min_p(logits / temp, top_k, top_p, min_p)
+        greedy_host = [s.params.greedy for s in seqs]
+        if not all(greedy_host):
+            ps = [s.params for s in seqs]
+            temp = to_device([1.0 if p.greedy else p.temperature for p in ps], torch.float32, dev).unsqueeze(1)
+            top_k = to_device([p.top_k for p in ps], torch.long, dev)
+            top_p = to_device([p.top_p for p in ps], torch.float32, dev)
+            min_p = to_device([p.min_p for p in ps], torch.float32, dev)
+            need = (any(p.min_p > 0 for p in ps), any(0 < p.top_k < V for p in ps), any(p.top_p < 1 for p in ps))
+            scaled = _filter_top_k_top_p_min_p(logits / temp, top_k, top_p, min_p, need)
             probs = torch.softmax(scaled, dim=-1)
             # Gumbel-style race: argmax(p / E), E ~ Exp(1), is a draw from p. Seeded requests draw E
             # from their own generator, so their samples don't depend on batch neighbours.
@@ -116,10 +135,9 @@ class Sampler:
                 noise.exponential_(generator=self.generator)
             for i in seeded:
                 e = torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator)
-                noise[i] = e.to(dev)
+                noise[i] = e.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else e
             sampled = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(greedy, tokens, sampled)
-        token_list = tokens.tolist()
+            tokens = torch.where(to_device(greedy_host, torch.bool, dev), tokens, sampled)
 
         lps = None
         if raw_logprobs is not None:
@@ -136,7 +154,7 @@ class Sampler:
                     lps.append(None)
                 else:
                     lps.append((chosen[i], ranks[i], list(zip(top_ids[i][:n], top_vals[i][:n]))))
-        return SampleResult(token_list, lps)
+        return SampleResult(tokens, lps)
 
 
 def prompt_logprobs_rows(logits: torch.Tensor, next_ids: list[int], k: int):

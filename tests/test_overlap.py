@@ -1,0 +1,131 @@
+"""Overlapped steps (the engine reads each step's sampled ids back one step late, as it does on
+CUDA) must give exactly the outputs of the step-by-step path: finishing by length, stop tokens and
+stop strings at different steps, preemption, chunked prefill, prefix-cache hits, aborts, seeded
+sampling, and batches that fall back to step-by-step (logprobs, penalties) mixed in. The logic is
+device-independent, so it is tested on the CPU by switching `engine.overlap` on."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import random_prompts
+from pagoda import LLM, SamplingParams
+from pagoda.engine.request import PENDING
+
+
+def make(model_dir, overlap, **kw):
+    llm = LLM(model_dir, max_model_len=256, **kw)
+    llm.engine.overlap = overlap
+    return llm
+
+
+def run(model_dir, prompts, params, **kw):
+    """(outputs without overlap, outputs with overlap, the overlapped engine)."""
+    ref = make(model_dir, False, **kw).generate(prompts, params, use_tqdm=False)
+    llm = make(model_dir, True, **kw)
+    got = llm.generate(prompts, params, use_tqdm=False)
+    return ref, got, llm.engine
+
+
+def summary(outs):
+    return [[(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in r.outputs] for r in outs]
+
+
+def assert_idle(eng):
+    eng.step()  # resolves a step still in flight, if any
+    assert eng._inflight is None
+    assert not eng.scheduler.running and not eng.scheduler.waiting
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(10, 5, 70, 49152, seed=11)
+
+
+def test_lengths_and_stops_finish_at_the_same_token(tiny_llama_dir, prompts):
+    base = make(tiny_llama_dir, False).generate(prompts, SamplingParams(temperature=0, max_tokens=24,
+                                                                        ignore_eos=True), use_tqdm=False)
+    params = []
+    for i, r in enumerate(base):  # each request ends differently, at a different step
+        toks, text = r.outputs[0].token_ids, r.outputs[0].text
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0, max_tokens=3 + i, ignore_eos=True))
+        elif i % 3 == 1:
+            params.append(SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[toks[2 + i]]))
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=24, stop=[text[len(text) // 2:][:3]]))
+    ref, got, eng = run(tiny_llama_dir, prompts, params)
+    assert summary(got) == summary(ref)
+    assert {o.outputs[0].finish_reason for o in got} == {"length", "stop"}
+    assert all(PENDING not in o.outputs[0].token_ids for o in got)
+    assert eng.step_timing  # steps ran
+    assert_idle(eng)
+
+
+def test_preemption_chunked_prefill_and_prefix_hits(tiny_llama_dir, prompts):
+    shared = prompts[0] * 3
+    ps = prompts + [shared + [5, 6, 7], shared + [8, 9]]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    # 16 blocks of 16 tokens for ~12 requests of up to ~230 tokens: preemption; budget 40: chunks
+    ref, got, eng = run(tiny_llama_dir, ps, params, num_gpu_blocks_override=16,
+                        max_num_batched_tokens=40)
+    assert summary(got) == summary(ref)
+    assert eng.scheduler.num_preemptions > 0
+    assert eng.block_manager.hits > 0
+    assert_idle(eng)
+
+
+def test_sync_batches_mixed_in_and_seeded_sampling(tiny_llama_dir, prompts):
+    params = []
+    for i in range(len(prompts)):
+        if i % 4 == 0:
+            params.append(SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2))
+        elif i % 4 == 1:
+            params.append(SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=12 + i,
+                                         ignore_eos=True))
+        elif i % 4 == 2:
+            params.append(SamplingParams(temperature=0, max_tokens=14, ignore_eos=True,
+                                         repetition_penalty=1.3))
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    # first alone: plain greedy and seeded requests overlap; then everything together
+    ref, got, _ = run(tiny_llama_dir, prompts[1::2], params[1::2])
+    assert summary(got) == summary(ref)
+    ref, got, eng = run(tiny_llama_dir, prompts, params)
+    assert summary(got) == summary(ref)
+    lp_ref = [[{k: round(v.logprob, 4) for k, v in d.items()} for d in r.outputs[0].logprobs]
+              for r in ref[::4]]
+    lp_got = [[{k: round(v.logprob, 4) for k, v in d.items()} for d in r.outputs[0].logprobs]
+              for r in got[::4]]
+    assert lp_got == lp_ref
+    assert_idle(eng)
+
+
+def test_abort_while_a_step_is_in_flight_and_streamed_deltas(tiny_llama_dir, prompts):
+    ref = make(tiny_llama_dir, False).generate(prompts[:4], SamplingParams(temperature=0, max_tokens=16,
+                                                                           ignore_eos=True), use_tqdm=False)
+    eng = make(tiny_llama_dir, True).engine
+    eng.stream_outputs = True
+    for i, p in enumerate(prompts[:4]):
+        eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    streamed = {str(i): [] for i in range(4)}
+    aborted = None
+    steps = 0
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            streamed[out.request_id] += out.delta_token_ids[0]
+            assert PENDING not in out.outputs[0].token_ids
+        steps += 1
+        if steps == 6:
+            assert eng._inflight is not None  # the abort lands while a step is launched
+            aborted = eng.abort_request("1")
+            streamed["1"] += aborted.delta_token_ids[0]
+        assert steps < 100
+    assert aborted.finished and aborted.outputs[0].finish_reason == "abort"
+    toks = aborted.outputs[0].token_ids
+    assert PENDING not in toks and 0 < len(toks) < 16
+    assert toks == ref[1].outputs[0].token_ids[:len(toks)]
+    for i in (0, 2, 3):
+        assert streamed[str(i)] == ref[i].outputs[0].token_ids
+    assert streamed["1"] == toks
+    assert_idle(eng)
