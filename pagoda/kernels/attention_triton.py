@@ -107,7 +107,9 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_h
     return m_new, l_i, acc
 
 
-@triton.jit
+# num_reqs and the block-table stride change from step to step; specializing on them (value 1,
+# multiple of 16) would compile new variants in the middle of a run, costing seconds each
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
 def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                        qsl_ptr, part_out_ptr, part_lse_ptr,
                        num_reqs, qk_scale,
