@@ -101,7 +101,7 @@ def main() -> int:
         with ServerProcess(cmd, url, log.name, env=env):
             p = result["pagoda_server"] = asyncio.run(bench_server(url, "SmolLM2-135M-Instruct", prompts))
     print("| | single request tok/s | 8 concurrent aggregate tok/s |\n|---|---|---|")
-    print(f"| pagoda serve (GGUF Q4_1 dequantized to fp32) | {p['single_tok_s']:.1f} | "
+    print(f"| pagoda serve (GGUF Q4_1 as 8-bit groups, default) | {p['single_tok_s']:.1f} | "
           f"{p['concurrent8_tok_s']:.1f} |", flush=True)
     if not args.skip_hf:
         h = result["hf_transformers_fp32"] = bench_hf(gguf, prompts, args.threads)
