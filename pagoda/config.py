@@ -131,7 +131,8 @@ ENGINE_FLAGS: list[Flag] = [
     Flag("enable-prefix-caching", None, True, "Reuse KV blocks of shared prompt prefixes.",
          group="KV cache", boolean=True),
     # Scheduler
-    Flag("max-num-seqs", int, None, "Most requests in one batch (default 256 on GPU, 64 on CPU).",
+    Flag("max-num-seqs", int, None, "Most requests in one batch (default 512 on a GPU with 70+ GiB, "
+         "256 on smaller GPUs, 64 on CPU).",
          group="Scheduler", aliases=("max-batch-size",)),
     Flag("max-num-batched-tokens", int, None, "Token budget of one step; longer prompts are "
          "prefilled in chunks (default 8192 on GPU, 2048 on CPU).", group="Scheduler",
