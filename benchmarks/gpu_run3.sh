@@ -4,10 +4,10 @@
 # HF generate in the same process.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-cp .gguf_parts/part_aa /tmp/gguf_a
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+source benchmarks/gpu_common.sh
+stash_first_half_and_wheels
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | grep -E "Error|assert|passed|failed" | tail -12
+gpu_tests
 python3 -m pagoda.entrypoints.cli bench throughput --model-shape llama3-8b --backend pagoda,hf --num-prompts 512 \
   --input-len-range 128 1024 --output-len 256 --seed 0 --hf-batch-size 64 --max-model-len 2048 --disable-tqdm \
   --output-json "$OUT/w1_llama3-8b.json" 2>&1 | grep -v Warning | tail -5

@@ -3,7 +3,8 @@
 # `pagoda serve` with the openai SDK, then W1 on the Qwen3-0.6B shape, pagoda vs HF generate.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-cat /tmp/gguf_a .gguf_parts/part_ab > /tmp/smollm2.gguf
+source benchmarks/gpu_common.sh
+join_bundled_gguf
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PAGODA_CACHE_DIR=/tmp/pagoda-cache
 timeout 300 python3 benchmarks/gpu_serve_check.py /tmp/smollm2.gguf 2>&1 | grep -v Warning | tail -12
 python3 -m pagoda.entrypoints.cli bench throughput --model-shape qwen3-0.6b --backend pagoda,hf --num-prompts 512 \

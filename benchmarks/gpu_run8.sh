@@ -4,10 +4,10 @@
 # both shapes (pagoda vs HF in one process each), re-measured with overlapped steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-cp .gguf_parts/part_aa /tmp/gguf_a
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+source benchmarks/gpu_common.sh
+stash_first_half_and_wheels
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-python3 -m pytest -q tests/test_gpu.py -p no:cacheprovider 2>&1 | grep -E "Error|assert|passed|failed" | tail -12
+gpu_tests
 for shape in qwen3-0.6b llama3-8b; do
   python3 -m pagoda.entrypoints.cli bench latency --model-shape $shape --backend pagoda,hf --batch-size 1 \
     --input-len 128 --output-len 64 --max-model-len 2048 --disable-tqdm \

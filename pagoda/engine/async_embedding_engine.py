@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from pagoda.config import EngineArgs
-from pagoda.engine.async_engine import AsyncLLMEngine
+from pagoda.engine.async_engine import AsyncLLMEngine, release_openmp_pool
 from pagoda.engine.embedding_engine import EmbeddingEngine
 from pagoda.engine.engine import EngineStats, StepStats
 
@@ -36,6 +36,8 @@ class AsyncEmbeddingEngine:
         self._jobs: "queue.SimpleQueue[Optional[tuple[list[list[int]], Future]]]" = queue.SimpleQueue()
         self._in_flight = 0
         self._dead: Optional[BaseException] = None
+        if engine.device.type == "cpu":  # loaded here, run on the worker: one OpenMP pool only
+            release_openmp_pool()
         self._thread = threading.Thread(target=self._loop, name="pagoda-embedding", daemon=True)
         self._thread.start()
 

@@ -32,7 +32,8 @@ def release_openmp_pool() -> None:
     """Free the calling thread's OpenMP worker pool (OpenMP 5's omp_pause_resource_all).
 
     libgomp keeps one worker pool per thread that ran a parallel region. The model is loaded on
-    the main thread and steps on the engine thread, so two pools stay alive; libgomp then counts
+    the main thread and runs on a worker thread (the engine's, the embedding engine's), so two
+    pools stay alive; libgomp then counts
     more threads than CPUs and stops spinning between parallel regions, and every region waits on
     a futex wake: on 2 cores a decode step ran ~40% slower than on the main thread (see
     BENCHMARKS.md). Without libgomp (or an older one) this does nothing."""

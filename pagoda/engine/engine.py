@@ -215,7 +215,8 @@ class LLMEngine:
 
     def _pick_quantization(self, src) -> str:
         """vLLM runs a GGUF's quantized weights as they are; on the CPU our nearest fast path is
-        int8 (Q4/Q5/Q8 -> int8 groups of 32 loses little: see tests/test_int8.py)."""
+        int8 groups of 32, which hold Q4_0/Q4_1/Q8_0 blocks exactly (tests/test_cpu_kernels.py;
+        tests/test_fidelity.py runs the bundled GGUF this way against transformers)."""
         q = self.args.quantization
         if q is None:
             q = "none"

@@ -4,9 +4,9 @@ separate tensors.
 With --quantization int8 weights are stored as int8 (4x fewer bytes than fp32 per decode step,
 which is what a decode step on the CPU is bound by):
 - on the CPU, 8 bits in groups of 32 along K with a scale and minimum each (exact for a GGUF's
-  Q4_0/Q4_1 blocks) and float32 activations, through our AVX2 kernel (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8 is about as fast but scales
-  activations per tensor, and greedy outputs then diverged from float32 at the first token on most
-  C1 prompts;
+  Q4_0/Q4_1/Q8_0 blocks) and float32 activations, through our AVX2 kernel
+  (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8 is about as fast but scales activations per
+  tensor, and greedy outputs then diverged from float32 at the first token on most C1 prompts;
 - on CUDA, per output channel and weight-only (torch's int8 weight-only kernel).
 """
 from __future__ import annotations

@@ -31,6 +31,13 @@ class StepResult:
     prompt_logprobs: dict[Sequence, list[tuple]]    # seq -> rows for the prompt positions computed
 
 
+def _logprobs_by_seq(seqs: list[Sequence], res: SampleResult) -> dict:
+    """The sampler's logprob rows keyed by sequence (only sequences that asked for them)."""
+    if res.logprobs is None:
+        return {}
+    return {seq: row for seq, row in zip(seqs, res.logprobs) if row is not None}
+
+
 class PendingStep:
     """A launched step: its sampled ids are being copied into pinned host memory behind the GPU
     work; result() waits for that copy only (the step's event), not for later launches."""
@@ -276,10 +283,7 @@ class ModelRunner:
             seqs = list(sched.num_tokens)
             h = self._replay_decode(seqs)
             res = self.sampler(self.model.compute_logits(h), seqs)
-            lps = {}
-            if res.logprobs is not None:
-                lps = {seq: row for seq, row in zip(seqs, res.logprobs) if row is not None}
-            return self._finish_launch(seqs, res.token_ids, lps, {})
+            return self._finish_launch(seqs, res.token_ids, _logprobs_by_seq(seqs, res), {})
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -349,10 +353,8 @@ class ModelRunner:
             taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
             sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
         res: SampleResult = self.sampler(sl, sample_seqs)
-        lps = {}
-        if res.logprobs is not None:
-            lps = {seq: row for seq, row in zip(sample_seqs, res.logprobs) if row is not None}
-        return self._finish_launch(sample_seqs, res.token_ids, lps, prompt_lps)
+        return self._finish_launch(sample_seqs, res.token_ids, _logprobs_by_seq(sample_seqs, res),
+                                   prompt_lps)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
