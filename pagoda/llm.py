@@ -83,7 +83,12 @@ class LLM:
         out_toks = 0
         try:
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                if self.engine.failed:
+                    rid, err = next(iter(self.engine.failed.items()))
+                    self.engine.failed.clear()
+                    raise RuntimeError(f"request {rid} failed in the engine: {err}") from err
+                for out in outputs:
                     if out.finished:
                         done[out.request_id] = out
                         out_toks += sum(len(o.token_ids) for o in out.outputs)
@@ -112,7 +117,7 @@ class LLM:
 
     def engine_chat_ids(self, conv, chat_template=None, add_generation_prompt=True,
                         continue_final_message=False, chat_template_kwargs=None) -> list[int]:
-        from pagoda.engine.chat import render_chat
+        from pagoda.inputs.chat_template import render_chat
         text = render_chat(self.engine.tokenizer, conv, chat_template, add_generation_prompt,
                            continue_final_message, **(chat_template_kwargs or {}))
         return self.engine.tokenizer(text, add_special_tokens=False).input_ids

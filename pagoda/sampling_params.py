@@ -4,6 +4,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+# The engine keeps counts and token ids in int32/int64 tensors and seeds in torch generators:
+# values outside these ranges are refused here, before any engine step could overflow on them.
+INT32_MAX = (1 << 31) - 1
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+
+
+def _check_int(name: str, v, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {v!r}.")
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}.")
+
 
 @dataclass
 class SamplingParams:
@@ -46,6 +58,20 @@ class SamplingParams:
             raise ValueError(f"{name} {msg}")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"must be at least 1, got {self.n}.")
+        _check_int("n", self.n, 1, 4096)
+        _check_int("top_k", self.top_k, -1, INT32_MAX)
+        _check_int("min_tokens", self.min_tokens, 0, INT32_MAX)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 1, INT32_MAX)
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, INT32_MAX)
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0, INT32_MAX)
+        for t in (self.logit_bias or {}):
+            _check_int("logit_bias", t, 0, INT32_MAX)
+        if self.seed is not None:
+            _check_int("seed", self.seed, *SEED_RANGE)
         if self.temperature < 0:
             bad("temperature", f"must be non-negative, got {self.temperature}.")
         if not 0 < self.top_p <= 1:
@@ -73,8 +99,6 @@ class SamplingParams:
             bad("prompt_logprobs", f"must be non-negative, got {self.prompt_logprobs}.")
         if any(not s for s in self.stop):
             bad("stop", "must not contain empty strings.")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", f"must be an integer, got {self.seed!r}.")
 
     @property
     def greedy(self) -> bool:

@@ -97,3 +97,35 @@ def test_max_num_seqs_bounds_the_batch(tiny_llama_dir, prompts, reference):
         peak = max(peak, len(eng.scheduler.running))
     assert peak == 3
     assert [done[i] for i in range(len(prompts))] == reference
+
+
+def test_a_request_that_fails_in_the_engine_fails_alone(tiny_llm, prompts, reference, monkeypatch):
+    """Fault injection: sampling raises whenever one chosen request is in the batch. The engine
+    retries the step request by request, fails only that one, and its neighbours finish with
+    the same tokens as alone."""
+    from pagoda.worker import sampler as sampler_mod
+    eng = tiny_llm.engine
+    poison = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, seed=424242)
+    real = sampler_mod.Sampler.__call__
+
+    def flaky(self, logits, seqs):
+        if any(s.params.seed == 424242 for s in seqs):
+            raise OverflowError("injected: this request cannot be sampled")
+        return real(self, logits, seqs)
+    monkeypatch.setattr(sampler_mod.Sampler, "__call__", flaky)
+
+    ids = [f"iso-{i}" for i in range(6)]
+    for i, rid in enumerate(ids):
+        eng.add_request(rid, prompts[i], poison if i == 2 else GREEDY)
+    finished = {}
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert set(eng.failed) == {"iso-2"}
+    assert isinstance(eng.failed["iso-2"], OverflowError)
+    eng.failed.clear()
+    for i, rid in enumerate(ids):
+        if i != 2:
+            assert finished[rid].outputs[0].token_ids == reference[i], rid
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from pagoda.config import EngineArgs
-from pagoda.engine.async_engine import AsyncLLMEngine, release_openmp_pool
+from pagoda.engine.async_engine import release_openmp_pool
 from pagoda.engine.embedding_engine import EmbeddingEngine
 from pagoda.engine.engine import EngineStats, StepStats
 
@@ -101,10 +101,6 @@ class AsyncEmbeddingEngine:
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self.engine.step_listeners.append(fn)
-
-    # /tokenize with messages renders through self.tokenizer alone (most encoders have no chat
-    # template: a clear 400)
-    apply_chat_template = AsyncLLMEngine.apply_chat_template
 
     def num_in_flight(self) -> int:
         return self._in_flight

@@ -16,7 +16,6 @@ import time
 from typing import AsyncIterator, Callable, Optional
 
 from pagoda.config import EngineArgs
-from pagoda.engine.chat import render_chat
 from pagoda.engine.engine import EngineStats, LLMEngine, PromptType, StepStats
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -26,6 +25,10 @@ logger = logging.getLogger("pagoda.async_engine")
 
 class EngineDeadError(RuntimeError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (its neighbours in the batch went on)."""
 
 
 def release_openmp_pool() -> None:
@@ -103,12 +106,17 @@ class AsyncLLMEngine:
                 try:
                     outputs = eng.step()
                 except Exception as e:
-                    # keep serving: fail the requests of this step, not the process
+                    # the engine retries a failed step request by request; an error escaping
+                    # that is the engine's own: fail what is in flight, keep the process
                     logger.exception("engine step failed; aborting the requests in flight")
                     for rid in list(eng.requests):
                         eng.abort_request(rid)
                         self._deliver(rid, RuntimeError(f"engine step failed: {e}"))
                     outputs = []
+                for rid, err in eng.failed.items():
+                    self._deliver(rid, RequestFailedError(f"the engine could not run this request "
+                                                          f"({type(err).__name__}: {err})"))
+                eng.failed.clear()
                 self._stats = eng.get_stats()
                 for out in outputs:
                     self._deliver(out.request_id, out)
@@ -127,12 +135,6 @@ class AsyncLLMEngine:
 
     def add_step_listener(self, fn: Callable[[StepStats], None]) -> None:
         self.engine.step_listeners.append(fn)
-
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True,
-                            continue_final_message: bool = False, chat_template: Optional[str] = None,
-                            **chat_template_kwargs) -> str:
-        return render_chat(self.tokenizer, messages, chat_template, add_generation_prompt,
-                           continue_final_message, **chat_template_kwargs)
 
     def num_in_flight(self) -> int:
         return len(self._queues)

@@ -17,7 +17,7 @@ from pagoda.config import EngineArgs
 from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagoda.engine.request import PENDING, Request, Sequence, SequenceStatus
-from pagoda.engine.scheduler import Scheduler
+from pagoda.engine.scheduler import Scheduler, SchedulerOutput
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.sampling_params import SamplingParams
 
@@ -168,6 +168,9 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        # requests the engine could not run (their step failed again when run alone): the error
+        # each one gets, collected by the caller after step()
+        self.failed: dict[str, Exception] = {}
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.step_listeners: list[Callable[[StepStats], None]] = []
@@ -361,7 +364,19 @@ class LLMEngine:
         launched = None
         n_prompt = 0
         if sched:
-            launched, n_prompt = self._launch(sched)
+            try:
+                launched, n_prompt = self._launch(sched)
+            except Exception:
+                logger.exception("engine step failed; running its %d requests one by one",
+                                 len(sched.num_tokens))
+                if prev is not None:
+                    outs, n = self._resolve(prev)
+                    outputs += outs
+                    n_gen += n
+                    prev = None
+                outs, n = self._run_isolated(sched)
+                outputs += outs
+                n_gen += n
         if prev is not None:
             outs, n = self._resolve(prev)
             outputs += outs
@@ -376,6 +391,28 @@ class LLMEngine:
         self.generation_tokens_total += n_gen
         self._record_step(n_prompt, n_gen, t0, launched is not None and launched.graph)
         return outputs
+
+    def _run_isolated(self, sched: SchedulerOutput) -> tuple[list[RequestOutput], int]:
+        """A step failed: run each of its sequences alone, step by step, so that only a request
+        whose own preparation or sampling fails is failed, never its batch neighbours. Recomputing
+        a sequence's tokens writes the same K/V to the same slots, so a partly run step is safe."""
+        outputs: list[RequestOutput] = []
+        n_gen = 0
+        for seq, n in list(sched.num_tokens.items()):
+            if seq.is_finished:
+                continue
+            try:
+                launched, _ = self._launch(SchedulerOutput({seq: n}))
+                outs, k = self._resolve(launched)
+            except Exception as e:
+                rid = seq.request.request_id
+                logger.exception("request %s failed in the engine", rid)
+                self.failed[rid] = e
+                self.abort_request(rid)
+                continue
+            outputs += outs
+            n_gen += k
+        return outputs, n_gen
 
     def _launch(self, sched) -> tuple["_Launched", int]:
         now = time.time()

@@ -42,6 +42,10 @@ def _configure_logging(level: str) -> None:
 def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain."""
     _configure_logging(args.log_level)
+    # Threads of this process that run Python (event loop, tokenizer, template rendering, the
+    # CPU engine's step loop) hand the GIL over every 0.5 ms instead of 5: a template rendering
+    # for seconds then delays a normal chat by ~0.1 s instead of ~4 s (tests/test_hostile_inputs.py)
+    sys.setswitchinterval(0.0005)
     from pagoda.config import EngineArgs
     engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
 

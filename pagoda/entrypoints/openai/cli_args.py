@@ -55,6 +55,10 @@ SERVER_FLAGS: list[Flag] = [
          group="Server", boolean=True),
     Flag("chat-template", str, None, "Chat template replacing the model's: a Jinja file or an "
          "inline template.", group="Chat"),
+    Flag("trust-request-chat-template", None, False, "Accept a `chat_template` in requests. Off by "
+         "default: a template is a program, and a client's could make the server render for long "
+         "(renderings are bounded: 5 s, range() of 100k, results of `*` of 1M items).",
+         group="Chat", boolean=True),
     Flag("enable-auto-tool-choice", None, False, "Parse tool calls out of chat outputs (requests "
          "with `tools`; tool_choice auto) with --tool-call-parser.", group="Chat", boolean=True),
     Flag("tool-call-parser", str, None, "Format of the model's tool calls: hermes (Qwen2.5, Qwen3, "

@@ -8,12 +8,19 @@ one place; the bounds here only keep values inside what the engine can represent
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
 
 # torch.Generator.manual_seed accepts this range
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
+# Integers the engine keeps in int32/int64 tensors: every count and id is bounded by this, so no
+# value a client sends can overflow inside an engine step (a huge top_k once failed the batch).
+INT32_MAX = (1 << 31) - 1
+# Strict: JSON booleans and strings are not integers ("max_tokens": true is a 400, not 1).
+Int = Annotated[int, Strict()]
+Count = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 # OpenAI's own limits
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -51,24 +58,24 @@ class StreamOptions(OpenAIModel):
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completion requests; names follow OpenAI, then vLLM."""
     model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: Int = Field(1, ge=1, le=MAX_N)
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
     logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    seed: Optional[Int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: Optional[Union[str, list[str]]] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
     # vLLM extras
-    top_k: Optional[int] = None
+    top_k: Optional[Int] = Field(None, ge=-1, le=INT32_MAX, description="-1 or 0: off.")
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Count = 0
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = None
+    stop_token_ids: Optional[list[TokenId]] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -89,11 +96,11 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, description="Deprecated by OpenAI in favour of "
+    max_tokens: Optional[Count] = Field(None, description="Deprecated by OpenAI in favour of "
                                       "max_completion_tokens; both are accepted.")
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[Count] = None
     logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[dict[str, Any]]] = Field(None, description="Passed to the chat template; "
                                                   "calls are parsed with --enable-auto-tool-choice.")
     tool_choice: Optional[Union[str, dict[str, Any]]] = Field(
@@ -104,16 +111,16 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
-PromptType = Union[str, list[str], list[int], list[list[int]]]
+PromptType = Union[str, list[str], list[TokenId], list[list[TokenId]]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[Count] = 16
     echo: Optional[bool] = False
-    logprobs: Optional[int] = Field(None, ge=0)
+    logprobs: Optional[Int] = Field(None, ge=0, le=INT32_MAX)
     suffix: Optional[str] = Field(None, description="Not supported: a request that sets it gets a 400.")
-    best_of: Optional[int] = Field(None, description="Only best_of == n is supported.")
+    best_of: Optional[Int] = Field(None, ge=1, le=MAX_N, description="Only best_of == n is supported.")
 
 
 class TokenizeCompletionRequest(OpenAIModel):
@@ -140,7 +147,7 @@ TokenizeRequest = Union[TokenizeCompletionRequest, TokenizeChatRequest]
 
 class DetokenizeRequest(OpenAIModel):
     model: Optional[str] = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class EmbeddingRequest(OpenAIModel):
@@ -149,7 +156,7 @@ class EmbeddingRequest(OpenAIModel):
                               "or a list of token-id lists; one embedding per item.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
-    dimensions: Optional[int] = Field(None, description="Only the model's own embedding size is "
+    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX, description="Only the model's own embedding size is "
                                       "accepted (no truncated, Matryoshka-style vectors).")
     user: Optional[str] = None
     # vLLM extra
@@ -303,7 +310,7 @@ class ModelList(ResponseModel):
 class TokenizeResponse(ResponseModel):
     count: int
     max_model_len: int
-    tokens: list[int]
+    tokens: list[TokenId]
     token_strs: Optional[list[str]] = None
 
 

@@ -42,16 +42,31 @@ _STREAM = {"text/event-stream": {"schema": {"type": "string"},
                                                 "ending with `data: [DONE]`"}}
 
 
+def _is_union_tag(part) -> bool:
+    """pydantic names the member of a Union in an error's location ("list[int]", "str", ...)."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict")
+                                      or "[" in part or part.startswith(("function-", "constrained-")))
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    parts, param = [], None
-    for err in exc.errors()[:3]:
+    errors = exc.errors()
+    for err in errors:
         if err.get("type") == "json_invalid":
             return f"The request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        param = param or (where or None)
-        parts.append(f"{where or 'request body'}: {err.get('msg')}")
-    more = len(exc.errors()) - 3
+    # A Union field fails once per member; the member that matched furthest (the deepest
+    # location) says what is wrong, e.g. the one out-of-range id of a token-id prompt.
+    best: dict = {}
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_union_tag(x)]
+        key = loc[0] if loc else None
+        # deeper first; at equal depth a wrong value beats a wrong type
+        depth = (len(err.get("loc", ())), not str(err.get("type", "")).endswith("_type"))
+        if key not in best or depth > best[key][0]:
+            best[key] = (depth, ".".join(loc), err.get("msg"))
+    chosen = list(best.values())
+    parts = [f"{where or 'request body'}: {msg}" for _, where, msg in chosen[:3]]
+    more = len(chosen) - 3
+    param = chosen[0][1] or None if chosen else None
     return "; ".join(parts) + (f" (and {more} more errors)" if more > 0 else ""), param
 
 
@@ -156,6 +171,8 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     engine.add_step_listener(metrics.on_engine_step)
     serving = OpenAIServing(engine, metrics, chat_template=args.chat_template,
                             log_requests=not args.disable_log_requests,
+                            trust_request_chat_template=getattr(args, "trust_request_chat_template",
+                                                                False),
                             tool_call_parser=(getattr(args, "tool_call_parser", None)
                                               if getattr(args, "enable_auto_tool_choice", False)
                                               else None))

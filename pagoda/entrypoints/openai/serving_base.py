@@ -3,7 +3,9 @@ SamplingParams, starting an engine request, and following its outputs until it e
 
 Prompts are tokenized here (not in the engine) so ``usage`` reports exactly the tokenizer's
 counts, and on a dedicated single thread so long prompts never stall the event loop (one thread
-also keeps the Rust tokenizer from being borrowed twice at once).
+also keeps the Rust tokenizer from being borrowed twice at once). Chat templates render in a
+pool of their own, under a time budget (pagoda.inputs.chat_template), so one slow template
+never holds up another request's tokenizing or rendering.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ from contextlib import aclosing
 from functools import partial
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
-import jinja2
 from starlette.requests import Request
 
+from pagoda.inputs.chat_template import Budget, render_chat
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
@@ -37,7 +39,7 @@ T = TypeVar("T")
 # chat_template_kwargs may not override what the request sets through its own fields
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt",
                                        "continue_final_message", "chat_template", "tokenize",
-                                       "return_dict", "tools"})
+                                       "return_dict", "tools", "documents"})
 
 
 def bad_request(e: ValueError) -> OpenAIError:
@@ -73,8 +75,10 @@ def _message_dict(m: ChatMessage, index: int) -> dict:
 
 class OpenAIServing:
     def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
-                 log_requests: bool = True, tool_call_parser: Optional[str] = None):
+                 log_requests: bool = True, tool_call_parser: Optional[str] = None,
+                 trust_request_chat_template: bool = False):
         self.engine = engine
+        self.trust_request_chat_template = trust_request_chat_template
         # set by --enable-auto-tool-choice --tool-call-parser NAME
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
         self.tokenizer = engine.tokenizer
@@ -89,10 +93,12 @@ class OpenAIServing:
         self.vocab_limit = len(self.tokenizer) if self.tokenizer is not None else self.vocab_size
         self.token_text = TokenText(self.tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagoda-tokenizer")
+        self._render_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pagoda-render")
         self._background: set[asyncio.Task] = set()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._render_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------ checks
     def check_model(self, name: Optional[str]) -> None:
@@ -111,8 +117,6 @@ class OpenAIServing:
             return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
         except ValueError as e:  # UnicodeError included
             raise bad_request(e) from e
-        except (TypeError, jinja2.TemplateError) as e:  # from a chat template and its kwargs
-            raise OpenAIError(f"chat template failed: {e}") from e
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         if self.tokenizer is None:
@@ -153,17 +157,30 @@ class OpenAIServing:
         if clash:
             raise OpenAIError(f"chat_template_kwargs may not set {', '.join(clash)}; use the request "
                               "fields of the same name.", param="chat_template_kwargs")
-        if tools is not None:
-            kwargs["tools"] = tools
+        if chat_template is not None and not self.trust_request_chat_template:
+            raise OpenAIError("chat_template: this server does not accept chat templates in requests "
+                              "(the operator can allow them with --trust-request-chat-template).",
+                              param="chat_template")
         msgs = [_message_dict(m, i) for i, m in enumerate(messages)]
-        template = chat_template or self.chat_template
+        text = await self.render(msgs, add_generation_prompt=add_generation_prompt,
+                                 continue_final_message=continue_final_message,
+                                 chat_template=chat_template or self.chat_template, tools=tools,
+                                 **kwargs)
+        return await self.encode(text, add_special_tokens)
 
-        def render() -> list[int]:
-            text = self.engine.apply_chat_template(
-                msgs, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, chat_template=template, **kwargs)
-            return self._encode(text, add_special_tokens)
-        return await self.off_loop(render)
+    async def render(self, messages: list[dict], **kw) -> str:
+        """Render a chat template in the render pool. If the awaiting request goes away (client
+        disconnect cancels it), the rendering is told to stop at its next budget check."""
+        budget = Budget()
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._render_pool, partial(render_chat, self.tokenizer, messages, budget=budget, **kw))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            budget.cancel()
+            raise
+        except ValueError as e:
+            raise bad_request(e) from e
 
     # -------------------------------------------------------------------------- sampling
     def sampling_params(self, req: SamplingFields, *, max_tokens: Optional[int], prompt_len: int,

@@ -17,7 +17,7 @@ from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletion
                        PromptTokensDetails, UsageInfo)
 from .serving_base import OpenAIServing, random_id
 from .tool_parsers import HermesToolParser, ParsedOutput
-from .streams import SSE_DONE, SSEResponse, json_response, sse, sse_error
+from .streams import SSE_DONE, SSEResponse, json_response, sse, sse_error, unless_disconnected
 
 
 def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> UsageInfo:
@@ -40,9 +40,9 @@ class ServingChat:
         s.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        prompt_ids = await s.chat_prompt_ids(req.messages, req.add_generation_prompt,
-                                             req.continue_final_message, req.chat_template,
-                                             req.chat_template_kwargs, req.tools)
+        prompt_ids = await unless_disconnected(raw, s.chat_prompt_ids(
+            req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template,
+            req.chat_template_kwargs, req.tools))
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = s.sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
