@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.activation import SiluAndMul
-from pagoda.layers.attention import Attention, get_attention_metadata
+from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import Linear
 from pagoda.layers.norm import RMSNorm
@@ -94,7 +94,6 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     layer_cls = LlamaDecoderLayer
-    use_fused_cpu_decode = True  # set False on an instance to force the per-op path
     # checkpoint name fragment -> (our module fragment, shard index) for merged projections
     packed = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -120,29 +119,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
-        fused = self._fused_cpu_decoder(h)
-        if fused is not None and get_attention_metadata().max_query_len == 1:
-            h, residual = fused(h, positions, get_attention_metadata())
-        else:
-            residual = None
-            for layer in self.layers:
-                h, residual = layer(positions, h, residual)
+        residual = None
+        for layer in self.layers:
+            h, residual = layer(positions, h, residual)
         h, _ = self.norm(h, residual)
         return h
-
-    def _fused_cpu_decoder(self, h: torch.Tensor):
-        """The one-C-call-per-layer decode path, when this model can use it (8-bit CPU weights)."""
-        if h.device.type != "cpu" or h.dtype != torch.float32 or not self.use_fused_cpu_decode:
-            return None
-        f = self.__dict__.get("_fused")
-        if f is None or f.stale():
-            from pagoda.models.cpu_fused_decode import FusedCpuDecoder
-            f = FusedCpuDecoder.build(self)
-            if f is None:
-                self.use_fused_cpu_decode = False
-                return None
-            self.__dict__["_fused"] = f  # not a submodule
-        return f
 
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)

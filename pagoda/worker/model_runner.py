@@ -72,6 +72,7 @@ class ModelRunner:
         self.head_dim = attn[0].head_dim
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.cpu_decoder = None  # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
         self.last_step_graph = False
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_out: dict[int, torch.Tensor] = {}
@@ -94,6 +95,10 @@ class ModelRunner:
         for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
             layer.kv_cache = cache
         self.num_blocks = num_blocks
+        self.cpu_decoder = None
+        if self.device.type == "cpu" and self.dtype == torch.float32 and num_blocks:
+            from pagoda.worker.cpu_decode import CpuDecoder
+            self.cpu_decoder = CpuDecoder.build(self.model)
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> int:
@@ -335,7 +340,11 @@ class ModelRunner:
             ids[to_device(pend_dst, torch.long, dev)] = self.prev_tokens[to_device(pend_src, torch.long, dev)]
         set_attention_metadata(meta)
         try:
-            h = self.model(ids, to_device(positions, torch.long, dev))
+            pos = to_device(positions, torch.long, dev)
+            if self.cpu_decoder is not None and meta.max_query_len == 1:
+                h = self.cpu_decoder(ids, pos, meta)
+            else:
+                h = self.model(ids, pos)
         finally:
             set_attention_metadata(None)
         if not logit_rows:

@@ -1,7 +1,8 @@
 """Decode steps of a Llama-family model on the CPU through one C call per layer
-(pagoda/kernels/cpu_decoder.c), used when every projection holds 8-bit group weights (the
-default for a quantized GGUF on the CPU). Prefill and mixed steps, other dtypes and devices keep
-the per-op module path, which is also this path's reference (tests/test_cpu_kernels.py)."""
+(pagoda/kernels/cpu_decoder.c): the CPU's decode accelerator, as CUDA graphs are the GPU's. The
+model runner uses it when every projection holds 8-bit group weights (the default for a
+quantized GGUF on the CPU). Prefill and mixed steps, other dtypes and devices keep the model's
+per-op forward, which is also this path's reference (tests/test_cpu_kernels.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -46,8 +47,9 @@ def _qweight(linear) -> Optional[_QWeight]:
                     b.data_ptr() if b is not None else None, m.qweight.shape[0], m.qweight.shape[1])
 
 
-class FusedCpuDecoder:
-    """Built once per model (rebuilt if the KV cache moves); `None` from `build` = not eligible."""
+class CpuDecoder:
+    """Built once the KV cache is bound (rebuild it if the cache moves); `None` from `build`
+    means the model is not eligible."""
 
     def __init__(self, model, layers: list[_Layer]):
         self.model = model
@@ -55,8 +57,8 @@ class FusedCpuDecoder:
         self.kv_ptr = model.layers[0].self_attn.attn.kv_cache.data_ptr()
 
     @classmethod
-    def build(cls, model) -> Optional["FusedCpuDecoder"]:
-        if _lib() is None:
+    def build(cls, model) -> Optional["CpuDecoder"]:
+        if _lib() is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
             return None
         out = []
         for layer in model.layers:
@@ -82,8 +84,15 @@ class FusedCpuDecoder:
     def stale(self) -> bool:
         return self.model.layers[0].self_attn.attn.kv_cache.data_ptr() != self.kv_ptr
 
-    def __call__(self, h: torch.Tensor, positions: torch.Tensor, m: AttentionMetadata):
-        """h: embeddings [T, hidden] of a decode-only step -> (last MLP output, residual)."""
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                 m: AttentionMetadata) -> torch.Tensor:
+        """A decode-only step: token ids -> final hidden states (after the model's last norm)."""
+        h = self.model.embed_tokens(input_ids)
+        h, res = self._layers(h, positions, m)
+        h, _ = self.model.norm(h, res)
+        return h
+
+    def _layers(self, h: torch.Tensor, positions: torch.Tensor, m: AttentionMetadata):
         T, H = h.shape
         L0 = self.layers[0]
         D, heads, kvh = L0.head_dim, L0.heads, L0.kv_heads
