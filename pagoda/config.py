@@ -1,8 +1,8 @@
 """EngineArgs: every engine flag, defined once.
 
-Each flag is declared a single time in ``ENGINE_FLAGS``; from there it becomes a field of
-``EngineArgs`` (offline API: ``LLM(max_model_len=...)``), a command-line option with vLLM's
-name (plus LMDeploy's alias where one means the same), and an environment variable
+Each flag is one field of ``EngineArgs`` declared with ``flag(...)``; from there it is a keyword
+of the offline API (``LLM(max_model_len=...)``), a command-line option with vLLM's name (plus
+LMDeploy's alias where one means the same, see ``engine_flags()``), and an environment variable
 ``PAGODA_<NAME>`` that sets its default (Docker images configure the server that way).
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -91,58 +92,13 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], groups: dict[s
     return groups
 
 
-ENGINE_FLAGS: list[Flag] = [
-    Flag("model", str, None, "Model: a local HF-format directory, a .gguf file, or a Hugging Face hub "
-         "id. Default: the bundled SmolLM2-135M-Instruct."),
-    Flag("tokenizer", str, None, "Tokenizer directory or hub id (default: the model's)."),
-    Flag("revision", str, None, "Hub revision (branch, tag or commit) of the model."),
-    Flag("trust-remote-code", None, False, "Allow custom code from the hub (configs/tokenizers only; "
-         "the model code is pagoda's own).", boolean=True),
-    Flag("download-dir", str, None, "Where hub downloads are cached (default: HF_HOME's hub cache)."),
-    Flag("dtype", str, "auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
-         choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")),
-    Flag("quantization", str, None, "Weight quantization. int8: int8 weights (CPU: groups of 32 "
-         "with int8 activations, our AVX2 kernel; CUDA: weight-only per channel). none: weights in "
-         "--dtype. Default: int8 for a quantized GGUF on the CPU, else none.",
-         aliases=("-q",), choices=("int8", "none")),
-    Flag("max-model-len", int, None, "Longest prompt + output per request (default: the model's "
-         "max_position_embeddings).", aliases=("session-len",)),
-    Flag("load-format", str, "auto", "auto = read the checkpoint; dummy = random weights of the "
-         "model's shape (benchmarks without downloads).", choices=("auto", "dummy")),
-    Flag("skip-tokenizer-init", None, False, "No tokenizer: prompts must be token ids and outputs "
-         "carry no text.", boolean=True),
-    Flag("seed", int, 0, "Seed for requests that give none."),
-    Flag("device", str, "auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES)."),
-    Flag("max-logprobs", int, 20, "Largest logprobs / top_logprobs a request may ask for."),
-    Flag("served-model-name", str, None, "Name(s) the API answers to (default: the model argument). "
-         "The first is reported in responses.", nargs="+"),
-    # Cache
-    Flag("block-size", int, 16, "Tokens per KV-cache block.", group="KV cache",
-         aliases=("cache-block-seq-len",)),
-    Flag("gpu-memory-utilization", float, 0.9, "Share of GPU memory pagoda may use (weights, "
-         "activations and KV cache). Lower it if startup runs out of memory.", group="KV cache",
-         aliases=("cache-max-entry-count",)),
-    Flag("kv-cache-memory", parse_bytes, None, "KV cache size in bytes (e.g. 2GiB); on CPU the "
-         "default is 1 GiB. Overrides --gpu-memory-utilization for the cache.", group="KV cache"),
-    Flag("num-gpu-blocks-override", int, None, "Exact number of KV-cache blocks (testing).",
-         group="KV cache"),
-    Flag("swap-space", float, 4, "Accepted for vLLM compatibility; pagoda preempts by recompute and "
-         "does not swap to CPU memory.", group="KV cache"),
-    Flag("enable-prefix-caching", None, True, "Reuse KV blocks of shared prompt prefixes.",
-         group="KV cache", boolean=True),
-    # Scheduler
-    Flag("max-num-seqs", int, None, "Most requests in one batch (default 512 on a GPU with 70+ GiB, "
-         "256 on smaller GPUs, 64 on CPU).",
-         group="Scheduler", aliases=("max-batch-size",)),
-    Flag("max-num-batched-tokens", int, None, "Token budget of one step; longer prompts are "
-         "prefilled in chunks (default 8192 on GPU, 2048 on CPU).", group="Scheduler",
-         aliases=("max-prefill-token-num",)),
-    Flag("enforce-eager", None, False, "Disable CUDA graphs.", group="Scheduler", boolean=True),
-    Flag("tensor-parallel-size", int, 1, "GPUs to split the model over (only 1 is supported yet).",
-         group="Scheduler", aliases=("-tp",)),
-    Flag("attention-backend", str, "auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
-         group="Scheduler", choices=("auto", "torch", "triton")),
-]
+def flag(default: Any, help: str, *, group: str = "Model", aliases: tuple[str, ...] = (),
+         choices: tuple[Any, ...] | None = None, type: Callable[[str], Any] | None = None,
+         nargs: str | None = None) -> Any:
+    """A dataclass field of EngineArgs that is also a command-line flag (declared once here)."""
+    return field(default=default, metadata={"flag": dict(help=help, group=group, aliases=aliases,
+                                                         choices=choices, type=type, nargs=nargs)})
+
 
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}
@@ -150,31 +106,62 @@ _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp3
 
 @dataclass
 class EngineArgs:
-    model: Optional[str] = None
-    tokenizer: Optional[str] = None
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    download_dir: Optional[str] = None
-    dtype: str = "auto"
-    quantization: Optional[str] = None
-    max_model_len: Optional[int] = None
-    load_format: str = "auto"
-    skip_tokenizer_init: bool = False
-    seed: int = 0
-    device: str = "auto"
-    max_logprobs: int = 20
-    served_model_name: Optional[list[str]] = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: Optional[int] = None
-    num_gpu_blocks_override: Optional[int] = None
-    swap_space: float = 4
-    enable_prefix_caching: bool = True
-    max_num_seqs: Optional[int] = None
-    max_num_batched_tokens: Optional[int] = None
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    attention_backend: str = "auto"
+    """Every engine flag, declared once: a field here is an `LLM(...)` keyword argument, a
+    `pagoda serve` flag (vLLM's name, LMDeploy's as alias) and a PAGODA_<NAME> variable."""
+    model: Optional[str] = flag(None, "Model: a local HF-format directory, a .gguf file, or a Hugging "
+                                "Face hub id. Default: the bundled SmolLM2-135M-Instruct.")
+    tokenizer: Optional[str] = flag(None, "Tokenizer directory or hub id (default: the model's).")
+    revision: Optional[str] = flag(None, "Hub revision (branch, tag or commit) of the model.")
+    trust_remote_code: bool = flag(False, "Allow custom code from the hub (configs/tokenizers only; "
+                                   "the model code is pagoda's own).")
+    download_dir: Optional[str] = flag(None, "Where hub downloads are cached (default: HF_HOME's hub "
+                                       "cache).")
+    dtype: str = flag("auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
+                      choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32",
+                               "bf16", "fp16"))
+    quantization: Optional[str] = flag(
+        None, "Weight quantization. int8: int8 weights (CPU: groups of 32 with int8 activations, "
+        "our AVX2 kernel; CUDA: weight-only per channel). none: weights in --dtype. Default: int8 "
+        "for a quantized GGUF on the CPU, else none.", aliases=("-q",), choices=("int8", "none"))
+    max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
+                                        "model's max_position_embeddings).", aliases=("session-len",))
+    load_format: str = flag("auto", "auto = read the checkpoint; dummy = random weights of the "
+                            "model's shape (benchmarks without downloads).", choices=("auto", "dummy"))
+    skip_tokenizer_init: bool = flag(False, "No tokenizer: prompts must be token ids and outputs "
+                                     "carry no text.")
+    seed: int = flag(0, "Seed for requests that give none.")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES).")
+    max_logprobs: int = flag(20, "Largest logprobs / top_logprobs a request may ask for.")
+    served_model_name: Optional[list[str]] = flag(
+        None, "Name(s) the API answers to (default: the model argument). The first is reported in "
+        "responses.", nargs="+")
+    # KV cache
+    block_size: int = flag(16, "Tokens per KV-cache block.", group="KV cache",
+                           aliases=("cache-block-seq-len",))
+    gpu_memory_utilization: float = flag(
+        0.9, "Share of GPU memory pagoda may use (weights, activations and KV cache). Lower it if "
+        "startup runs out of memory.", group="KV cache", aliases=("cache-max-entry-count",))
+    kv_cache_memory: Optional[int] = flag(
+        None, "KV cache size in bytes (e.g. 2GiB); on CPU the default is 1 GiB. Overrides "
+        "--gpu-memory-utilization for the cache.", group="KV cache", type=parse_bytes)
+    num_gpu_blocks_override: Optional[int] = flag(None, "Exact number of KV-cache blocks (testing).",
+                                                  group="KV cache")
+    swap_space: float = flag(4, "Accepted for vLLM compatibility; pagoda preempts by recompute and "
+                             "does not swap to CPU memory.", group="KV cache")
+    enable_prefix_caching: bool = flag(True, "Reuse KV blocks of shared prompt prefixes.",
+                                       group="KV cache")
+    # Scheduler
+    max_num_seqs: Optional[int] = flag(
+        None, "Most requests in one batch (default 512 on a GPU with 70+ GiB, 256 on smaller GPUs, "
+        "64 on CPU).", group="Scheduler", aliases=("max-batch-size",))
+    max_num_batched_tokens: Optional[int] = flag(
+        None, "Token budget of one step; longer prompts are prefilled in chunks (default 8192 on "
+        "GPU, 2048 on CPU).", group="Scheduler", aliases=("max-prefill-token-num",))
+    enforce_eager: bool = flag(False, "Disable CUDA graphs.", group="Scheduler")
+    tensor_parallel_size: int = flag(1, "GPUs to split the model over (only 1 is supported yet).",
+                                     group="Scheduler", aliases=("-tp",))
+    attention_backend: str = flag("auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
+                                  group="Scheduler", choices=("auto", "torch", "triton"))
     # not a flag: transformers-style overrides used by tests/benchmarks
     extra: dict = field(default_factory=dict)
 
@@ -220,7 +207,7 @@ class EngineArgs:
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, groups: dict | None = None,
                      skip: tuple[str, ...] = ()) -> dict:
-        return add_flags(parser, [f for f in ENGINE_FLAGS if f.name not in skip], groups)
+        return add_flags(parser, [f for f in engine_flags() if f.name not in skip], groups)
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
@@ -236,6 +223,33 @@ class EngineArgs:
         return cls(**kw)
 
 
+def _flag_type(annotation: Any) -> tuple[Optional[Callable], bool]:
+    """(argparse type, is boolean) of a field's annotation: Optional[int] -> (int, False)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = typing.get_origin(args[0]) or args[0]
+    if base is bool:
+        return None, True
+    if base is list:
+        inner = typing.get_args(args[0])
+        return (inner[0] if inner else str), False
+    return (base if base in (int, float, str) else str), False
+
+
+def engine_flags() -> list[Flag]:
+    """The command-line view of EngineArgs' fields (in declaration order)."""
+    hints = typing.get_type_hints(EngineArgs)
+    out = []
+    for f in dataclasses.fields(EngineArgs):
+        meta = f.metadata.get("flag")
+        if meta is None:
+            continue
+        ftype, boolean = _flag_type(hints[f.name])
+        out.append(Flag(f.name.replace("_", "-"), meta["type"] or ftype, f.default, meta["help"],
+                        group=meta["group"], aliases=meta["aliases"], choices=meta["choices"],
+                        boolean=boolean, nargs=meta["nargs"]))
+    return out
+
+
 def load_config_file(path: str) -> dict:
     """A YAML (or JSON) file mapping flag names (dashes or underscores) to values."""
     import yaml
@@ -244,3 +258,25 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+@dataclass
+class ModelConfig:
+    """What the engine and the API server need to know about a model, read from its config
+    (no weights): limits, vocabulary, the EOS ids and whether it generates or pools."""
+    model: str                        # as the user named it (or the bundled name)
+    served_model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    architecture: str
+    runner: str                       # "generate" | "pooling" (encoder models: embeddings)
+    hf_config: Any = None
+    generation_config: dict = field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()
+    # resolved by the engine core once it owns the device
+    dtype: str = ""
+    device: str = ""
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner == "pooling"

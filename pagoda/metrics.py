@@ -117,8 +117,8 @@ class ServerMetrics:
         self._m = [model_name]
 
     def on_engine_step(self, step: Any) -> None:
-        """Step listener; runs on the engine thread (prometheus_client is thread-safe)."""
-        n = step.num_prompt_tokens + step.num_generation_tokens
+        """Step listener (engine.messages.SchedulerStats of each engine step)."""
+        n = step.step_prompt_tokens + step.step_generation_tokens
         if n:
             self.iteration_tokens.labels(*self._m).observe(n)
 
@@ -169,10 +169,13 @@ class RequestTracker:
         self._done = True
         mm = self.metrics
         label = mm.model_name
+        samples = out.outputs if isinstance(getattr(out, "outputs", None), list) else []
         if reason is not None or out is None:
             reasons = [reason or "abort"]
-        else:
-            reasons = [o.finish_reason or "abort" for o in out.outputs]
+        elif samples:
+            reasons = [o.finish_reason or "abort" for o in samples]
+        else:  # a pooling request: it ends when its vector is ready
+            reasons = ["stop"]
         for r in reasons:
             mm.request_success.labels(label, r).inc()
         m = getattr(out, "metrics", None)
@@ -185,7 +188,7 @@ class RequestTracker:
             mm.queue_time.labels(label).observe(max(m.first_scheduled_time - m.arrival_time, 0.0))
         mm.e2e.labels(label).observe(max(end - m.arrival_time, 0.0))
         mm.prompt_len.labels(label).observe(len(out.prompt_token_ids or ()))
-        for o in out.outputs:
+        for o in samples:
             mm.gen_len.labels(label).observe(len(o.token_ids))
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -76,3 +76,18 @@ class EmbeddingRequestOutput:
     outputs: EmbeddingOutput
     prompt_token_ids: list[int]
     finished: bool = True
+
+
+@dataclass
+class PoolingOutput:
+    data: Any  # numpy array: the pooled vector (embedding) of one input
+
+
+@dataclass
+class PoolingRequestOutput:
+    """A pooling request's result (vLLM's shape: ``out.outputs.data``)."""
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    metrics: Optional[RequestMetrics] = None

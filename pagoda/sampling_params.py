@@ -104,6 +104,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    def for_sample(self, index: int) -> "SamplingParams":
+        """The params of sample `index` of an n > 1 request (which runs as n requests of n=1):
+        each gets its own seed stream, reproducible and independent of the batch; the prompt's
+        logprobs are computed once, by sample 0."""
+        seed = self.seed
+        if seed is not None and index:
+            seed = hash((seed, index)) & 0x7FFFFFFFFFFF
+        return self.clone(n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
+
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace
         return replace(self, **changes)

@@ -112,8 +112,9 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 3, 40, 49152, seed=4)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
     fused = llm.generate(prompts, sp, use_tqdm=False)
-    assert llm.engine.runner.cpu_decoder is not None
-    llm.engine.runner.cpu_decoder = None
+    runner = llm.llm_engine.core.worker.runner
+    assert runner.cpu_decoder is not None
+    runner.cpu_decoder = None
     per_op = llm.generate(prompts, sp, use_tqdm=False)
     for a, b in zip(fused, per_op):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids

@@ -51,7 +51,7 @@ def test_greedy_matches_transformers_in_one_batch(kind, request):
 def test_bundled_gguf_matches_transformers_gguf(bundled_llm):
     """The bundled SmolLM2 Q4_1 GGUF: our dequantize + Q/K un-permute vs transformers' GGUF loader.
     Runs the default CPU path, whose 8-bit groups hold the file's Q4_1/Q8_0 blocks exactly."""
-    assert bundled_llm.engine.quantization == "int8"
+    assert bundled_llm.llm_engine.core.worker.quantization == "int8"
     from transformers import AutoModelForCausalLM
     from pagoda.worker.loader import bundled_model_path
     import os

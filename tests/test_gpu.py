@@ -101,10 +101,10 @@ def test_overlapped_steps_equal_step_by_step(model_dir):
     for overlap in (False, True):
         llm = LLM(model_dir, device="cuda", attention_backend="triton", dtype="float32", skip_tokenizer_init=True,
                   max_model_len=1024, num_gpu_blocks_override=400)
-        assert llm.engine.overlap  # the CUDA default
-        llm.engine.overlap = overlap
+        assert llm.llm_engine.core.overlap  # the CUDA default
+        llm.llm_engine.core.overlap = overlap
         outs = llm.generate(ps, params, use_tqdm=False)
         got[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs]
-        assert llm.engine.step_timing.get("decode-graph", [0])[0] > 0
+        assert llm.llm_engine.core.step_timing.get("decode-graph", [0])[0] > 0
     assert got[True] == got[False]
     assert {f for _, f, _ in got[True]} == {"length", "stop"}

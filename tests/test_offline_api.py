@@ -67,7 +67,7 @@ def test_bad_prompts_raise_and_engine_keeps_working(tiny_llm):
     out = tiny_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                             use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
-    assert not tiny_llm.engine.has_unfinished_requests()
+    assert not tiny_llm.llm_engine.has_unfinished_requests()
 
 
 def test_bad_models_and_flags(tmp_path, tiny_llama_dir):

@@ -107,3 +107,46 @@ def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group
     v = v.masked_fill(~valid[:, :, None, None], 0)
     o = torch.matmul(p, v.permute(0, 2, 1, 3))                        # [B, kvh, G, D]
     out[tok] = o.reshape(B, kvh * group, d).to(out.dtype)
+
+
+def _varlen_layout(cu: list[int], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For sequences at [cu[i], cu[i+1]) of a flat batch: the flat index of each (sequence,
+    offset) cell of a padded [B, L] grid (padding points at row 0), a mask of the real cells, and
+    the flat positions of the real cells in grid order."""
+    lens = [b - a for a, b in zip(cu, cu[1:])]
+    L = max(lens, default=0)
+    offs = torch.arange(L, device=device)
+    starts = torch.tensor(cu[:-1], device=device)
+    valid = offs.unsqueeze(0) < torch.tensor(lens, device=device).unsqueeze(1)   # [B, L]
+    index = torch.where(valid, starts.unsqueeze(1) + offs.unsqueeze(0), torch.zeros_like(offs))
+    return index, valid, index[valid]
+
+
+def varlen_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           cu_seqlens: torch.Tensor, scale: float,
+                           cu_seqlens_cpu: list[int] | None = None,
+                           step_cache: dict | None = None) -> torch.Tensor:
+    """Non-causal attention within each sequence of a flattened batch (encoders).
+
+    q: [T, H, D]; k, v: [T, Hkv, D]; sequence i owns rows cu_seqlens[i]:cu_seqlens[i+1]. The
+    sequences are padded into one [B, H, L, D] SDPA call with the padding masked out of the keys.
+    """
+    cu = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.tolist()
+    memo = step_cache if step_cache is not None else {}
+    if "varlen" not in memo:  # the same for every layer of the step
+        memo["varlen"] = _varlen_layout(cu, q.device)
+    index, valid, flat = memo["varlen"]
+    H, group = q.shape[1], q.shape[1] // k.shape[1]
+
+    def grid(x):  # [T, h, D] -> [B, h, L, D]
+        return x[index].permute(0, 2, 1, 3)
+    qg = grid(q)
+    kg, vg = grid(k), grid(v)
+    if group > 1:
+        kg, vg = kg.repeat_interleave(group, 1), vg.repeat_interleave(group, 1)
+    mask = valid[:, None, None, :]
+    o = torch.nn.functional.scaled_dot_product_attention(qg, kg.to(qg.dtype), vg.to(qg.dtype),
+                                                         attn_mask=mask, scale=scale)
+    out = torch.empty_like(q)
+    out[flat] = o.permute(0, 2, 1, 3)[valid].to(out.dtype)
+    return out

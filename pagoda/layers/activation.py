@@ -4,9 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pagoda.kernels import ops
+from pagoda.platforms import current_platform
 
 
 class SiluAndMul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ops = current_platform().ops
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.silu_and_mul(x)
+        return self.ops.silu_and_mul(x)

@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache.
+"""Attention layers: causal over the paged KV cache (decoders), and non-causal over each
+sequence's own tokens (encoders: BERT, vision towers).
 
 The per-step metadata (one flattened batch) is set once by the model runner with
 `set_attention_metadata` and read by every layer, so model code never threads it through.
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pagoda.kernels import ops
+from pagoda.platforms import current_platform
 
 
 @dataclass
@@ -50,13 +51,32 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.kv_cache: torch.Tensor = torch.empty(0)
+        self.ops = current_platform().ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = get_attention_metadata()
+        ops = self.ops
         ops.reshape_and_cache(k, v, self.kv_cache, m.slot_mapping)
-        if ops.triton_enabled:
+        if ops.triton:
             return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
                                        self.scale, max_query_len=m.max_query_len,
                                        max_seq_len=m.max_seq_len)
         return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
                                    self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache)
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional attention within each sequence of a flattened batch (no KV cache): every
+    token sees every token of its own sequence and none of the others'. The sequences' bounds
+    come from the step's metadata (query_start_loc)."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: Optional[int] = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.ops = current_platform().ops
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = get_attention_metadata()
+        return self.ops.varlen_attention(q, k, v, m.query_start_loc, self.scale, m.query_start_loc_cpu,
+                                         step_cache=m.cache)

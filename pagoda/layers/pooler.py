@@ -1,4 +1,4 @@
-"""Hidden states of a padded batch -> one vector per input, as sentence-transformers computes it.
+"""Hidden states of a flattened batch -> one vector per input, as sentence-transformers computes it.
 
 An embedding checkpoint says how it wants to be pooled in its sentence-transformers files:
 ``modules.json`` lists the pipeline (Transformer -> Pooling -> optional Normalize) and the
@@ -63,23 +63,34 @@ class PoolingConfig:
         return cls(modes, "Normalize" in kinds)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
-    """hidden [B, L, H] (right-padded), mask [B, L] bool (True = real token) -> [B, H * modes],
-    float32."""
+def pool(hidden: torch.Tensor, starts: list[int], lens: list[int], config: PoolingConfig,
+         normalize: list[bool] | None = None) -> torch.Tensor:
+    """hidden [T, H] of a flattened batch; input i owns rows starts[i] : starts[i] + lens[i].
+    Returns [B, H * modes], float32, L2-normalized per the config (or per input, if
+    `normalize` is given: a request's PoolingParams may override the model's default)."""
     h = hidden.float()
-    m = mask.unsqueeze(-1)
-    counts = mask.sum(dim=1, keepdim=True).float()
+    dev = h.device
+    B = len(starts)
+    seg = torch.repeat_interleave(torch.arange(B, device=dev), torch.tensor(lens, device=dev))
+    first = torch.tensor(starts, device=dev)
+    counts = torch.tensor(lens, device=dev, dtype=torch.float32).unsqueeze(1)
     parts = []
     for mode in config.modes:
         if mode == "cls":
-            parts.append(h[:, 0])
+            parts.append(h[first])
         elif mode == "max":
-            parts.append(h.masked_fill(~m, float("-inf")).amax(dim=1))
+            parts.append(torch.stack([h[s:s + n].amax(0) for s, n in zip(starts, lens)]))
         elif mode in ("mean", "mean_sqrt_len"):
-            total = (h * m).sum(dim=1)
+            rows = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lens)])
+            total = torch.zeros(B, h.shape[1], device=dev).index_add_(0, seg, h[rows])
             parts.append(total / (counts.clamp(min=1e-9) if mode == "mean" else counts.sqrt()))
-        else:  # lasttoken: right padding puts it at count - 1
-            last = (counts.long() - 1).clamp(min=0).squeeze(1)
-            parts.append(h[torch.arange(h.shape[0], device=h.device), last])
+        else:  # lasttoken
+            parts.append(h[first + torch.tensor(lens, device=dev) - 1])
     out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    return F.normalize(out, p=2, dim=-1) if config.normalize else out
+    norm = [config.normalize] * B if normalize is None else normalize
+    if all(norm):
+        return F.normalize(out, p=2, dim=-1)
+    if any(norm):
+        keep = torch.tensor(norm, device=dev).unsqueeze(1)
+        return torch.where(keep, F.normalize(out, p=2, dim=-1), out)
+    return out

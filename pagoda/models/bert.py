@@ -1,9 +1,10 @@
 """BERT encoder (HF ``BertModel`` checkpoints: sentence-transformers' MiniLM, BGE, E5, ...).
 
 Embedding models read every token of an input at once with bidirectional attention, so unlike
-the decoders there is no KV cache and no causal mask: one forward over a right-padded batch,
-with the padding masked out of the keys, gives the last hidden states that
-``pagoda/layers/pooler.py`` reduces to one vector per input.
+the decoders there is no KV cache and no causal mask. The engine runs them like any model: one
+flattened batch of variable-length inputs per step, through pagoda's encoder attention layer
+(each token sees its own input's tokens only); ``pagoda/layers/pooler.py`` reduces the last
+hidden states to one vector per input.
 
 Layout per layer (post-LayerNorm, as in the original BERT):
     x = LN(x + Out(Attention(QKV(x))));  x = LN(x + Down(act(Up(x))))
@@ -18,6 +19,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagoda.layers.attention import EncoderAttention
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -54,13 +57,13 @@ class BertEmbeddings(nn.Module):
         self.token_type = nn.Embedding(max(int(getattr(config, "type_vocab_size", 1) or 1), 1), h)
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                token_type_ids: torch.Tensor | None) -> torch.Tensor:
         if token_type_ids is None:  # one segment: every token is type 0
             x = self.word(input_ids) + self.token_type.weight[0]
         else:
             x = self.word(input_ids) + self.token_type(token_type_ids)
-        return self.norm(x + self.position(positions)[None])
+        return self.norm(x + self.position(positions))
 
 
 class BertLayer(nn.Module):
@@ -76,18 +79,20 @@ class BertLayer(nn.Module):
         self.down = nn.Linear(config.intermediate_size, h)
         self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.act = _ACTIVATIONS[config.hidden_act]
+        self.attn = EncoderAttention(self.num_heads, self.head_dim, 1.0 / math.sqrt(self.head_dim))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, h = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                           scale=1.0 / math.sqrt(self.head_dim))
-        x = self.attn_norm(x + self.out(a.transpose(1, 2).reshape(b, n, h)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, h = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)
+        a = self.attn(q, k, v)
+        x = self.attn_norm(x + self.out(a.reshape(t, h)))
         return self.mlp_norm(x + self.down(self.act(self.up(x))))
 
 
 class BertModel(nn.Module):
-    """forward(input_ids [B, L], attention_mask [B, L]) -> last hidden states [B, L, H]."""
+    """forward(input_ids [T], positions [T]) -> last hidden states [T, H] of a flattened batch
+    (the sequences' bounds come from the step's attention metadata)."""
+    is_encoder_only = True  # no KV cache: each input is read whole in one step
 
     def __init__(self, config):
         super().__init__()
@@ -102,14 +107,15 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids)
-        # padding is masked out of the keys only; padded query rows are computed and ignored
-        key_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        x = self.embeddings(input_ids, positions, token_type_ids)
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = layer(x)
         return x
+
+    def attention_layers(self) -> list:
+        return []  # nothing reads a KV cache
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -30,6 +30,11 @@ def _architectures(config) -> list[str]:
     return archs
 
 
+def architecture_of(config) -> str:
+    archs = _architectures(config)
+    return archs[0] if archs else ""
+
+
 def is_embedding_model(config) -> bool:
     return any(a in _EMBEDDING_MODELS for a in _architectures(config))
 

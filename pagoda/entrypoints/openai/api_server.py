@@ -13,6 +13,8 @@ from typing import Callable
 
 import uvicorn
 
+from pagoda.log import configure_logging
+
 logger = logging.getLogger("pagoda.server")
 
 
@@ -29,19 +31,9 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
-                                           datefmt="%m-%d %H:%M:%S"))
-    root = logging.getLogger("pagoda")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
-
-
 def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain."""
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)
     # Threads of this process that run Python (event loop, tokenizer, template rendering, the
     # CPU engine's step loop) hand the GIL over every 0.5 ms instead of 5: a template rendering
     # for seconds then delays a normal chat by ~0.1 s instead of ~4 s (tests/test_hostile_inputs.py)
@@ -49,22 +41,29 @@ def run_server(args: argparse.Namespace) -> int:
     from pagoda.config import EngineArgs
     engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
 
-    from pagoda.engine.embedding_engine import is_embedding_model
+    from pagoda.engine.async_llm import AsyncLLM
+    from pagoda.engine.core_client import engine_core_mode
 
     from .server import build_app
 
-    if is_embedding_model(engine_args):  # an encoder (BERT): /v1/embeddings, no KV cache
-        from pagoda.engine.async_embedding_engine import AsyncEmbeddingEngine
-        engine = AsyncEmbeddingEngine.from_engine_args(engine_args)
-    else:
-        from pagoda.engine.async_engine import AsyncLLMEngine
-        engine = AsyncLLMEngine.from_engine_args(engine_args)
+    engine = AsyncLLM(engine_args, engine_core=engine_core_mode(args.engine_core, engine_args.device),
+                      log_level=args.log_level)
     app = build_app(engine, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_log_requests,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                             timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=10)
     server = _DrainingServer(config, on_signal=lambda: setattr(app.state.server, "draining", True))
+    died: list[str] = []
+
+    def on_engine_dead(reason: str) -> None:
+        """Requests in flight have their errors; /health answers 503 for a moment so load
+        balancers see it, then the server exits non-zero for Docker/compose to restart it."""
+        died.append(reason)
+        logger.error("engine core died (%s): exiting", reason)
+        import asyncio
+        asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)
+    engine.add_dead_listener(on_engine_dead)
     # uvicorn re-raises the signal it handled once it has shut down; a drained shutdown is a
     # normal exit, so make that re-raise a no-op and return 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -72,6 +71,8 @@ def run_server(args: argparse.Namespace) -> int:
     logger.info("serving %s on %s://%s:%d", ", ".join(engine.model_config.served_model_names),
                 "https" if args.ssl_certfile else "http", args.host, args.port)
     server.run()
+    if died:
+        return 3
     return 0 if server.started else 1
 
 

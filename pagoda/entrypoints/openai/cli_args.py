@@ -51,6 +51,10 @@ SERVER_FLAGS: list[Flag] = [
          "gets 413.", group="Server"),
     Flag("shutdown-timeout", float, 30.0, "Seconds in-flight requests may take to finish after "
          "SIGTERM/SIGINT before they are aborted.", group="Server"),
+    Flag("engine-core", str, "auto", "Where the engine core (scheduler + model) runs: process = its "
+         "own process, so the API server's work (tokenizing, detokenizing, JSON) runs in parallel "
+         "with the model; thread = inside the API server process; auto = process on GPUs, thread "
+         "on the CPU.", group="Server", choices=("auto", "process", "thread")),
     Flag("disable-fastapi-docs", None, False, "Do not serve /docs, /redoc and /openapi.json.",
          group="Server", boolean=True),
     Flag("chat-template", str, None, "Chat template replacing the model's: a Jinja file or an "

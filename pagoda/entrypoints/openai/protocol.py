@@ -79,6 +79,9 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = Field(False, description="vLLM's extra: each choice (and each "
+                                   "streamed chunk) carries its token_ids; the response its "
+                                   "prompt_token_ids. Chunks are sent for every new token then.")
 
 
 class TextPart(OpenAIModel):
@@ -203,6 +206,7 @@ class ChatCompletionChoice(ResponseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
 
 
 def _now() -> int:
@@ -236,6 +240,7 @@ class ChatStreamChoice(ResponseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
 
 
 class ChatCompletionChunk(ResponseModel):
@@ -260,6 +265,8 @@ class CompletionChoice(ResponseModel):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
+    prompt_token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(ResponseModel):

@@ -1,7 +1,8 @@
 """The FastAPI app: routes, middlewares, error handlers and lifespan around one running engine.
 
-``build_app(engine, args)`` takes an engine that is already loaded (AsyncLLMEngine: it steps on
-its own thread) and the parsed ``pagoda serve`` arguments; ``api_server`` runs it with uvicorn.
+``build_app(engine, args)`` takes an engine that is already running (AsyncLLM: the engine core
+steps in its own process) and the parsed ``pagoda serve`` arguments; ``api_server`` runs it with
+uvicorn.
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
 
     def require_generative(model: str | None) -> None:
         serving.check_model(model)
-        if embedding.engine is not None:
+        if engine.model_config.is_pooling:
             raise OpenAIError(f"The model `{serving.model_name}` is an embedding model: this model "
                               "serves /v1/embeddings only.", param="model", code="unsupported")
 

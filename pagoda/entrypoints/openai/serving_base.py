@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from starlette.requests import Request
 
+from pagoda.engine.async_llm import EngineDeadError, RequestFailedError
 from pagoda.inputs.chat_template import Budget, render_chat
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import RequestOutput
@@ -48,6 +49,13 @@ def bad_request(e: ValueError) -> OpenAIError:
     message = str(e)
     m = re.match(r"([a-z_]+)(:| must| is)", message)
     return OpenAIError(message, param=m.group(1) if m else None)
+
+
+def engine_error(e: BaseException) -> OpenAIError:
+    """An engine failure as the client sees it: a 500 (or the stream's last SSE event)."""
+    if isinstance(e, EngineDeadError):
+        return OpenAIError(f"The engine stopped ({e}); the server is restarting.", 500, code="engine_dead")
+    return OpenAIError(str(e), 500, code="request_failed")
 
 
 def random_id(prefix: str) -> str:
@@ -236,6 +244,8 @@ class OpenAIServing:
             first = await unless_disconnected(raw, gen.__anext__())
         except ValueError as e:
             raise bad_request(e) from e
+        except (EngineDeadError, RequestFailedError) as e:
+            raise engine_error(e) from e
         except StopAsyncIteration:
             raise OpenAIError(f"request {request_id} ended without output", 500)
         except BaseException:
@@ -278,6 +288,10 @@ class OpenAIServing:
                         last = await gen.__anext__()
                     except StopAsyncIteration:
                         break
+                    except (EngineDeadError, RequestFailedError) as e:
+                        finished = True  # the engine already forgot it: nothing to abort
+                        tracker.finish(last, reason="error")
+                        raise engine_error(e) from e
                     tracker.on_output(last)
                     finished = last.finished
                     yield last

@@ -12,13 +12,14 @@ from typing import Optional
 
 import torch
 
-from pagoda.engine.request import Sequence
+from pagoda.sample.metadata import SamplingMetadata
+from pagoda.sample.logprobs import LogprobsLists
 
 
 @dataclass
 class SampleResult:
-    token_ids: torch.Tensor                    # int64 [rows], on the logits' device
-    logprobs: Optional[list[Optional[tuple[float, int, list[tuple[int, float]]]]]]  # (lp, rank, top-k)
+    token_ids: torch.Tensor            # int64 [rows], on the logits' device
+    logprobs: Optional[LogprobsLists]  # rows aligned with token_ids (empty for rows that asked none)
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -30,17 +31,17 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     V = logits.shape[1]
-    for i, s in enumerate(seqs):
-        p = s.params
+    for i, p in enumerate(meta.params):
         if p.repetition_penalty != 1.0:
-            ids = torch.tensor(sorted(set(s.token_ids)), device=logits.device, dtype=torch.long)
+            seen = set(meta.prompt_token_ids[i]) | set(meta.output_token_ids[i])
+            ids = torch.tensor(sorted(seen), device=logits.device, dtype=torch.long)
             ids = ids[ids < V]
             row = logits[i, ids]
             logits[i, ids] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         if p.presence_penalty or p.frequency_penalty:
-            out = s.output_token_ids
+            out = meta.output_token_ids[i]
             if out:
                 counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=V)[:V].float()
                 logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
@@ -78,25 +79,30 @@ def _filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: 
     return torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
 
 
+def needs_token_history(p) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, seed: int = 0, device: str | torch.device = "cpu"):
         self.vocab_size = vocab_size
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampleResult:
         """Sampled ids stay on the device (no sync) unless a row asks for logprobs."""
-        if all(s.plain_greedy for s in seqs):
+        if meta.all_plain_greedy:
             return SampleResult(logits.argmax(dim=-1), None)  # the common greedy batch
         logits = logits.float()
         dev = logits.device
         V = logits.shape[1]
-        max_lp = max((s.params.logprobs or 0) if s.params.logprobs is not None else -1 for s in seqs)
+        ps = meta.params
+        max_lp = meta.max_num_logprobs
         raw_logprobs = torch.log_softmax(logits, dim=-1) if max_lp >= 0 else None
 
-        if any(s.params.logit_bias for s in seqs):
+        if any(p.logit_bias for p in ps):
             rows, cols, vals = [], [], []
-            for i, s in enumerate(seqs):
-                for tid, bias in (s.params.logit_bias or {}).items():
+            for i, p in enumerate(ps):
+                for tid, bias in (p.logit_bias or {}).items():
                     if 0 <= tid < V:
                         rows.append(i), cols.append(tid), vals.append(bias)
             if rows:
@@ -104,22 +110,20 @@ class Sampler:
                                           to_device(vals, torch.float32, dev), accumulate=True)
         # min_tokens: no stop/EOS token before the minimum length
         rows, cols = [], []
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.min_tokens and s.num_output_tokens < p.min_tokens:
+        for i, p in enumerate(ps):
+            if p.min_tokens and meta.num_output_tokens[i] < p.min_tokens:
                 stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
                 for t in stops:
                     if 0 <= t < V:
                         rows.append(i), cols.append(t)
         if rows:
             logits[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = float("-inf")
-        if not all(s.overlappable for s in seqs):  # penalties read the token history
-            _apply_penalties(logits, seqs)
+        if meta.output_token_ids is not None:  # penalties read the token history
+            _apply_penalties(logits, meta)
 
         tokens = logits.argmax(dim=-1)
-        greedy_host = [s.params.greedy for s in seqs]
+        greedy_host = [p.greedy for p in ps]
         if not all(greedy_host):
-            ps = [s.params for s in seqs]
             temp = to_device([1.0 if p.greedy else p.temperature for p in ps], torch.float32, dev).unsqueeze(1)
             top_k = to_device([p.top_k for p in ps], torch.long, dev)
             top_p = to_device([p.top_p for p in ps], torch.float32, dev)
@@ -130,39 +134,42 @@ class Sampler:
             # Gumbel-style race: argmax(p / E), E ~ Exp(1), is a draw from p. Seeded requests draw E
             # from their own generator, so their samples don't depend on batch neighbours.
             noise = torch.empty_like(probs)
-            seeded = [i for i, s in enumerate(seqs) if s.generator is not None and not s.params.greedy]
-            if len(seeded) < len(seqs):
+            seeded = [i for i, g in enumerate(meta.generators) if g is not None and not ps[i].greedy]
+            if len(seeded) < len(ps):
                 noise.exponential_(generator=self.generator)
             for i in seeded:
-                e = torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator)
+                e = torch.empty(probs.shape[1]).exponential_(generator=meta.generators[i])
                 noise[i] = e.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else e
             sampled = (probs / noise).argmax(dim=-1)
             tokens = torch.where(to_device(greedy_host, torch.bool, dev), tokens, sampled)
 
         lps = None
         if raw_logprobs is not None:
-            lps = []
             k = max(1, max_lp)
             top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
             chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
             ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
             top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-            chosen, ranks = chosen.tolist(), ranks.tolist()
-            for i, s in enumerate(seqs):
-                n = s.params.logprobs
+            chosen, ranks, toks = chosen.tolist(), ranks.tolist(), tokens.tolist()
+            lps = LogprobsLists([], [], [])
+            for i, p in enumerate(ps):
+                n = p.logprobs
                 if n is None:
-                    lps.append(None)
+                    lps.token_ids.append([]), lps.logprobs.append([]), lps.ranks.append(0)
                 else:
-                    lps.append((chosen[i], ranks[i], list(zip(top_ids[i][:n], top_vals[i][:n]))))
+                    lps.token_ids.append([toks[i]] + top_ids[i][:n])
+                    lps.logprobs.append([chosen[i]] + top_vals[i][:n])
+                    lps.ranks.append(ranks[i])
         return SampleResult(tokens, lps)
 
 
-def prompt_logprobs_rows(logits: torch.Tensor, next_ids: list[int], k: int):
-    """For each prompt position: (logprob of the actual next prompt token, its rank, top-k)."""
+def prompt_logprobs_rows(logits: torch.Tensor, next_ids: list[int], k: int) -> LogprobsLists:
+    """For each prompt position: the actual next prompt token's logprob and rank, then top-k."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     ids = torch.tensor(next_ids, device=lp.device)
     chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1)
     ranks = ((lp > chosen.unsqueeze(1)).sum(dim=-1) + 1).tolist()
     tv, ti = lp.topk(max(k, 1), dim=-1)
     tv, ti, chosen = tv.tolist(), ti.tolist(), chosen.tolist()
-    return [(chosen[r], ranks[r], list(zip(ti[r][:k], tv[r][:k]))) for r in range(len(next_ids))]
+    return LogprobsLists([[next_ids[r]] + ti[r][:k] for r in range(len(next_ids))],
+                         [[chosen[r]] + tv[r][:k] for r in range(len(next_ids))], ranks)

@@ -1,13 +1,13 @@
-"""Block pool bookkeeping: ref counts, prefix hash chain, LRU eviction of cached free blocks."""
+"""KV-cache block bookkeeping: ref counts, prefix hash chain, LRU eviction of cached free blocks."""
 from __future__ import annotations
 
-from pagoda.engine.block_manager import BlockManager
+from pagoda.engine.kv_cache_manager import KVCacheManager as BlockManager
 from pagoda.engine.request import Request
 from pagoda.sampling_params import SamplingParams
 
 
 def seq(ids, rid="r"):
-    return Request(rid, None, list(ids), SamplingParams()).seqs[0]
+    return Request(rid, list(ids), SamplingParams())
 
 
 def test_allocate_and_free_returns_every_block():
@@ -15,7 +15,7 @@ def test_allocate_and_free_returns_every_block():
     s = seq(range(10))
     assert bm.allocate(s, 10)
     assert len(s.block_ids) == 3 and bm.num_free_blocks == 5
-    bm.free_seq(s)
+    bm.free_request(s)
     assert bm.num_free_blocks == 8 and all(b.ref_count == 0 for b in bm.blocks)
 
 
@@ -29,7 +29,7 @@ def test_prefix_hit_shares_blocks_and_counts_refs():
     assert bm.allocate(b, 2, hit)
     assert b.num_computed_tokens == 8
     assert [bm.blocks[i].ref_count for i in hit] == [2, 2]
-    bm.free_seq(a)
+    bm.free_request(a)
     assert [bm.blocks[i].ref_count for i in hit] == [1, 1]
 
 
@@ -52,7 +52,7 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     bm = BlockManager(4, 4)
     a = seq(range(9), "a")
     bm.allocate(a, 9)                       # 3 blocks, 2 full (hashed)
-    bm.free_seq(a)
+    bm.free_request(a)
     assert bm.num_free_blocks == 4
     again = seq(range(9), "a2")
     assert len(bm.find_cached_prefix(again)) == 2   # still cached after free
@@ -67,5 +67,5 @@ def test_usage_ratio():
     s = seq(range(12))
     bm.allocate(s, 12)
     assert abs(bm.usage() - 0.3) < 1e-9
-    bm.free_seq(s)
+    bm.free_request(s)
     assert bm.usage() == 0.0
