@@ -104,7 +104,7 @@ ENGINE_FLAGS: list[Flag] = [
     Flag("quantization", str, None, "Weight quantization. int8: int8 weights (CPU: groups of 32 "
          "with int8 activations, our AVX2 kernel; CUDA: weight-only per channel). none: weights in "
          "--dtype. Default: int8 for a quantized GGUF on the CPU, else none.",
-         aliases=("-q",), choices=("int8", "none")),
+         aliases=("-q", "quantize"), choices=("int8", "none")),
     Flag("max-model-len", int, None, "Longest prompt + output per request (default: the model's "
          "max_position_embeddings).", aliases=("session-len",)),
     Flag("load-format", str, "auto", "auto = read the checkpoint; dummy = random weights of the "
