@@ -29,7 +29,7 @@ def test_help_is_grouped_and_shows_aliases():
     for flag in ("--api-key", "--allowed-origins", "--max-concurrent-requests", "--session-len",
                  "--max-batch-size", "--cache-max-entry-count", "--cache-block-seq-len",
                  "--max-prefill-token-num", "--disable-fastapi-docs", "--uvicorn-log-level",
-                 "--quantize"):
+                 "--quantize", "--disable-frontend"):
         assert flag in text, flag
     flat = " ".join(text.split())  # argparse wraps lines anywhere
     assert "PAGODA_API_KEY" in flat and "[default: 8000]" in flat
