@@ -122,7 +122,8 @@ class EngineArgs:
     quantization: Optional[str] = flag(
         None, "Weight quantization. int8: int8 weights (CPU: groups of 32 with int8 activations, "
         "our AVX2 kernel; CUDA: weight-only per channel). none: weights in --dtype. Default: int8 "
-        "for a quantized GGUF on the CPU, else none.", aliases=("-q",), choices=("int8", "none"))
+        "for a quantized GGUF on the CPU, else none.", aliases=("-q", "quantize"),
+        choices=("int8", "none"))
     max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
                                         "model's max_position_embeddings).", aliases=("session-len",))
     load_format: str = flag("auto", "auto = read the checkpoint; dummy = random weights of the "

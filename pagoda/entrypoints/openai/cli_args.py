@@ -35,7 +35,8 @@ SERVER_FLAGS: list[Flag] = [
          "0.0.0.0 (or ::) listens on all interfaces.", group="Server"),
     Flag("port", int, 8000, "TCP port to listen on.", group="Server"),
     Flag("api-key", str, None, "Require 'Authorization: Bearer <key>' on every route except "
-         "/health and /ping.", group="Server"),
+         "/health, /ping and the chat page's static files (the page sends the key on its API "
+         "calls).", group="Server"),
     Flag("config", str, None, "YAML file of flag: value pairs (flag names as on the command line); "
          "command-line flags override it.", group="Server"),
     Flag("root-path", str, None, "URL prefix when behind a path-based reverse proxy (e.g. /llm).",
@@ -56,6 +57,8 @@ SERVER_FLAGS: list[Flag] = [
          "with the model; thread = inside the API server process; auto = process on GPUs, thread "
          "on the CPU.", group="Server", choices=("auto", "process", "thread")),
     Flag("disable-fastapi-docs", None, False, "Do not serve /docs, /redoc and /openapi.json.",
+         group="Server", boolean=True),
+    Flag("disable-frontend", None, False, "Do not serve the chat page at / and /chat.",
          group="Server", boolean=True),
     Flag("chat-template", str, None, "Chat template replacing the model's: a Jinja file or an "
          "inline template.", group="Chat"),

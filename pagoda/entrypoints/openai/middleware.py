@@ -3,7 +3,7 @@
 Outermost first, as ``server.build_app`` stacks them:
   RequestContext  X-Request-Id in and out, HTTP metrics by route template
   (CORS)          Starlette's, when --allowed-origins is set
-  APIKey          401 without the key, on every route but /health and /ping
+  APIKey          401 without the key, on every route but /health, /ping and the chat page's files
   BodySizeLimit   413 past --max-request-body-size
   Admission       429 past --max-concurrent-requests, 503 while draining on SIGTERM
 """
@@ -83,12 +83,15 @@ class RequestContextMiddleware:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str):
+    """``open_paths``: exact paths served without the key (no prefixes: nothing below them)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS:
+        if scope["type"] == "http" and route_path(scope) not in self.open_paths:
             given = Headers(scope=scope).get("authorization", "").encode()
             if not secrets.compare_digest(given, self.expected):
                 msg = ("Missing API key: send 'Authorization: Bearer <key>'." if not given

@@ -21,7 +21,8 @@ from pagoda import __version__
 from pagoda.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 
 from .errors import OpenAIError, error_response, from_exception
-from .middleware import (AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
+from .frontend import FRONTEND_PATHS, add_frontend_routes
+from .middleware import (OPEN_PATHS, AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
                          RequestContextMiddleware, ServerState)
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                        CompletionResponse, DetokenizeRequest, DetokenizeResponse, EmbeddingRequest,
@@ -202,12 +203,16 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     app.state.metrics = metrics
     _install_error_handlers(app)
     _add_routes(app, serving, metrics, state)
+    frontend = not args.disable_frontend
+    if frontend:
+        add_frontend_routes(app)
 
     # add_middleware wraps: the last one added runs first
     app.add_middleware(AdmissionMiddleware, state=state, limit=args.max_concurrent_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size)
     if args.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key,
+                           open_paths=OPEN_PATHS | FRONTEND_PATHS if frontend else OPEN_PATHS)
     if args.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in args.allowed_origins,
