@@ -1,9 +1,10 @@
-"""SwiGLU activation on a merged [gate | up] projection."""
+"""Gated activations on a merged [gate | up] projection: SwiGLU (Llama family), GeGLU (Gemma)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from pagoda.kernels.activation import gelu_and_mul_torch
 from pagoda.platforms import current_platform
 
 
@@ -14,3 +15,14 @@ class SiluAndMul(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ops.silu_and_mul(x)
+
+
+class GeluAndMul(nn.Module):
+    """gelu(gate) * up; torch's GELU runs on either device (no fused kernel yet)."""
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_and_mul_torch(x, self.approximate)

@@ -44,12 +44,17 @@ def get_attention_metadata() -> AttentionMetadata:
 
 class Attention(nn.Module):
     """Writes this step's K/V into the layer's cache by slot mapping, then attends through the
-    block tables. `kv_cache` is bound by the model runner after the cache is allocated."""
+    block tables. `kv_cache` is bound by the model runner after the cache is allocated.
+    sliding_window: this layer's window (a query at p sees keys in (p - window, p]); None = global.
+    logits_soft_cap: cap * tanh(score / cap) on the scaled scores; None = off."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: Optional[int] = None, logits_soft_cap: Optional[float] = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         self.kv_cache: torch.Tensor = torch.empty(0)
         self.ops = current_platform().ops
 
@@ -60,9 +65,12 @@ class Attention(nn.Module):
         if ops.triton:
             return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
                                        self.scale, max_query_len=m.max_query_len,
-                                       max_seq_len=m.max_seq_len)
+                                       max_seq_len=m.max_seq_len, sliding_window=self.sliding_window,
+                                       logits_soft_cap=self.logits_soft_cap)
         return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache)
+                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache,
+                                   sliding_window=self.sliding_window,
+                                   logits_soft_cap=self.logits_soft_cap)
 
 
 class EncoderAttention(nn.Module):

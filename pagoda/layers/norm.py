@@ -14,8 +14,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.ops = current_platform().ops
 
+    def scale(self) -> torch.Tensor:
+        """What the normalised rows are multiplied by."""
+        return self.weight
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: rms_norm(x). With residual: (rms_norm(x + residual), x + residual)."""
         if residual is None:
-            return self.ops.rms_norm(x, self.weight, self.eps)
-        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.scale(), self.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.scale(), self.eps)

@@ -8,6 +8,9 @@ _MODELS = {
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
+    # text-only: the vision tower and projector weights are skipped
+    "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ForConditionalGeneration"),
 }
 
 
@@ -26,7 +29,11 @@ def _architectures(config) -> list[str]:
     archs = list(getattr(config, "architectures", None) or [])
     if not archs:  # configs built in code (e.g. LlamaConfig()) carry no architectures
         archs = [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM", "bert": "BertModel"}.get(getattr(config, "model_type", ""), "")]
+                  "qwen3": "Qwen3ForCausalLM", "bert": "BertModel",
+                  # a Gemma3ForConditionalGeneration's text_config (what the engine runs) and
+                  # GGUF-converted configs carry no architectures
+                  "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration",
+                  }.get(getattr(config, "model_type", ""), "")]
     return archs
 
 

@@ -182,17 +182,30 @@ _GGUF_NAMES = {
 }
 
 
-def gguf_to_hf_name(name: str) -> str:
+# architectures whose layers name their norms differently (gguf's tensor_mapping for gemma3:
+# attn_norm / post_attention_norm around attention, ffn_norm / post_ffw_norm around the MLP)
+_GGUF_ARCH_NAMES = {
+    "gemma3": dict(_GGUF_NAMES, ffn_norm="pre_feedforward_layernorm",
+                   post_attention_norm="post_attention_layernorm",
+                   post_ffw_norm="post_feedforward_layernorm"),
+}
+# llama.cpp's converter stores these architectures' RMSNorm weights with the 1 of Gemma's
+# (1 + weight) already added (to every HF tensor ending in "norm.weight"); we take it off again
+_GGUF_NORM_SHIFTED = {"gemma3"}
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str:
+    names = _GGUF_ARCH_NAMES.get(arch, _GGUF_NAMES)
     parts = name.split(".")
     if parts[0] == "blk":
         layer, base, kind = parts[1], parts[2], parts[3]
-        if base not in _GGUF_NAMES:
+        if base not in names:
             raise ValueError(f"GGUF tensor {name!r} is not supported")
-        return f"model.layers.{layer}.{_GGUF_NAMES[base]}.{kind}"
+        return f"model.layers.{layer}.{names[base]}.{kind}"
     base, kind = parts[0], parts[1]
-    if base not in _GGUF_NAMES:
+    if base not in names:
         raise ValueError(f"GGUF tensor {name!r} is not supported")
-    return f"{_GGUF_NAMES[base]}.{kind}"
+    return f"{names[base]}.{kind}"
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -217,9 +230,11 @@ def iter_gguf(path: str, config) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"GGUF tensor {t.name} uses quantization {t.tensor_type.name}, which the "
                              f"gguf package cannot dequantize") from e
         w = torch.from_numpy(arr.astype("float32", copy=False).copy())
-        name = gguf_to_hf_name(t.name)
+        name = gguf_to_hf_name(t.name, arch)
         if permuted and (".q_proj." in name or ".k_proj." in name):
             w = unpermute_qk(w, n_head if ".q_proj." in name else n_kv)
+        if arch in _GGUF_NORM_SHIFTED and name.endswith("norm.weight"):
+            w -= 1.0
         yield name, w
 
 
