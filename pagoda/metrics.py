@@ -11,6 +11,7 @@ The contract (names, labels) is written down in helpers' METRICS.md and README.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Optional
 
@@ -81,13 +82,22 @@ class ServerMetrics:
     def __init__(self, engine: Any, model_name: str, max_model_len: int):
         disable_created_metrics()  # no *_created series: vLLM's dashboards don't expect them
         self.model_name = model_name
+        # the registry /metrics renders; with several API server processes (--api-server-count)
+        # prometheus_client's multiprocess mode sums every process's instruments into it, and the
+        # instruments themselves live in a registry of their own
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        ProcessCollector(registry=r)
-        r.register(EngineStatsCollector(engine, model_name))
+        multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if multiproc:
+            from prometheus_client import multiprocess
+            multiprocess.MultiProcessCollector(self.registry)
+            r = CollectorRegistry(auto_describe=True)
+        else:
+            r = self.registry
+            ProcessCollector(registry=r)
+        self.registry.register(EngineStatsCollector(engine, model_name))
         try:  # GPU gauges (NVML); absent module or no GPU -> nothing
             from pagoda.gpu_monitor import GPUCollector
-            r.register(GPUCollector())
+            self.registry.register(GPUCollector())
         except ImportError:
             pass
 

@@ -9,11 +9,13 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 import uvicorn
 
 from pagoda.log import configure_logging
+
+from .cli_args import HelpFormatter, add_serve_args, resolve_args
 
 logger = logging.getLogger("pagoda.server")
 
@@ -32,7 +34,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain."""
+    """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain, 3 if the engine died."""
     configure_logging(args.log_level)
     # Threads of this process that run Python (event loop, tokenizer, template rendering, the
     # CPU engine's step loop) hand the GIL over every 0.5 ms instead of 5: a template rendering
@@ -40,14 +42,20 @@ def run_server(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
     from pagoda.config import EngineArgs
     engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
+    if args.api_server_count > 1:
+        from .multi_server import run_api_servers
+        return run_api_servers(args, engine_args)
 
     from pagoda.engine.async_llm import AsyncLLM
     from pagoda.engine.core_client import engine_core_mode
-
-    from .server import build_app
-
     engine = AsyncLLM(engine_args, engine_core=engine_core_mode(args.engine_core, engine_args.device),
                       log_level=args.log_level)
+    return serve_app(engine, args)
+
+
+def serve_app(engine, args: argparse.Namespace, sockets: Optional[list] = None) -> int:
+    """Run the HTTP app for a running engine (on `sockets` when a parent process bound them)."""
+    from .server import build_app
     app = build_app(engine, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_log_requests,
@@ -70,14 +78,13 @@ def run_server(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: None)
     logger.info("serving %s on %s://%s:%d", ", ".join(engine.model_config.served_model_names),
                 "https" if args.ssl_certfile else "http", args.host, args.port)
-    server.run()
+    server.run(sockets=sockets)
     if died:
         return 3
     return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_args import HelpFormatter, add_serve_args, resolve_args
     parser = argparse.ArgumentParser(prog="python -m pagoda.entrypoints.openai.api_server",
                                      description="pagoda's OpenAI-compatible server (same as `pagoda serve`).",
                                      formatter_class=HelpFormatter)

@@ -8,8 +8,8 @@ import sys
 
 # (module, which exposes register(subparsers) -> adds its subcommand(s) with set_defaults(func=...))
 SUBCOMMANDS = [
-    "pagoda.entrypoints.openai.cli_args",   # serve
-    "pagoda.entrypoints.offline",           # generate, chat
+    "pagoda.entrypoints.cli.serve",         # serve
+    "pagoda.entrypoints.cli.offline",       # generate, chat
     "pagoda.bench.cli",                     # bench throughput | latency | serve
 ]
 
@@ -44,6 +44,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pagoda {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())
