@@ -8,8 +8,9 @@ per step goes back to each API server process that has requests in it.
 With `overlap` (on CUDA) a step's sampled ids are read back one call later: the host schedules
 and launches step N+1 while the GPU still runs step N, and step N+1 takes the ids it needs from
 step N's device tensor. A request that finishes at step N drops the token step N+1 computed for
-it, so outputs equal the step-by-step path's. Steps whose sampling reads the token history on
-the host (penalties) or returns logprobs run step by step.
+it, so outputs equal the step-by-step path's, for every sampling setting (the sampler keeps its
+per-request state on the device; logprobs come back with the ids). A step with a request that is
+not `overlappable` runs step by step.
 """
 from __future__ import annotations
 

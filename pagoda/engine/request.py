@@ -50,11 +50,10 @@ class Request:
         self.reported_scheduled = False
         p = sampling_params
         self.needs_prompt_logprobs = p is not None and p.prompt_logprobs is not None
-        # sampling that reads no token history on the host and returns no logprobs: such a
-        # request can be sampled while the host already prepares the next step
-        self.overlappable = p is None or (p.logprobs is None and p.repetition_penalty == 1.0
-                                          and not p.presence_penalty and not p.frequency_penalty
-                                          and not self.needs_prompt_logprobs)
+        # whether the host may prepare the next step before this one's token is read back. Every
+        # sampling setting may: penalties count tokens on the device, logprobs come back with the
+        # ids. (A request whose next step needs this token on the host would set it False.)
+        self.overlappable = True
 
     @classmethod
     def from_engine_core_request(cls, r: EngineCoreRequest) -> "Request":

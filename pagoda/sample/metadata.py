@@ -1,26 +1,79 @@
 """What the sampler needs to know about the rows it samples this step (one row per request that
-finished its prompt), built by the model runner from its persistent per-request state."""
+finished its prompt): where their state lives in the device-side `SamplingState`, and which rows
+each operation touches, as host index arrays (to decide what to run without a device sync) and
+the same indices on the device (uploaded in one copy)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Optional
 
+import numpy as np
 import torch
 
+from pagoda.sample.ops import to_device
 from pagoda.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from pagoda.sample.state import SamplingState
+
+# the per-step index arrays, in upload order (batch indices unless named *_rows = state rows)
+_INDEX_NAMES = ("rows", "positions", "full", "full_width", "cand", "cand_k", "penalized",
+                "penalized_rows", "biased", "biased_rows", "stopped", "stopped_rows", "logprobs")
 
 
 @dataclass
 class SamplingMetadata:
-    params: list[SamplingParams]
-    generators: list[Optional[torch.Generator]]   # seeded requests' own generators
-    num_output_tokens: list[int]                  # tokens generated before this step's
-    # token histories for penalties, read only when a row has one (None otherwise)
-    prompt_token_ids: Optional[list[list[int]]]
-    output_token_ids: Optional[list[list[int]]]
-    all_plain_greedy: bool                        # argmax of the raw logits for every row
+    params: list[SamplingParams]     # each row's params, batch order
+    state: "SamplingState"
+    rows: np.ndarray                 # each row's row in the state
+    positions: np.ndarray            # the output index each row samples (Philox counter, min_tokens)
+    all_plain_greedy: bool           # argmax of the logits is the whole job
+    greedy: np.ndarray               # bool per row
+    full: np.ndarray                 # random rows without top-k (the row sampler reads the row)
+    cand: np.ndarray                 # random rows with top-k (it reads the row's k best)
+    penalized: np.ndarray            # rows with a repetition / frequency / presence penalty
+    biased: np.ndarray               # rows with a logit bias
+    stopped: np.ndarray              # rows below min_tokens: stop and EOS tokens masked
+    logprobs: np.ndarray             # rows that return logprobs
+    # structured outputs: int32 [rows, ceil(vocab / 32)] packed allowed-token bits (xgrammar's
+    # layout), applied to the logits before anything else, logprobs included
+    token_bitmask: Optional[torch.Tensor] = None
+    dev: dict[str, torch.Tensor] = field(default_factory=dict)   # the index arrays on the device
+
+    @classmethod
+    def build(cls, state: "SamplingState", params: list[SamplingParams], rows: np.ndarray,
+              positions: np.ndarray, token_bitmask: Optional[torch.Tensor] = None) -> "SamplingMetadata":
+        rows = np.asarray(rows, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        greedy = state.greedy[rows]
+        k = state.top_k[rows]
+        flat = np.flatnonzero
+        idx = dict(rows=rows, positions=positions, full=flat(~greedy & (k == 0)),
+                   cand=flat(~greedy & (k > 0)), penalized=flat(state.penalized[rows]),
+                   biased=flat(state.num_bias[rows] > 0),
+                   stopped=flat((positions < state.min_tokens[rows]) & (state.num_stop[rows] > 0)),
+                   logprobs=flat(state.num_logprobs[rows] >= 0))
+        plain = bool(greedy.all()) and token_bitmask is None and not any(
+            len(idx[n]) for n in ("penalized", "biased", "stopped", "logprobs"))
+        meta = cls(params, state, rows, positions, plain, greedy, idx["full"], idx["cand"],
+                   idx["penalized"], idx["biased"], idx["stopped"], idx["logprobs"], token_bitmask)
+        if plain:
+            return meta
+        idx["full_width"] = np.full(len(idx["full"]), state.vocab_size, dtype=np.int64)
+        idx["cand_k"] = k[idx["cand"]]
+        for n in ("penalized", "biased", "stopped"):
+            idx[n + "_rows"] = rows[idx[n]]
+        arrays = [idx[n] for n in _INDEX_NAMES]
+        d = to_device(np.concatenate(arrays).astype(np.int64), torch.long, state.device)
+        start = 0
+        for n, a in zip(_INDEX_NAMES, arrays):
+            meta.dev[n] = d[start:start + len(a)]
+            start += len(a)
+        return meta
 
     @property
     def max_num_logprobs(self) -> int:
         """Largest logprobs asked for (-1: no row wants logprobs)."""
-        return max((p.logprobs for p in self.params if p.logprobs is not None), default=-1)
+        if not len(self.logprobs):
+            return -1
+        return int(self.state.num_logprobs[self.rows[self.logprobs]].max())

@@ -1,175 +1,109 @@
-"""Batched sampling: logit bias, min_tokens, penalties, temperature, top-k / top-p / min-p,
-seeded per-request generators, and logprobs.
+"""One batched sampler for every setting, with no per-request Python loop and no host sync.
 
-The common cases (all greedy; plain temperature/top-k/top-p without seeds or penalties) run as a
-handful of batched tensor ops with no per-request Python loop. Logprobs are those of the raw model
-distribution (before penalties and temperature), as vLLM reports them by default.
+In vLLM's order: the structured-output bitmask; raw logprobs (of the model's distribution, before
+anything below, as vLLM reports them by default); min_tokens (stop and EOS masked) and logit
+bias; repetition, frequency and presence penalties; greedy rows take the argmax of that; random
+rows divide by their temperature and draw from min-p, then top-k, then top-p, with the row
+sampler of pagoda.kernels.sampling (exact rejection sampling, no sort of the vocabulary: rows with
+top-k draw among their torch.topk candidates). Each operation runs once for all the rows that
+need it, on index tensors from `SamplingMetadata`; per-request parameters and token counts live
+in `SamplingState` on the device. Sampled ids and logprobs stay on the device: the caller copies
+them back behind the step.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
+from pagoda.sample import ops
+from pagoda.sample.logprobs import LogprobsTensors
 from pagoda.sample.metadata import SamplingMetadata
-from pagoda.sample.logprobs import LogprobsLists
+from pagoda.sample.ops import to_device  # noqa: F401  (the runner's helper lives with the ops)
+from pagoda.sample.state import FREQUENCY, INV_TEMP, MIN_P, PRESENCE, REPETITION, TOP_P
 
 
 @dataclass
 class SampleResult:
-    token_ids: torch.Tensor            # int64 [rows], on the logits' device
-    logprobs: Optional[LogprobsLists]  # rows aligned with token_ids (empty for rows that asked none)
-
-
-def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list on the device without a stream sync (a plain torch.tensor(..., device=cuda)
-    copies from pageable memory and waits for the GPU, which would stall an overlapped step)."""
-    t = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def _apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
-    V = logits.shape[1]
-    for i, p in enumerate(meta.params):
-        if p.repetition_penalty != 1.0:
-            seen = set(meta.prompt_token_ids[i]) | set(meta.output_token_ids[i])
-            ids = torch.tensor(sorted(seen), device=logits.device, dtype=torch.long)
-            ids = ids[ids < V]
-            row = logits[i, ids]
-            logits[i, ids] = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            out = meta.output_token_ids[i]
-            if out:
-                counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=V)[:V].float()
-                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-
-
-def _filter_top_k_top_p_min_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                              min_p: torch.Tensor, need: Optional[tuple[bool, bool, bool]] = None
-                              ) -> torch.Tensor:
-    """Mask (to -inf) everything outside each row's top-k, nucleus top-p and min-p sets.
-    `need` = (any min-p, any top-k, any top-p) when the caller knows it on the host: deciding from
-    the device tensors costs a stream sync."""
-    V = logits.shape[1]
-    if need is None:
-        need = (bool((min_p > 0).any()), bool(((top_k > 0) & (top_k < V)).any()), bool((top_p < 1).any()))
-    need_min_p, need_k, need_p = need
-    if need_min_p:
-        probs = torch.softmax(logits, dim=-1)
-        thresh = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
-        logits = logits.masked_fill(probs < thresh, float("-inf"))
-    if not (need_k or need_p):
-        return logits
-    sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-    mask = torch.zeros_like(sorted_logits, dtype=torch.bool)
-    if need_k:
-        k = torch.where(top_k > 0, top_k, V).clamp(max=V)
-        ranks = torch.arange(V, device=logits.device).unsqueeze(0)
-        mask |= ranks >= k.unsqueeze(1)
-        sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-    if need_p:
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cum = probs.cumsum(dim=-1)
-        # drop a token when the tokens ranked before it already reach top_p (always keep the first)
-        mask |= (cum - probs) >= top_p.unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, idx, sorted_logits)
-
-
-def needs_token_history(p) -> bool:
-    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+    token_ids: torch.Tensor                    # int64 [rows], on the logits' device
+    logprobs: Optional[LogprobsTensors] = None  # one row per meta.logprobs row, on the device
+    logprobs_rows: Optional[np.ndarray] = None  # their batch indices
+    logprobs_keep: Optional[list[int]] = None   # and how many alternatives each asked for
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, seed: int = 0, device: str | torch.device = "cpu"):
-        self.vocab_size = vocab_size
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampleResult:
-        """Sampled ids stay on the device (no sync) unless a row asks for logprobs."""
+        """Next token per row of logits [rows, vocab] (modified in place)."""
+        if meta.token_bitmask is not None:
+            ops.apply_token_bitmask_(logits, meta.token_bitmask)
         if meta.all_plain_greedy:
-            return SampleResult(logits.argmax(dim=-1), None)  # the common greedy batch
-        logits = logits.float()
-        dev = logits.device
-        V = logits.shape[1]
-        ps = meta.params
-        max_lp = meta.max_num_logprobs
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if max_lp >= 0 else None
+            return SampleResult(logits.argmax(dim=-1))
+        st, d = meta.state, meta.dev
+        n = logits.shape[0]
+        x = logits
+        if len(meta.penalized) or len(meta.biased) or len(meta.stopped):
+            x = logits.float()
+            if x is logits and len(meta.logprobs):
+                x = logits.clone()  # logprobs read the raw logits after sampling
+        if len(meta.stopped):
+            ops.forbid_tokens_(x, d["stopped"], st.stop_ids.index_select(0, d["stopped_rows"]))
+        if len(meta.biased):
+            rows = d["biased_rows"]
+            ops.add_logit_bias_(x, d["biased"], st.bias_ids.index_select(0, rows),
+                                st.bias_vals.index_select(0, rows))
+        if len(meta.penalized):
+            prm = st.params.index_select(0, d["penalized_rows"])
+            ops.apply_penalties_(x, st.token_state, d["penalized"], d["penalized_rows"],
+                                 prm[:, REPETITION], prm[:, FREQUENCY], prm[:, PRESENCE])
+        if meta.greedy.any():
+            tokens = x.argmax(dim=-1)
+        else:
+            tokens = torch.empty(n, dtype=torch.long, device=x.device)
+        if len(meta.full) or len(meta.cand):
+            self._sample_random(x, meta, tokens)
+        res = SampleResult(tokens)
+        if len(meta.logprobs):
+            sel = meta.logprobs
+            keep = st.num_logprobs[meta.rows[sel]]
+            every = len(sel) == n
+            raw = logits if every else logits.index_select(0, d["logprobs"])
+            chosen = tokens if every else tokens.index_select(0, d["logprobs"])
+            res.logprobs = ops.logprobs_topk(raw, chosen, int(keep.max()))
+            res.logprobs_rows, res.logprobs_keep = sel, keep.tolist()
+        if len(meta.penalized):  # last: a step that fails before here counts nothing
+            st.count_tokens(d["penalized_rows"], tokens.index_select(0, d["penalized"]))
+        return res
 
-        if any(p.logit_bias for p in ps):
-            rows, cols, vals = [], [], []
-            for i, p in enumerate(ps):
-                for tid, bias in (p.logit_bias or {}).items():
-                    if 0 <= tid < V:
-                        rows.append(i), cols.append(tid), vals.append(bias)
-            if rows:
-                logits = logits.index_put((to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)),
-                                          to_device(vals, torch.float32, dev), accumulate=True)
-        # min_tokens: no stop/EOS token before the minimum length
-        rows, cols = [], []
-        for i, p in enumerate(ps):
-            if p.min_tokens and meta.num_output_tokens[i] < p.min_tokens:
-                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
-                for t in stops:
-                    if 0 <= t < V:
-                        rows.append(i), cols.append(t)
-        if rows:
-            logits[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = float("-inf")
-        if meta.output_token_ids is not None:  # penalties read the token history
-            _apply_penalties(logits, meta)
-
-        tokens = logits.argmax(dim=-1)
-        greedy_host = [p.greedy for p in ps]
-        if not all(greedy_host):
-            temp = to_device([1.0 if p.greedy else p.temperature for p in ps], torch.float32, dev).unsqueeze(1)
-            top_k = to_device([p.top_k for p in ps], torch.long, dev)
-            top_p = to_device([p.top_p for p in ps], torch.float32, dev)
-            min_p = to_device([p.min_p for p in ps], torch.float32, dev)
-            need = (any(p.min_p > 0 for p in ps), any(0 < p.top_k < V for p in ps), any(p.top_p < 1 for p in ps))
-            scaled = _filter_top_k_top_p_min_p(logits / temp, top_k, top_p, min_p, need)
-            probs = torch.softmax(scaled, dim=-1)
-            # Gumbel-style race: argmax(p / E), E ~ Exp(1), is a draw from p. Seeded requests draw E
-            # from their own generator, so their samples don't depend on batch neighbours.
-            noise = torch.empty_like(probs)
-            seeded = [i for i, g in enumerate(meta.generators) if g is not None and not ps[i].greedy]
-            if len(seeded) < len(ps):
-                noise.exponential_(generator=self.generator)
-            for i in seeded:
-                e = torch.empty(probs.shape[1]).exponential_(generator=meta.generators[i])
-                noise[i] = e.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else e
-            sampled = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(to_device(greedy_host, torch.bool, dev), tokens, sampled)
-
-        lps = None
-        if raw_logprobs is not None:
-            k = max(1, max_lp)
-            top_vals, top_ids = raw_logprobs.topk(k, dim=-1)
-            chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-            ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
-            top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
-            chosen, ranks, toks = chosen.tolist(), ranks.tolist(), tokens.tolist()
-            lps = LogprobsLists([], [], [])
-            for i, p in enumerate(ps):
-                n = p.logprobs
-                if n is None:
-                    lps.token_ids.append([]), lps.logprobs.append([]), lps.ranks.append(0)
-                else:
-                    lps.token_ids.append([toks[i]] + top_ids[i][:n])
-                    lps.logprobs.append([chosen[i]] + top_vals[i][:n])
-                    lps.ranks.append(ranks[i])
-        return SampleResult(tokens, lps)
-
-
-def prompt_logprobs_rows(logits: torch.Tensor, next_ids: list[int], k: int) -> LogprobsLists:
-    """For each prompt position: the actual next prompt token's logprob and rank, then top-k."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    ids = torch.tensor(next_ids, device=lp.device)
-    chosen = lp.gather(1, ids.unsqueeze(1)).squeeze(1)
-    ranks = ((lp > chosen.unsqueeze(1)).sum(dim=-1) + 1).tolist()
-    tv, ti = lp.topk(max(k, 1), dim=-1)
-    tv, ti, chosen = tv.tolist(), ti.tolist(), chosen.tolist()
-    return LogprobsLists([[next_ids[r]] + ti[r][:k] for r in range(len(next_ids))],
-                         [[chosen[r]] + tv[r][:k] for r in range(len(next_ids))], ranks)
+    @staticmethod
+    def _sample_random(x: torch.Tensor, meta: SamplingMetadata, tokens: torch.Tensor) -> None:
+        st, d = meta.state, meta.dev
+        prm = st.params.index_select(0, d["rows"])
+        seeds = st.seeds.index_select(0, d["rows"])
+        pos = d["positions"]
+        seed_host = st.seed[meta.rows]
+        top_p, min_p = st.top_p[meta.rows], st.min_p[meta.rows]
+        for name, sel in (("full", meta.full), ("cand", meta.cand)):
+            if not len(sel):
+                continue
+            i = d[name]
+            every = len(sel) == x.shape[0]
+            if name == "full":
+                vals, index, width, ids = x, i, d["full_width"], None
+            else:
+                k = st.top_k[meta.rows[sel]]
+                rows = x if every else x.index_select(0, i)
+                vals, ids = rows.topk(int(k.max()), dim=-1, sorted=bool((k != k.max()).any()))
+                index, width = torch.arange(len(sel), device=x.device), d["cand_k"]
+            p = prm if every else prm.index_select(0, i)
+            col = ops.sample_rows(
+                vals, index, width, p[:, INV_TEMP], p[:, MIN_P], p[:, TOP_P],
+                seeds if every else seeds.index_select(0, i), pos if every else pos.index_select(0, i),
+                seed_host[sel], meta.positions[sel], use_top_p=bool((top_p[sel] < 1).any()),
+                use_min_p=bool((min_p[sel] > 0).any()))
+            tok = col if ids is None else ids.gather(1, col[:, None]).squeeze(1)
+            if every:
+                tokens.copy_(tok)
+            else:
+                tokens.index_copy_(0, i, tok)

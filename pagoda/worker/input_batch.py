@@ -5,6 +5,10 @@ finishes: its tokens, block table and counters live in preallocated numpy arrays
 inputs (token ids, positions, slot mapping, sequence lengths) are gathered for all scheduled
 rows at once instead of being rebuilt request by request. Tokens sampled on the device but not
 read back yet sit in the arrays as placeholders until the runner resolves them.
+
+Each generating request's sampling parameters and token statistics are written to the device
+once, when it takes its row (`sampling`, a `pagoda.sample.state.SamplingState`); the sampler
+keeps the statistics current on the device from then on.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import numpy as np
 import torch
 
 from pagoda.pooling_params import PoolingParams
+from pagoda.sample.state import SamplingState
 from pagoda.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token not read back yet (its value is on the device)
@@ -29,7 +34,6 @@ class CachedRequestState:
     block_ids: list[int]
     num_computed_tokens: int
     token_type_ids: Optional[list[int]] = None
-    generator: Optional[torch.Generator] = None
     output_token_ids: list[int] = field(default_factory=list)  # PLACEHOLDER until resolved
     num_prompt_logprobs: int = 0  # prompt positions whose logprob rows were returned
 
@@ -39,7 +43,8 @@ class CachedRequestState:
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int):
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
+                 vocab_size: int = 0, device: torch.device = torch.device("cpu"), seed: int = 0):
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.token_ids = np.zeros((max_num_reqs, max_model_len), dtype=np.int32)
@@ -51,6 +56,8 @@ class InputBatch:
         self.requests: dict[str, CachedRequestState] = {}
         self.row_of: dict[str, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        # per-row sampling state on the device (none for a model that only pools)
+        self.sampling = SamplingState(max_num_reqs, vocab_size, device, seed) if vocab_size else None
 
     def __contains__(self, req_id: str) -> bool:
         return req_id in self.requests
@@ -70,6 +77,8 @@ class InputBatch:
         self.num_tokens[row] = n_prompt + n_out
         self.num_computed_tokens[row] = state.num_computed_tokens
         self.set_blocks(state.req_id, state.block_ids)
+        if state.sampling_params is not None and self.sampling is not None:
+            self.sampling.add(row, state.sampling_params, state.prompt_token_ids)
         return row
 
     def remove(self, req_id: str) -> Optional[CachedRequestState]:

@@ -10,7 +10,9 @@ finished its prompt, plus every prompt row of requests asking for prompt logprob
 requests end in the pooler instead.
 
 `launch` queues a step and returns without waiting for its sampled ids (they stay on the
-device; the next step reads its inputs from there); `PendingStep.result()` waits for them.
+device; the next step reads its inputs from there); `PendingStep.result()` waits for them, and
+for the step's logprobs, which are computed on the device and copied back with the ids: no
+sampling setting makes a step wait for the device.
 If a step fails, its requests are run one by one so only a request that fails on its own is
 failed (`ModelRunnerOutput.failed`).
 """
@@ -25,11 +27,12 @@ import torch
 
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
 from pagoda.layers.pooler import PoolingConfig, pool
+from pagoda.sample import ops as sample_ops
+from pagoda.sample.logprobs import LogprobsLists, LogprobsTensors
 from pagoda.sample.metadata import SamplingMetadata
-from pagoda.sample.sampler import Sampler, needs_token_history, prompt_logprobs_rows, to_device
+from pagoda.sample.sampler import Sampler, to_device
 from pagoda.worker import kv_cache as kvc
 from pagoda.worker.input_batch import PLACEHOLDER, CachedRequestState, InputBatch
-from pagoda.sample.logprobs import LogprobsLists
 from pagoda.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger("pagoda.model_runner")
@@ -50,22 +53,53 @@ class _StepInputs:
     decode_only: bool
 
 
+@dataclass
+class _HostLogprobs:
+    """A step's logprob rows on their way to the host, and how to cut them into lists."""
+    sampled: Optional[LogprobsTensors] = None   # one row per logprobs-returning sampled row
+    sampled_rows: Optional[np.ndarray] = None   # their indices in req_ids
+    sampled_keep: Optional[list[int]] = None    # top-k alternatives each keeps
+    prompt: Optional[LogprobsTensors] = None    # prompt positions of every request, back to back
+    prompt_parts: list[tuple[str, int, int]] = None  # (req_id, rows, top-k alternatives)
+
+    def resolve(self, out: ModelRunnerOutput) -> None:
+        if self.prompt is not None:
+            start = 0
+            for rid, m, k in self.prompt_parts:
+                out.prompt_logprobs[rid] = self.prompt.lists([k] * m, start)
+                start += m
+        if self.sampled is not None:
+            got = self.sampled.lists(self.sampled_keep)
+            n = len(out.req_ids)
+            lps = LogprobsLists([[] for _ in range(n)], [[] for _ in range(n)], [0] * n)
+            for i, r in enumerate(self.sampled_rows.tolist()):
+                lps.token_ids[r], lps.logprobs[r], lps.ranks[r] = \
+                    got.token_ids[i], got.logprobs[i], got.ranks[i]
+            out.logprobs = lps
+
+
 class PendingStep:
-    """A launched step: its sampled ids are being copied into pinned host memory behind the GPU
-    work; result() waits for that copy only (the step's event), not for later launches."""
+    """A launched step: its sampled ids (and logprobs) are being copied into pinned host memory
+    behind the GPU work; result() waits for that copy only (the step's event), not for later
+    launches."""
 
     def __init__(self, runner: "ModelRunner", output: ModelRunnerOutput,
-                 host: Optional[torch.Tensor], event, placeholders: list[tuple[str, int]]):
+                 host: Optional[torch.Tensor], event, placeholders: list[tuple[str, int]],
+                 logprobs: Optional[_HostLogprobs] = None):
         self.runner = runner
         self.output = output
         self.host = host              # int64 [len(req_ids)]: pinned (CUDA) or the tokens (CPU)
         self.event = event
         self.placeholders = placeholders  # (req_id, output index) of each sampled token
+        self.logprobs = logprobs
 
     def result(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
         out = self.output
+        if self.logprobs is not None:
+            self.logprobs.resolve(out)
+            self.logprobs = None
         if out.req_ids and not out.sampled_token_ids:
             out.sampled_token_ids = self.host.tolist()
             batch = self.runner.batch
@@ -86,14 +120,15 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.pooling = pooling
         self.on_cuda = device.type == "cuda"
-        self.sampler = Sampler(config.vocab_size, seed, device)
+        self.sampler = Sampler()
         attn = model.attention_layers()
         self.num_layers = len(attn)
         self.num_kv_heads = attn[0].num_kv_heads if attn else 0
         self.head_dim = attn[0].head_dim if attn else 0
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size))
+        self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size),
+                                0 if pooling is not None else config.vocab_size, device, seed)
         self.cpu_decoder = None   # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
         self.graph_runner = None  # worker.cuda_graphs.CudaGraphRunner: decode steps from CUDA graphs
         # the previous launch's sampled ids (device) and, per request, its row in that tensor:
@@ -179,13 +214,9 @@ class ModelRunner:
             self._prev_rows.pop(rid, None)
         for new in sched.scheduled_new_reqs:
             try:
-                gen = None
-                p = new.sampling_params
-                if p is not None and p.seed is not None:
-                    gen = torch.Generator().manual_seed(p.seed)
-                batch.add(CachedRequestState(new.req_id, new.prompt_token_ids, p, new.pooling_params,
-                                             list(new.block_ids), new.num_computed_tokens,
-                                             new.token_type_ids, gen))
+                batch.add(CachedRequestState(new.req_id, new.prompt_token_ids, new.sampling_params,
+                                             new.pooling_params, list(new.block_ids),
+                                             new.num_computed_tokens, new.token_type_ids))
             except Exception as e:  # this request cannot be prepared: it alone fails
                 logger.exception("request %s could not be added to the batch", new.req_id)
                 failed[new.req_id] = f"{type(e).__name__}: {e}"
@@ -201,6 +232,8 @@ class ModelRunner:
             else:
                 state.block_ids.extend(blocks)
                 batch.append_blocks(rid, blocks)
+        if batch.sampling is not None:
+            batch.sampling.flush()  # the new rows' sampling state, for all of them at once
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, req_ids: list[str], num_sched: list[int]) -> _StepInputs:
@@ -393,20 +426,33 @@ class ModelRunner:
         if not logit_rows:
             return self._finish(out, [], None)
         logits = self.model.compute_logits(h[to_device(logit_rows, torch.long, dev)])
-        for rid, r0, m, p0 in plp:
-            st = batch.requests[rid]
-            out.prompt_logprobs[rid] = prompt_logprobs_rows(
-                logits[r0:r0 + m], st.prompt_token_ids[p0 + 1:p0 + 1 + m], st.sampling_params.prompt_logprobs)
+        lps = _HostLogprobs()
+        if plp:
+            lps.prompt, lps.prompt_parts = self._prompt_logprobs(logits, plp)
         if not sample_ids:
-            return self._finish(out, [], None)
+            return self._finish(out, [], None, lps)
         sl = logits
         if plp:  # sampling rows are the ones not claimed by prompt logprobs
             taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
             sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
         res = self.sampler(sl, self._sampling_metadata(sample_ids))
         out.req_ids = sample_ids
-        out.logprobs = res.logprobs
-        return self._finish(out, sample_ids, res.token_ids)
+        if res.logprobs is not None:
+            lps.sampled, lps.sampled_rows, lps.sampled_keep = res.logprobs, res.logprobs_rows, res.logprobs_keep
+        return self._finish(out, sample_ids, res.token_ids, lps)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, plp: list[tuple[str, int, int, int]]
+                         ) -> tuple[LogprobsTensors, list[tuple[str, int, int]]]:
+        """Logprob rows of the prompt positions in plp ((req, first logit row, rows, first
+        position)), all requests at once, left on the device."""
+        reqs = self.batch.requests
+        rows = np.concatenate([np.arange(r0, r0 + m) for _, r0, m, _ in plp])
+        nxt = np.concatenate([np.asarray(reqs[rid].prompt_token_ids[p0 + 1:p0 + 1 + m], dtype=np.int64)
+                              for rid, _, m, p0 in plp])
+        parts = [(rid, m, reqs[rid].sampling_params.prompt_logprobs) for rid, _, m, _ in plp]
+        dev = self.device
+        sel = logits if len(rows) == logits.shape[0] else logits.index_select(0, to_device(rows, torch.long, dev))
+        return sample_ops.logprobs_topk(sel, to_device(nxt, torch.long, dev), max(k for _, _, k in parts)), parts
 
     def _pool(self, h: torch.Tensor, ids: list[str], starts: list[int], lens: list[int],
               out: ModelRunnerOutput) -> None:
@@ -420,28 +466,42 @@ class ModelRunner:
             out.pooler_output[rid] = v
 
     def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
-        states = [self.batch.requests[r] for r in req_ids]
-        params = [st.sampling_params for st in states]
-        history = any(needs_token_history(p) for p in params)
-        plain = all(p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens
-                    and not needs_token_history(p) for p in params)
-        return SamplingMetadata(
-            params, [st.generator for st in states], [len(st.output_token_ids) for st in states],
-            [st.prompt_token_ids for st in states] if history else None,
-            [st.output_token_ids for st in states] if history else None, plain)
+        batch = self.batch
+        rows = np.fromiter((batch.row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        positions = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]  # outputs so far
+        params = [batch.requests[r].sampling_params for r in req_ids]
+        return batch.sampling.metadata(params, rows, positions, self._token_bitmask(req_ids, rows))
+
+    def _token_bitmask(self, req_ids: list[str], rows: np.ndarray) -> Optional[torch.Tensor]:
+        """The hook for per-row logits masks (structured outputs): an int32 [len(req_ids),
+        ceil(vocab / 32)] packed bitmask on the device (bit t % 32 of word t // 32 set = token t
+        allowed; xgrammar's layout), or None when no row is constrained. The sampler applies it
+        before anything else."""
+        return None
 
     def _finish(self, out: ModelRunnerOutput, sample_ids: list[str],
-                tokens: Optional[torch.Tensor]) -> PendingStep:
-        """Start the sampled ids' copy to the host; remember them for the next step's inputs."""
+                tokens: Optional[torch.Tensor], lps: Optional[_HostLogprobs] = None) -> PendingStep:
+        """Start the sampled ids' (and logprobs') copy to the host; remember the ids for the
+        next step's inputs."""
         self._launches += 1
+        if lps is not None:
+            if lps.prompt is None and lps.sampled is None:
+                lps = None
+            else:
+                lps.prompt = lps.prompt.to_host() if lps.prompt is not None else None
+                lps.sampled = lps.sampled.to_host() if lps.sampled is not None else None
         if not sample_ids:
-            return PendingStep(self, out, None, None, [])
+            if lps is not None and self.on_cuda:
+                event = torch.cuda.Event()
+                event.record()
+                return PendingStep(self, out, None, event, [], lps)
+            return PendingStep(self, out, None, None, [], lps)
         batch = self.batch
         placeholders = [(rid, batch.append_token(rid, PLACEHOLDER)) for rid in sample_ids]
         self._prev_rows = {rid: k for k, rid in enumerate(sample_ids)}
         self.prev_tokens = tokens
         if not self.on_cuda:
-            return PendingStep(self, out, tokens, None, placeholders)
+            return PendingStep(self, out, tokens, None, placeholders, lps)
         n = len(sample_ids)
         k = self._launches & 1
         if len(self._out_bufs) < 2 or self._out_bufs[k].numel() < n:
@@ -451,7 +511,7 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(self, out, host, event, placeholders)
+        return PendingStep(self, out, host, event, placeholders, lps)
 
     def execute(self, sched) -> ModelRunnerOutput:
         """One step, waiting for its sampled ids (the non-overlapped path)."""

@@ -1,0 +1,91 @@
+"""The sampler's batched operations on the device: token masks, logit bias, penalties, the row
+sampler (min-p / top-k / top-p) and logprobs. Each works on all the rows that need it at once,
+addressed by index tensors; none reads anything back to the host. The penalties and the row
+sampler run as Triton kernels on CUDA, as their torch twins elsewhere (pagoda.kernels.sampling).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pagoda.kernels.sampling import apply_penalties_torch, sample_rows_torch
+from pagoda.sample.logprobs import LogprobsTensors
+
+try:
+    from pagoda.kernels.sampling_triton import apply_penalties_triton, sample_rows_triton
+    HAS_TRITON = True
+except ImportError:  # no triton wheel
+    HAS_TRITON = False
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list or numpy array on the device without a stream sync (a plain
+    torch.tensor(..., device=cuda) copies from pageable memory and waits for the GPU, which would
+    stall an overlapped step)."""
+    t = torch.from_numpy(np.ascontiguousarray(values)).to(dtype) if isinstance(values, np.ndarray) \
+        else torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """-inf wherever a packed bitmask forbids a token: int32 [B, ceil(V / 32)], bit t % 32 of word
+    t // 32 set = token t allowed (xgrammar's layout, so structured outputs can hand theirs over)."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[1]]
+    logits.masked_fill_(allowed == 0, float("-inf"))
+
+
+def add_logit_bias_(logits: torch.Tensor, batch_rows: torch.Tensor, ids: torch.Tensor,
+                    values: torch.Tensor) -> None:
+    """logits[batch_rows[i], ids[i, j]] += values[i, j] (padding: id 0 with value 0)."""
+    logits.index_put_((batch_rows[:, None].expand_as(ids), ids), values, accumulate=True)
+
+
+def forbid_tokens_(logits: torch.Tensor, batch_rows: torch.Tensor, ids: torch.Tensor) -> None:
+    """logits[batch_rows[i], ids[i, j]] = -inf (rows padded by repeating one of their ids)."""
+    logits.index_put_((batch_rows[:, None].expand_as(ids), ids),
+                      torch.tensor(float("-inf"), device=logits.device))
+
+
+def apply_penalties_(logits: torch.Tensor, token_state: torch.Tensor, batch_rows: torch.Tensor,
+                     state_rows: torch.Tensor, repetition: torch.Tensor, frequency: torch.Tensor,
+                     presence: torch.Tensor) -> None:
+    fn = apply_penalties_triton if HAS_TRITON and logits.is_cuda else apply_penalties_torch
+    fn(logits, token_state, batch_rows, state_rows, repetition, frequency, presence)
+
+
+def sample_rows(vals: torch.Tensor, index: torch.Tensor, width: torch.Tensor, inv_temp: torch.Tensor,
+                min_p: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor, position: torch.Tensor,
+                seed_host: np.ndarray, position_host: np.ndarray, use_top_p: bool,
+                use_min_p: bool) -> torch.Tensor:
+    """The column drawn in each row vals[index] (see pagoda.kernels.sampling). The Triton kernel
+    takes the Philox keys and counters from the device, its torch twin from the host."""
+    if HAS_TRITON and vals.is_cuda:
+        return sample_rows_triton(vals, index, width, inv_temp, min_p, top_p, seed, position,
+                                  use_top_p=use_top_p, use_min_p=use_min_p)
+    return sample_rows_torch(vals, index, width, inv_temp, min_p, top_p, seed_host, position_host,
+                             use_top_p=use_top_p, use_min_p=use_min_p)
+
+
+def logprobs_topk(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> LogprobsTensors:
+    """Per row: the chosen token's logprob and rank (1 + the tokens strictly more likely), then
+    the k most likely tokens' ids and logprobs, from fp32 log-softmax of `logits` [N, V]."""
+    x = logits.float()
+    lse = x.logsumexp(-1, keepdim=True)
+    picked = x.gather(1, chosen[:, None])
+    ranks = (x > picked).sum(-1) + 1
+    ids, lps = chosen[:, None], picked - lse
+    if k > 0:
+        top_v, top_i = x.topk(min(k, x.shape[1]), dim=-1)
+        ids, lps = torch.cat([ids, top_i], 1), torch.cat([lps, top_v - lse], 1)
+    return LogprobsTensors(ids, lps, ranks)
+
+
+def token_counts_add_(token_state: torch.Tensor, state_rows: torch.Tensor,
+                      tokens: torch.Tensor) -> None:
+    """One more occurrence of tokens[i] in row state_rows[i] (rows are distinct)."""
+    token_state.index_put_((state_rows, tokens), torch.ones_like(tokens, dtype=token_state.dtype),
+                           accumulate=True)
+
