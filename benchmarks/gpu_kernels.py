@@ -37,7 +37,8 @@ from pagoda.kernels.norm import fused_add_rms_norm_torch, rms_norm_torch  # noqa
 from pagoda.kernels.norm_triton import fused_add_rms_norm_triton, rms_norm_triton  # noqa: E402
 from pagoda.kernels.rotary import rotary_embedding_torch  # noqa: E402
 from pagoda.kernels.rotary_triton import rotary_embedding_triton  # noqa: E402
-from pagoda.kernels.sampling import apply_top_k_top_p_min_p, sample  # noqa: E402
+from pagoda.kernels.sampling import PROMPT_BIT, apply_penalties_torch, sample_rows_torch  # noqa: E402
+from pagoda.kernels.sampling_triton import apply_penalties_triton, sample_rows_triton  # noqa: E402
 
 DEV = "cpu" if DRY else "cuda"
 BUDGET_S = 300.0
@@ -263,32 +264,45 @@ def elementwise_cases(dtype):
 
 
 def sampling_cases():
-    b, vocab = (16 if DRY else 256), 151936
+    """The row sampler (top-p 0.95 at temperature 0.8, read straight from bf16 logits; top-k 50
+    candidates) and the fused penalties against their torch twins, with the full sort of the
+    vocabulary that the old sampler paid for, for scale."""
+    import numpy as np
+    b, vocab = (16 if DRY else 512), (4096 if DRY else 151936)
     g = torch.Generator(device=DEV).manual_seed(2)
-    logits = torch.randn(b, vocab, device=DEV, generator=g) * 4
-    temp = torch.rand(b, device=DEV, generator=g) + 0.3
-    temp[::4] = 0.0
-    top_k = torch.randint(0, 100, (b,), device=DEV, generator=g)
-    top_k[::3] = 0
-    top_p = torch.rand(b, device=DEV, generator=g) * 0.5 + 0.5
-    noise = torch.empty(b, vocab, device=DEV).exponential_(generator=g)
-    got = sample(logits, temp, top_k, top_p, noise=noise)
-    cpu = sample(logits[:16].cpu(), temp[:16].cpu(), top_k[:16].cpu(), top_p[:16].cpu(),
-                 noise=noise[:16].cpu())
-    agree = torch.equal(got[:16].cpu(), cpu)
-    filt = apply_top_k_top_p_min_p(logits, top_k, top_p)
-    same = torch.equal(filt, apply_top_k_top_p_min_p(logits, top_k, top_p, candidates=0))
-    kept = (filt > float("-inf")).sum(-1)
-    sane = bool(((kept <= torch.where(top_k > 0, top_k, vocab)) & (kept >= 1)).all())
-    row = {"case": f"sampling B={b} V={vocab}", "gpu_equals_cpu": agree,
-           "candidates_equal_full_sort": same, "filters_sane": sane, "ok": agree and same and sane,
-           "top_k+top_p ms (1024 candidates)": ms(lambda: sample(logits, temp, top_k, top_p)),
-           "top_k+top_p ms (full sort)": ms(lambda: apply_top_k_top_p_min_p(
-               logits / temp[:, None].clamp_min(1e-5), top_k, top_p, candidates=0)),
-           "top_p only ms": ms(lambda: sample(logits, temp, top_p=top_p)),
-           "top_k only ms": ms(lambda: sample(logits, temp, top_k=top_k)),
-           "temperature-only ms": ms(lambda: sample(logits, temp)),
-           "greedy ms": ms(lambda: sample(logits, temp, all_greedy=True))}
+    logits = (torch.randn(b, vocab, device=DEV, generator=g) * 2).to(torch.bfloat16)
+    idx = torch.arange(b, device=DEV)
+    width = torch.full((b,), vocab, device=DEV)
+    inv_t = torch.full((b,), 1 / 0.8, device=DEV)
+    min_p, top_p = torch.zeros(b, device=DEV), torch.full((b,), 0.95, device=DEV)
+    seed_h, pos_h = np.arange(b, dtype=np.uint64) * 7919, np.arange(b, dtype=np.int64) + 11
+    seed, pos = torch.from_numpy(seed_h.view(np.int64)).to(DEV), torch.from_numpy(pos_h).to(DEV)
+    got = sample_rows_triton(logits, idx, width, inv_t, min_p, top_p, seed, pos)
+    m = min(b, 16)
+    ref = sample_rows_torch(logits[:m].cpu(), idx[:m].cpu(), width[:m].cpu(), inv_t[:m].cpu(),
+                            min_p[:m].cpu(), top_p[:m].cpu(), seed_h[:m], pos_h[:m])
+    agree = float((got[:m].cpu() == ref).float().mean())
+    topv, topi = logits.topk(50, dim=-1)
+    k50 = torch.full((b,), 50, device=DEV)
+    state = torch.randint(0, 3, (b, vocab), device=DEV, generator=g, dtype=torch.int32)
+    state |= (torch.rand(b, vocab, device=DEV, generator=g) < 0.01).int() * PROMPT_BIT
+    rep, freq, pres = (torch.full((b,), v, device=DEV) for v in (1.1, 0.3, 0.2))
+    x = logits.float()
+    y, yr = x.clone(), x.clone()
+    apply_penalties_triton(y, state, idx, idx, rep, freq, pres)
+    apply_penalties_torch(yr, state, idx, idx, rep, freq, pres)
+    pen_err = rel_err(y, yr)
+    row = {"case": f"sampling B={b} V={vocab}", "row_sampler_equals_torch_twin": agree,
+           "penalties_rel_err": pen_err, "ok": agree >= 0.9 and pen_err < 1e-6,
+           "greedy argmax ms": ms(lambda: logits.argmax(-1)),
+           "top-p 0.95 row sampler ms": ms(lambda: sample_rows_triton(
+               logits, idx, width, inv_t, min_p, top_p, seed, pos)),
+           "top-k 50 topk ms": ms(lambda: logits.topk(50, dim=-1)),
+           "top-k 50 + top-p row sampler ms": ms(lambda: sample_rows_triton(
+               topv, idx, k50, inv_t, min_p, top_p, seed, pos)),
+           "penalties triton ms": ms(lambda: apply_penalties_triton(x, state, idx, idx, rep, freq, pres)),
+           "penalties torch ms": ms(lambda: apply_penalties_torch(x, state, idx, idx, rep, freq, pres)),
+           "full sort fp32 ms (old top-p)": ms(lambda: x.sort(dim=-1, descending=True))}
     ROWS.append(row)
     log(json.dumps(row))
 

@@ -56,6 +56,17 @@ def test_tiny_model_pagoda_and_hf_counts(tmp_path, capsys):
     assert "120/120" in table and "MISMATCH" not in table and "vs hf" in table
 
 
+def test_sampling_settings_apply_to_every_request(tmp_path, capsys):
+    res = run_json(tmp_path, "--model-shape", "tiny-llama", "--num-prompts", 4, "--input-len", 12,
+                   "--output-len", 6, "--temperature", 0.8, "--top-p", 0.95, "--top-k", 50,
+                   "--repetition-penalty", 1.1, "--logprobs", 5)
+    assert res["workload"]["sampling"] == {"temperature": 0.8, "top_p": 0.95, "top_k": 50,
+                                           "repetition_penalty": 1.1, "logprobs": 5}
+    (r,) = res["results"]
+    assert r["counts_ok"] and r["output_tokens"] == 24
+    assert "top_p 0.95" in capsys.readouterr().out
+
+
 def test_fixed_input_len_and_plot(tmp_path):
     png = tmp_path / "tp.png"
     res = run_json(tmp_path, "--model-shape", "tiny-llama", "--num-prompts", 5, "--input-len", 16,
@@ -115,6 +126,10 @@ def test_random_prompts_follow_w1():
     (["--model-shape", "tiny-llama", "--model", "x"], "--model-shape: give either"),
     (["--model-shape", "tiny-llama", "--output-len", "0"], "--output-len: must be >= 1"),
     (["--model-shape", "tiny-llama", "--input-len-range", "9", "3"], "--input-len-range: need 1 <= LO <= HI"),
+    (["--model-shape", "tiny-llama", "--top-p", "1.5"], "--top-p: must be in (0, 1], got 1.5"),
+    (["--model-shape", "tiny-llama", "--repetition-penalty", "0"], "--repetition-penalty: must be greater"),
+    (["--model-shape", "tiny-llama", "--temperature", "0.8", "--backend", "pagoda,hf"],
+     "--temperature: sampling settings apply to the pagoda backend only"),
 ])
 def test_bad_flags_get_one_line(argv, message, capsys):
     assert main(["bench", "throughput", "--disable-tqdm", *argv]) == 2

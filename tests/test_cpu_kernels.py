@@ -142,3 +142,55 @@ def test_fused_decode_declines_gemma3(tiny_gemma3_dir):
     from pagoda import LLM
     llm = LLM(tiny_gemma3_dir, quantization="int8", max_model_len=256, num_gpu_blocks_override=64)
     assert llm.llm_engine.core.worker.runner.kv_caches and llm.llm_engine.core.worker.runner.cpu_decoder is None
+
+
+def _sampling_rows(g, n, vocab):
+    """Rows that exercise every branch of the row sampler: long rows (several chunks), a short
+    width, min-p, top-p with rejections (a low top-p on flat rows), a row of -inf."""
+    vals = torch.randn(n, vocab, generator=g) * torch.linspace(0.2, 4, n)[:, None]
+    vals[-1] = float("-inf")
+    width = torch.full((n,), vocab)
+    width[1] = 37
+    inv_t = 1 / (torch.rand(n, generator=g) + 0.4)
+    min_p = torch.where(torch.arange(n) % 3 == 0, torch.rand(n, generator=g) * 0.3, torch.zeros(n))
+    top_p = torch.where(torch.arange(n) % 2 == 0, torch.rand(n, generator=g) * 0.9 + 0.05, torch.ones(n))
+    return vals, width, inv_t, min_p, top_p
+
+
+def test_row_sampler_draws_what_its_torch_reference_draws():
+    import numpy as np
+    from pagoda.kernels.cpu_sampling import sample_rows_cpu
+    from pagoda.kernels.sampling import sample_rows_torch
+    g = torch.Generator().manual_seed(4)
+    n, vocab = 12, 5000
+    vals, width, inv_t, min_p, top_p = _sampling_rows(g, n, vocab)
+    index = torch.arange(n).flip(0)
+    seeds = np.array([3, 2**63 + 9, 2**64 - 1] * 4, dtype=np.uint64)
+    same = total = 0
+    for step in range(20):
+        pos = np.arange(n, dtype=np.int64) * 1000 + step
+        got = sample_rows_cpu(vals, index, width, inv_t, min_p, top_p, seeds, pos)
+        ref = sample_rows_torch(vals, index, width, inv_t, min_p, top_p, seeds, pos)
+        assert (got < width).all()
+        same += int((got == ref).sum())
+        total += n
+    assert same >= 0.98 * total, f"{same}/{total}"  # exp/log roundings may move a boundary draw
+
+
+def test_penalties_match_torch_reference_exactly():
+    from pagoda.kernels.cpu_sampling import apply_penalties_cpu
+    from pagoda.kernels.sampling import PROMPT_BIT, apply_penalties_torch
+    g = torch.Generator().manual_seed(6)
+    vocab = 3001
+    logits = torch.randn(7, vocab, generator=g) * 3
+    state = torch.randint(0, 4, (9, vocab), generator=g, dtype=torch.int32)
+    state |= (torch.rand(9, vocab, generator=g) < 0.1).int() * PROMPT_BIT
+    brows, srows = torch.tensor([6, 0, 3, 2, 5]), torch.tensor([1, 8, 0, 4, 2])
+    rep = torch.tensor([1.3, 0.8, 1.0, 2.0, 1.1])
+    freq = torch.tensor([0.0, 0.5, -0.4, 1.2, 0.1])
+    pres = torch.tensor([0.3, 0.0, 1.0, -0.5, 0.2])
+    got, ref = logits.clone(), logits.clone()
+    apply_penalties_cpu(got, state, brows, srows, rep, freq, pres)
+    apply_penalties_torch(ref, state, brows, srows, rep, freq, pres)
+    assert torch.equal(got, ref)
+    assert torch.equal(got[[1, 4]], logits[[1, 4]]) and not torch.equal(got[6], logits[6])

@@ -25,7 +25,7 @@ from pagoda.kernels.activation import silu_and_mul_torch  # noqa: E402
 from pagoda.kernels.attention import paged_attention_torch, reshape_and_cache_torch  # noqa: E402
 from pagoda.kernels.norm import fused_add_rms_norm_torch, rms_norm_torch  # noqa: E402
 from pagoda.kernels.rotary import rotary_embedding_torch  # noqa: E402
-from pagoda.kernels.sampling import apply_top_k_top_p_min_p, exponential_noise, sample  # noqa: E402
+from pagoda.kernels import sampling  # noqa: E402
 
 
 def _interpreted(name):
@@ -41,6 +41,7 @@ attn = _interpreted("pagoda.kernels.attention_triton")
 norm = _interpreted("pagoda.kernels.norm_triton")
 rotary = _interpreted("pagoda.kernels.rotary_triton")
 act = _interpreted("pagoda.kernels.activation_triton")
+sampling_tri = _interpreted("pagoda.kernels.sampling_triton")
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -400,96 +401,76 @@ def test_dispatch_routes_cpu_tensors_to_torch(gen):
 
 # ---------------------------------------------------------------- sampling
 
-def filter_ref(logits, top_k, top_p, min_p):
-    """One row at a time, the obvious way."""
-    out = torch.full_like(logits, float("-inf"))
-    for i, row in enumerate(logits):
-        keep = torch.ones_like(row, dtype=torch.bool)
+def filter_ref(logits, temp, top_k, top_p, min_p):
+    """The sampler's target distribution one row at a time, the obvious way (vLLM's order:
+    min-p, top-k, top-p; ties at a boundary all kept)."""
+    out = torch.zeros(logits.shape, dtype=torch.float64)
+    for i, row in enumerate(logits.double()):
+        p = (row / float(temp[i])).softmax(-1)
+        keep = p >= float(min_p[i]) * p.max()
         if top_k[i] > 0:
-            keep[:] = False
-            keep[torch.topk(row, int(top_k[i])).indices] = True
-        masked = row.masked_fill(~keep, float("-inf"))
+            kth = sorted(row.tolist(), reverse=True)[int(top_k[i]) - 1]
+            keep &= row >= kth
+        q = torch.where(keep, p, 0.0)
+        q = q / q.sum()
         if top_p[i] < 1:
-            p = masked.softmax(-1)
-            order = torch.argsort(p, descending=True)
-            cum, kept = 0.0, torch.zeros_like(keep)
-            for j in order.tolist():
-                if cum >= top_p[i]:
-                    break
-                kept[j] = True
-                cum += float(p[j])
-            masked = masked.masked_fill(~kept, float("-inf"))
-        if min_p[i] > 0:
-            p = masked.softmax(-1)
-            masked = masked.masked_fill(p < min_p[i] * p.max(), float("-inf"))
-        out[i] = masked
+            better = torch.tensor([float(q[q > v].sum()) for v in q.tolist()], dtype=torch.float64)
+            keep &= better < float(top_p[i])
+        q = torch.where(keep, p, 0.0)
+        out[i] = q / q.sum()
     return out
 
 
-@pytest.mark.parametrize("candidates", [0, 8], ids=["full-sort", "8-candidates"])
-def test_top_k_top_p_min_p_match_row_reference(gen, candidates):
-    # with 8 candidates: rows 1, 2, 5 are decided among them, row 6 (k=20) and row 7 (a nearly
-    # flat row, top_p 0.99) must fall back to the full sort, rows 3 and 4 depend on the draw
-    b, vocab = 8, 50
-    logits = randn(gen, b, vocab) * 3
-    logits[7] /= 30
-    top_k = torch.tensor([0, 1, 5, 0, 50, 7, 20, 0])
-    top_p = torch.tensor([1.0, 1.0, 0.9, 0.5, 0.3, 1.0, 1.0, 0.99])
-    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.2, 0.0, 0.0])
-    got = apply_top_k_top_p_min_p(logits, top_k, top_p, min_p, candidates=candidates)
-    want = filter_ref(logits, top_k, top_p, min_p)
-    assert torch.equal(got, want), f"seed {gen.initial_seed()}"
-    assert (got[3] > float("-inf")).sum() < vocab  # top-p really removed something
-    assert (got[6] > float("-inf")).sum() == 20 and (got[7] > float("-inf")).sum() > 8
-    k_only = apply_top_k_top_p_min_p(logits, top_k=top_k, candidates=candidates)
-    assert torch.equal(k_only, filter_ref(logits, top_k, torch.ones(b), torch.zeros(b)))
-
-
-def test_top_p_one_keeps_the_whole_tail(gen):
-    # peaked rows: the fp32 running sum hits 1.0 long before the last, tiny, probabilities
-    logits = randn(gen, 2, 1000) * 40
-    got = apply_top_k_top_p_min_p(logits, torch.zeros(2, dtype=torch.long), torch.ones(2))
-    assert torch.equal(got, logits)
-
-
-def test_sample_equals_row_reference_with_same_noise(gen):
-    b, vocab = 5, 40
+def test_reference_distribution_is_the_definition(gen):
+    b, vocab = 7, 60
     logits = randn(gen, b, vocab) * 2
-    temp = torch.tensor([0.0, 0.7, 1.0, 1.3, 0.5])
-    top_k = torch.tensor([0, 0, 10, 3, 0])
-    top_p = torch.tensor([1.0, 0.8, 1.0, 1.0, 0.6])
-    noise = torch.empty(b, vocab).exponential_(generator=gen)
-    got = sample(logits, temp, top_k, top_p, noise=noise)
-    scaled = logits / torch.where(temp == 0, 1.0, temp)[:, None]
-    probs = filter_ref(scaled, top_k, top_p, torch.zeros(b)).softmax(-1)
-    want = (probs / noise).argmax(-1)
-    want[0] = logits[0].argmax()
-    assert torch.equal(got, want), f"seed {gen.initial_seed()}"
-    assert torch.equal(sample(logits, temp, all_greedy=True), logits.argmax(-1))
+    logits[3, :10] = logits[3, 10]  # ties at the top-k / top-p boundary
+    temp = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.5, 1.0, 2.0])
+    top_k = torch.tensor([0, 5, 0, 12, 30, 0, 8])
+    top_p = torch.tensor([1.0, 1.0, 0.8, 0.5, 0.9, 0.3, 0.6])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.2, 0.05])
+    got = sampling.reference_probs(logits, temp, top_k, top_p, min_p)
+    want = filter_ref(logits, temp, top_k, top_p, min_p)
+    assert torch.equal(got > 0, want > 0), f"seed {gen.initial_seed()}"
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert ((got > 0).sum(-1) < vocab)[1:].all()
 
 
-def test_sample_frequencies_follow_the_distribution(gen):
-    vocab, n = 6, 20000
-    logits = randn(gen, 1, vocab).expand(n, vocab).contiguous()
-    temp = torch.full((n,), 0.8)
-    top_k = torch.full((n,), 4)
-    noise = torch.empty(n, vocab).exponential_(generator=gen)
-    tokens = sample(logits, temp, top_k=top_k, noise=noise)
-    want = apply_top_k_top_p_min_p(logits[:1] / 0.8, top_k[:1]).softmax(-1)[0]
-    freq = torch.bincount(tokens, minlength=vocab).float() / n
-    assert (freq - want).abs().max() < 0.02, (freq, want)
-    assert freq[want == 0].sum() == 0
+def test_row_sampler_triton_draws_what_torch_draws(gen):
+    import numpy as np
+    n, vocab = 6, 2500  # two chunks of the kernel
+    vals = randn(gen, n, vocab) * torch.linspace(0.3, 3, n)[:, None]
+    vals[2] = float("-inf")  # nothing to draw (a fully masked row): column 0
+    width = torch.tensor([vocab, 40, vocab, vocab, 700, vocab])
+    inv_t = torch.tensor([1.0, 1.3, 0.8, 1.0, 2.0, 1.1])
+    min_p = torch.tensor([0.0, 0.0, 0.2, 0.0, 0.05, 0.0])
+    top_p = torch.tensor([1.0, 0.6, 0.9, 0.2, 1.0, 0.5])
+    index = torch.tensor([5, 4, 3, 2, 1, 0])
+    seeds = np.array([1, 2**64 - 1, 2**63, 12345, 7, 99], dtype=np.uint64)
+    same = 0
+    for step in range(4):
+        pos = np.arange(n, dtype=np.int64) * 77 + step
+        ref = sampling.sample_rows_torch(vals, index, width, inv_t, min_p, top_p, seeds, pos)
+        got = sampling_tri.sample_rows_triton(vals, index, width, inv_t, min_p, top_p,
+                                              torch.from_numpy(seeds.view(np.int64)), torch.from_numpy(pos))
+        same += int((got == ref).sum())
+        assert (got < width).all() and got[3] == 0
+    assert same >= 4 * n - 1, f"seed {gen.initial_seed()}: {same}/{4 * n}"
+    bf = sampling_tri.sample_rows_triton(vals.bfloat16(), index, width, inv_t, min_p, top_p,
+                                         torch.from_numpy(seeds.view(np.int64)), torch.from_numpy(pos))
+    assert torch.equal(bf, sampling.sample_rows_torch(vals.bfloat16(), index, width, inv_t, min_p,
+                                                      top_p, seeds, pos))
 
 
-def test_seeded_rows_repeat(gen):
-    logits = randn(gen, 3, 30)
-    temp = torch.ones(3)
-
-    def draw():
-        gens = {1: torch.Generator().manual_seed(7)}
-        return sample(logits, temp, noise=exponential_noise((3, 30), logits.device, gens))
-
-    assert all(draw()[1] == draw()[1] for _ in range(5))
-    noise = exponential_noise((3, 30), logits.device, {1: torch.Generator().manual_seed(7)})
-    assert torch.equal(noise[1], torch.empty(30).exponential_(
-        generator=torch.Generator().manual_seed(7)))
+def test_penalties_triton_equal_torch(gen):
+    vocab = 1500
+    logits = randn(gen, 4, vocab) * 3
+    state = torch.randint(0, 3, (6, vocab), generator=gen, dtype=torch.int32)
+    state |= (torch.rand(6, vocab, generator=gen) < 0.2).int() * sampling.PROMPT_BIT
+    brows, srows = torch.tensor([3, 1, 0]), torch.tensor([5, 0, 2])
+    rep, freq, pres = torch.tensor([1.4, 0.7, 1.0]), torch.tensor([0.2, 0.0, -0.5]), torch.tensor([0.5, 1.0, 0.0])
+    got, ref = logits.clone(), logits.clone()
+    sampling_tri.apply_penalties_triton(got, state, brows, srows, rep, freq, pres)
+    sampling.apply_penalties_torch(ref, state, brows, srows, rep, freq, pres)
+    assert torch.equal(got, ref)
+    assert torch.equal(got[2], logits[2]) and not torch.equal(got[3], logits[3])

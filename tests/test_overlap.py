@@ -1,8 +1,9 @@
 """Overlapped steps (the engine reads each step's sampled ids back one step late, as it does on
 CUDA) must give exactly the outputs of the step-by-step path: finishing by length, stop tokens and
-stop strings at different steps, preemption, chunked prefill, prefix-cache hits, aborts, seeded
-sampling, and batches that fall back to step-by-step (logprobs, penalties) mixed in. The logic is
-device-independent, so it is tested on the CPU by switching `engine.overlap` on."""
+stop strings at different steps, preemption, chunked prefill, prefix-cache hits, aborts, and
+every sampling setting (penalties, logprobs, prompt logprobs, seeds, min_tokens, logit bias), none
+of which may fall back to step-by-step. The logic is device-independent, so it is tested on the
+CPU by switching `engine.overlap` on."""
 from __future__ import annotations
 
 import pytest
@@ -76,7 +77,7 @@ def test_preemption_chunked_prefill_and_prefix_hits(tiny_llama_dir, prompts):
     assert_idle(eng)
 
 
-def test_sync_batches_mixed_in_and_seeded_sampling(tiny_llama_dir, prompts):
+def test_logprobs_penalties_and_seeded_sampling_mixed_in(tiny_llama_dir, prompts):
     params = []
     for i in range(len(prompts)):
         if i % 4 == 0:
@@ -130,3 +131,42 @@ def test_abort_while_a_step_is_in_flight_and_streamed_deltas(tiny_llama_dir, pro
         assert streamed[str(i)] == ref[i].outputs[0].token_ids
     assert streamed["1"] == toks
     assert_idle(eng)
+
+
+SETTINGS = [dict(temperature=0, repetition_penalty=1.4),
+            dict(temperature=0, frequency_penalty=0.9, presence_penalty=0.6),
+            dict(temperature=0, logprobs=3),
+            dict(temperature=0, prompt_logprobs=2, logprobs=0),
+            dict(temperature=0.9, top_p=0.8, seed=5),
+            dict(temperature=1.0, top_k=30, min_p=0.02, repetition_penalty=1.2, seed=6),
+            dict(temperature=1.1),  # unseeded: its seed comes from the engine's, in arrival order
+            dict(temperature=0, min_tokens=6, stop_token_ids=[0, 1, 2]),
+            dict(temperature=0, logit_bias={7: 3.0, 11: -2.0}),
+            dict(temperature=0.8, top_p=0.95, logprobs=2, seed=9)]
+
+
+def test_every_sampling_setting_stays_overlapped_with_the_same_outputs(tiny_llama_dir, prompts):
+    params = [SamplingParams(max_tokens=10 + i, ignore_eos=True, **kw) for i, kw in enumerate(SETTINGS)]
+    ref = make(tiny_llama_dir, False).generate(prompts, params, use_tqdm=False)
+    llm = make(tiny_llama_dir, True)
+    core = llm.llm_engine.core
+    inflight = []
+    step = core.step
+
+    def watched():
+        out = step()
+        inflight.append(core._inflight is not None)
+        return out
+    core.step = watched
+    got = llm.generate(prompts, params, use_tqdm=False)
+    assert summary(got) == summary(ref)
+    # every step but the last left its sampled ids on the device: no setting forced a sync
+    assert len(inflight) > 15 and all(inflight[:-1]), inflight
+
+    def lps(outs):
+        return [[{t: round(v.logprob, 5) for t, v in d.items()} for d in o.outputs[0].logprobs]
+                if o.outputs[0].logprobs is not None else None for o in outs]
+    assert lps(got) == lps(ref)
+    assert [o.prompt_logprobs for o in got] == [o.prompt_logprobs for o in ref]
+    assert got[3].prompt_logprobs is not None and got[2].outputs[0].logprobs
+    assert_idle(llm.llm_engine)

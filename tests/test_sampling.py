@@ -107,16 +107,57 @@ def test_repetition_and_frequency_penalties_reduce_repeats(tiny_llm):
     assert sum(repeats(o.outputs[0].token_ids) for o in freq) < r_plain
 
 
-def test_top_p_and_min_p_restrict_the_support(tiny_llama_dir):
-    from pagoda.sample.sampler import _filter_top_k_top_p_min_p
+def test_top_p_and_min_p_restrict_the_support():
+    from pagoda.kernels.sampling import reference_probs
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    kept = lambda **kw: torch.isfinite(_filter_top_k_top_p_min_p(  # noqa: E731
-        logits, torch.tensor([kw.get("k", 0)]), torch.tensor([kw.get("p", 1.0)]),
-        torch.tensor([kw.get("m", 0.0)]))).tolist()[0]
+    kept = lambda **kw: (reference_probs(  # noqa: E731
+        logits, torch.tensor([1.0]), torch.tensor([kw.get("k", 0)]), torch.tensor([kw.get("p", 1.0)]),
+        torch.tensor([kw.get("m", 0.0)])) > 0).tolist()[0]
     assert kept(p=0.7) == [True, True, False, False]
     assert kept(p=0.5) == [True, False, False, False]
     assert kept(k=3) == [True, True, True, False]
     assert kept(m=0.5) == [True, True, False, False]  # 0.15 < 0.5 * 0.5
+    assert kept(m=0.2, p=0.6) == [True, True, False, False]  # min-p first: 0.6 of 0.95
+
+
+MIXED = [dict(temperature=0),
+         dict(temperature=1.0, top_p=0.9),
+         dict(temperature=0.8, top_k=20),
+         dict(temperature=1.2, min_p=0.05),
+         dict(temperature=0.9, top_k=40, top_p=0.8, min_p=0.02),
+         dict(temperature=0.7, repetition_penalty=1.3),
+         dict(temperature=1.0, frequency_penalty=0.8, presence_penalty=0.5),
+         dict(temperature=0.9, logprobs=3, logit_bias={100: 2.0, 200: -5.0}),
+         dict(temperature=0, repetition_penalty=1.5, logprobs=2)]
+
+
+def test_seeded_outputs_equal_alone_and_in_a_batch_of_32_mixed_requests(tiny_llm):
+    """32 requests, every sampling setting mixed, a third of them seeded: each seeded one gives
+    the same tokens (and logprobs) in the batch as alone."""
+    prompts = random_prompts(32, 4, 30, 49152, seed=21)
+    params = []
+    for i in range(32):
+        kw = dict(MIXED[i % len(MIXED)], max_tokens=10 + i % 5, ignore_eos=True)
+        if i % 3 == 1:
+            kw["seed"] = 1000 + i
+        if i % 7 == 3:
+            kw["min_tokens"] = 4
+        params.append(SamplingParams(**kw))
+    together = tiny_llm.generate(prompts, params, use_tqdm=False)
+    seeded = [i for i, p in enumerate(params) if p.seed is not None and not p.greedy]
+    assert len(seeded) >= 8
+    for i in seeded:
+        alone = run(tiny_llm, [prompts[i]], **{k: getattr(params[i], k) for k in (
+            "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+            "presence_penalty", "logprobs", "logit_bias", "seed", "max_tokens", "min_tokens",
+            "ignore_eos")})[0].outputs[0]
+        got = together[i].outputs[0]
+        assert got.token_ids == alone.token_ids, i
+        if params[i].logprobs is not None:  # the model's numerics differ by batch size
+            for d, e in zip(got.logprobs, alone.logprobs, strict=True):
+                assert d.keys() == e.keys()
+                assert all(abs(d[t].logprob - e[t].logprob) < 1e-4 for t in d)
+    assert len({tuple(together[i].outputs[0].token_ids) for i in seeded}) == len(seeded)
 
 
 def test_n_samples_and_prompt_logprobs(tiny_llama_dir):

@@ -34,3 +34,34 @@ def add_common_args(p: argparse.ArgumentParser):
     g.add_argument("--plot", default=None, help="Write a PNG chart of the results here.")
     g.add_argument("--disable-tqdm", action="store_true", help="No progress bars.")
     return g
+
+
+# name on the command line -> SamplingParams field; defaults are greedy (as W1)
+SAMPLING_FLAGS = {"temperature": (float, 0.0), "top_p": (float, 1.0), "top_k": (int, 0),
+                  "min_p": (float, 0.0), "repetition_penalty": (float, 1.0),
+                  "presence_penalty": (float, 0.0), "frequency_penalty": (float, 0.0),
+                  "logprobs": (int, None)}
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling settings of every pagoda request (default greedy, as W1): the W1-sampled and
+    W1-penalties variants are `--temperature 0.8 --top-p 0.95 [--top-k 50 --repetition-penalty 1.1]`."""
+    g = p.add_argument_group("Sampling (pagoda backend)")
+    for name, (typ, default) in SAMPLING_FLAGS.items():
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=default,
+                       help=f"SamplingParams.{name} of every request (default {default}).")
+
+
+def sampling_settings(args) -> dict:
+    """The sampling flags that differ from greedy, as SamplingParams keywords."""
+    return {k: getattr(args, k) for k, (_, d) in SAMPLING_FLAGS.items() if getattr(args, k) != d}
+
+
+def sampling_params(settings: dict, max_tokens: int):
+    """SamplingParams of one benchmark request; a bad value names its flag."""
+    from pagoda.sampling_params import SamplingParams
+    try:
+        return SamplingParams(**{"temperature": 0.0, **settings}, max_tokens=max_tokens, ignore_eos=True)
+    except ValueError as e:
+        name = str(e).split(" ", 1)[0]
+        raise ValueError(f"--{name.replace('_', '-')}: {str(e).split(' ', 1)[1]}") from None

@@ -1,7 +1,8 @@
 """`pagoda bench throughput`: offline, in-process throughput of pagoda and its baselines.
 
 Every backend gets the same token-id prompts and generates exactly --output-len tokens per
-request (EOS ignored, greedy), so the useful tokens are known in advance and checked against
+request (EOS ignored, greedy unless sampling flags are given: those apply to pagoda, whose
+sampling cost they measure), so the useful tokens are known in advance and checked against
 what each backend actually returned. Baselines run first and release their memory before
 pagoda starts, so pagoda's KV-cache sizing sees a free device.
 """
@@ -11,7 +12,7 @@ import argparse
 import gc
 import time
 
-from pagoda.bench.args import BASELINES, add_common_args
+from pagoda.bench.args import BASELINES, add_common_args, add_sampling_args, sampling_params, sampling_settings
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hf-batch-size", type=int, default=64, help="Batch size of the hf backend (default 64).")
     g.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="An untimed short run on each backend first.")
+    add_sampling_args(p)
 
 
 def make_prompts(args, target) -> list[list[int]]:
@@ -56,18 +58,18 @@ def make_prompts(args, target) -> list[list[int]]:
     return [workloads.chat_token_ids(tok, p) for p in texts]
 
 
-def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[int], list[int], str]:
+def run_pagoda(target, prompts, out_len, warmup, progress, sampling: dict | None = None
+               ) -> tuple[float, list[int], list[int], str]:
     """Returns (seconds, generated tokens per request, prompt tokens per request as seen by pagoda,
     the weight format pagoda ran: 'int8' or 'none')."""
     from pagoda.bench.hf_backend import sync
     from pagoda.llm import LLM
-    from pagoda.sampling_params import SamplingParams
     llm = LLM(**target.engine_kwargs)
     try:
         if warmup:  # reversed prompts: same lengths, but nothing the prefix cache could reuse later
-            llm.generate([p[::-1] for p in prompts[:8]],
-                         SamplingParams(temperature=0, max_tokens=min(out_len, 8), ignore_eos=True), use_tqdm=False)
-        params = SamplingParams(temperature=0, max_tokens=out_len, ignore_eos=True)
+            llm.generate([p[::-1] for p in prompts[:8]], sampling_params(sampling or {}, min(out_len, 8)),
+                         use_tqdm=False)
+        params = sampling_params(sampling or {}, out_len)
         sync(target.device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=progress)
@@ -104,7 +106,8 @@ def measure(backend, target, prompts, args) -> dict:
     errors: list[str] = []
     weights = target.dtype
     if backend == "pagoda":
-        dt, counts, seen_in, quant = run_pagoda(target, prompts, out_len, args.warmup, progress)
+        dt, counts, seen_in, quant = run_pagoda(target, prompts, out_len, args.warmup, progress,
+                                                sampling_settings(args))
         weights = "int8" if quant == "int8" else weights
         if seen_in != [len(p) for p in prompts]:
             errors.append("pagoda saw different prompt lengths than were sent")
@@ -119,6 +122,10 @@ def measure(backend, target, prompts, args) -> dict:
             "requests_per_s": n / dt, "input_tok_per_s": in_tokens / dt, "output_tok_per_s": out_tokens / dt}
 
 
+def _describe(settings: dict) -> str:
+    return " (" + ", ".join(f"{k} {v}" for k, v in settings.items()) + ")" if settings else " (greedy)"
+
+
 def reference_backend(backends: list[str]) -> str:
     """Ratios are taken against the first baseline listed (or the first backend if none is)."""
     return next((b for b in backends if b in BASELINES), backends[0])
@@ -131,6 +138,12 @@ def validate(args) -> None:
         raise ValueError(f"--input-len: must be >= 1, got {args.input_len}")
     if args.hf_batch_size < 1:
         raise ValueError(f"--hf-batch-size: must be >= 1, got {args.hf_batch_size}")
+    settings = sampling_settings(args)
+    sampling_params(settings, args.output_len)  # a bad value fails here, naming its flag
+    if settings and any(b in BASELINES for b in args.backend):
+        flag = "--" + next(iter(settings)).replace("_", "-")
+        raise ValueError(f"{flag}: sampling settings apply to the pagoda backend only; the "
+                         "baselines are greedy")
 
 
 def run(args) -> int:
@@ -154,7 +167,8 @@ def run(args) -> int:
     print(report.table(["backend", "weights", "time (s)", "req/s", "input tok/s", "output tok/s",
                         f"vs {ref['backend']}", "output tokens counted/expected"], rows,
                        title=f"bench throughput: {target.label}, {len(prompts)} requests, "
-                             f"{sum(map(len, prompts)):,} prompt tokens, {args.output_len} out each, "
+                             f"{sum(map(len, prompts)):,} prompt tokens, {args.output_len} out each"
+                             f"{_describe(sampling_settings(args))}, "
                              f"{target.device}, activations {target.dtype}"))
     for r in results:
         for e in r["errors"]:
@@ -162,7 +176,8 @@ def run(args) -> int:
     out = {"model": target.label, "device": target.device, "dtype": target.dtype,
            "workload": {"kind": "dataset" if args.dataset else args.workload, "dataset": args.dataset,
                         "num_prompts": len(prompts), "input_tokens": sum(map(len, prompts)),
-                        "output_len": args.output_len, "seed": args.seed},
+                        "output_len": args.output_len, "seed": args.seed,
+                        "sampling": sampling_settings(args)},
            "reference": ref["backend"], "results": results}
     if args.output_json:
         report.write_json(args.output_json, out)

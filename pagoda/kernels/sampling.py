@@ -5,11 +5,13 @@ top-p sets (vLLM's order: min-p on the whole distribution, then top-k, then top-
 left), without sorting the vocabulary. It is exact rejection sampling in the style of FlashInfer's
 sampling kernels:
 
-1. draw j by inverse transform from the current support S (at first: the min-p set), with
-   one uniform per round from Philox keyed by the request's seed and counted by its output
-   position and the round: u = Philox4x32-10(key=seed, counter=(position, round)). The draw
-   depends on nothing but the row itself, so seeded requests are reproducible and
-   independent of their batch neighbours;
+1. draw j from the current support S (at first: the min-p set) by the exponential race:
+   j = argmax over S of x_t - log(E_t), E_t ~ Exp(1) i.i.d., which picks t with probability
+   softmax(x)_t over S. E_t comes from Philox4x32-10 keyed by the request's seed and counted by
+   (token t, output position, round) (`race_noise`): the draw depends on nothing but the row
+   itself, so seeded requests are reproducible and independent of their batch neighbours, and
+   a logit that moves by rounding (another batch size) moves the draw only when the two best
+   scores are that close;
 2. j is in the top-p set exactly when the mass of the tokens strictly more likely than j is
    below top_p (of the min-p set's mass): accept it;
 3. otherwise every token no more likely than j is outside the set too: S = {x > x_j}, go to 1.
@@ -19,12 +21,10 @@ the rounds before did, so the result equals the reference definition (`reference
 rejections are rare (round 1 accepts with probability >= top_p). Top-k is handled by the
 caller: rows with top-k pass only their k best logits (a torch.topk) as the row. Tokens tied
 with the boundary token are all kept (a threshold on the probability, unlike a sort, which
-keeps an arbitrary subset of a tie).
+keeps an arbitrary subset of a tie). Masses are fp32 sums within a chunk, fp64 across chunks.
 
-Masses are fp32 sums within a chunk, fp64 across chunks; the draw's target is scaled by a total
-summed the way the draw scans, so it always lands on a token of the support.
-`pagoda.kernels.sampling_triton` runs the same algorithm, one program per row, with no host
-sync; this torch twin syncs once per round (`.any()`), which costs nothing on the CPU.
+`pagoda.kernels.sampling_triton` (CUDA) and `cpu_sampling.c` (CPU) run the same algorithm with
+the same noise, one row at a time, with no host sync; this torch twin syncs once per round.
 """
 from __future__ import annotations
 
@@ -37,31 +37,41 @@ MAX_ROUNDS = 256    # a row still rejected after this many rounds (NaN logits) t
 # the token is in the prompt (repetition penalty looks at prompt and output tokens)
 PROMPT_BIT = 1 << 30
 COUNT_MASK = PROMPT_BIT - 1
-CHUNK = 2048        # the Triton kernel's chunk; the torch twin sums chunk by chunk the same way
+CHUNK = 2048        # the kernels' chunk; the torch twin sums chunk by chunk the same way
 
 _M32 = np.uint64(0xFFFFFFFF)
 _KEY_A, _KEY_B = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
 _ROUND_A, _ROUND_B = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 
 
-def philox_uniform(seed: np.ndarray, position: np.ndarray, rnd: int | np.ndarray) -> np.ndarray:
-    """float64 uniforms in [0, 1) (53 bits), one per element: Philox4x32-10 with key = the 64-bit
-    seed and counter = (position low, position high, round, 0), as triton.language.philox
-    computes it; the first two output words make the 53 bits."""
+def philox4x32(seed: np.ndarray, c0, c1, c2, c3) -> tuple[np.ndarray, ...]:
+    """Philox4x32-10 (key = the 64-bit seed, counter = four 32-bit words), as
+    triton.language.random.philox computes it; arrays broadcast."""
     seed = np.asarray(seed).astype(np.uint64)
-    pos = np.asarray(position).astype(np.int64).view(np.uint64)
     k0, k1 = seed & _M32, seed >> np.uint64(32)
-    c0, c1 = pos & _M32, pos >> np.uint64(32)
-    c2 = np.broadcast_to(np.asarray(rnd, dtype=np.uint64), c0.shape) & _M32
-    c3 = np.zeros_like(c0)
+    c0, c1, c2, c3 = np.broadcast_arrays(*(np.asarray(c).astype(np.uint64) & _M32 for c in (c0, c1, c2, c3)))
+    k0, k1 = np.broadcast_to(k0, c0.shape), np.broadcast_to(k1, c0.shape)
     with np.errstate(over="ignore"):
         for _ in range(10):
             p0, p2 = _ROUND_A * c0, _ROUND_B * c2   # exact: both factors < 2**32
             c0, c2, c1, c3 = ((p2 >> np.uint64(32)) ^ c1 ^ k0, (p0 >> np.uint64(32)) ^ c3 ^ k1,
                               p2 & _M32, p0 & _M32)
             k0, k1 = (k0 + _KEY_A) & _M32, (k1 + _KEY_B) & _M32
-    return ((c0 >> np.uint64(5)).astype(np.float64) * 67108864.0
-            + (c1 >> np.uint64(6)).astype(np.float64)) * (1.0 / 9007199254740992.0)
+    return c0, c1, c2, c3
+
+
+def race_noise(seed: np.ndarray, position: np.ndarray, rnd: int, width: int) -> torch.Tensor:
+    """log(E) [N, width] of the exponential race, E ~ Exp(1): for row i and token t, word t % 4 of
+    Philox(seed[i], counter = (t // 4, position[i] low, position[i] high, rnd)), as 32 bits
+    v = (bits + 1/2) / 2**32, E = -log(1 - v) (a series for small v, where 1 - v would round)."""
+    pos = np.asarray(position).astype(np.int64).view(np.uint64)[:, None]
+    groups = np.arange((width + 3) // 4, dtype=np.uint64)[None, :]
+    words = philox4x32(np.asarray(seed)[:, None], groups, pos & _M32, pos >> np.uint64(32), rnd)
+    bits = np.stack(words, -1).reshape(len(pos), -1)[:, :width]
+    v = torch.from_numpy(bits.astype(np.float32)) * 2.0 ** -32 + 2.0 ** -33
+    series = v * (1 + v * (0.5 + v * (1 / 3 + v * 0.25)))
+    e = torch.where(v < 1 / 64, series, -torch.log(1 - v))
+    return torch.log(e)
 
 
 def _chunked_mass(e: torch.Tensor) -> torch.Tensor:
@@ -86,40 +96,35 @@ def sample_rows_torch(vals: torch.Tensor, index: torch.Tensor, width: torch.Tens
     float32 [N]; seed (uint64) and position (int64): host arrays [N], the Philox key and counter.
     use_top_p / use_min_p = False promise that no row uses that filter (skips its work).
     """
-    x = vals.index_select(0, index).float() * inv_temp[:, None]
+    x = vals.index_select(0, index).float() * inv_temp.float()[:, None]
     n, w = x.shape
     cols = torch.arange(w, device=x.device)
     x = x.masked_fill(cols[None, :] >= width[:, None], float("-inf"))
     m = x.amax(-1)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))   # rows with nothing to draw
+    m = torch.where(m > float("-inf"), m, torch.zeros_like(m))   # a row with nothing to draw
     lo = torch.full_like(m, float("-inf"))
     if use_min_p:
-        lo = torch.where(min_p > 0, m + torch.log(min_p.clamp_min(1e-30)), lo)
-    e = torch.where(x >= lo[:, None], torch.exp(x - m[:, None]), torch.zeros_like(x))
-    z0 = _chunked_mass(e)
+        lo = torch.where(min_p > 0, m + torch.log(min_p.float().clamp_min(1e-30)), lo)
+    keep = x >= lo[:, None]
+    e = torch.where(keep, torch.exp(x - m[:, None]), torch.zeros_like(x))
+    z0 = _chunked_mass(e) if use_top_p else None
     piv = torch.full_like(m, float("-inf"))
     tok = torch.zeros(n, dtype=torch.long, device=x.device)
     todo = torch.arange(n, device=x.device)
     seed, position = np.asarray(seed), np.asarray(position)
     for rnd in range(MAX_ROUNDS):
         sel = todo.cpu().numpy()
-        u = torch.from_numpy(philox_uniform(seed[sel], position[sel], rnd)).to(x.device)
-        xs, es = x[todo], e[todo]
-        es = torch.where(xs > piv[todo, None], es, torch.zeros_like(es))
-        cum = es.double().cumsum(-1)
-        target = u * cum[:, -1]
-        j = torch.searchsorted(cum, target[:, None], right=True).squeeze(1).clamp(max=w - 1)
-        # a token with zero mass is never drawn: step back to the last token with mass
-        has = es.gather(1, j[:, None]).squeeze(1) > 0
-        if not bool(has.all()):
-            last = torch.where(es > 0, cols[None, :], torch.full_like(es, -1, dtype=torch.long)).amax(-1)
-            j = torch.where(has, j, last.clamp(min=0))
+        xs = x[todo]
+        noise = race_noise(seed[sel], position[sel], rnd, w).to(x.device)
+        live = keep[todo] & (xs > piv[todo, None])
+        j = torch.where(live, xs - noise, torch.full_like(xs, float("-inf"))).argmax(-1)
         if not use_top_p or rnd == MAX_ROUNDS - 1:
             tok[todo] = j
             break
         xj = xs.gather(1, j[:, None])
-        better = _chunked_mass(torch.where(xs > xj, e[todo], torch.zeros_like(es)))
-        ok = (top_p[todo] >= 1) | (better < top_p[todo].double() * z0[todo])
+        better = _chunked_mass(torch.where(xs > xj, e[todo], torch.zeros_like(xs)))
+        # the most likely token always stays (better == 0: also a row with no mass at all)
+        ok = (top_p[todo] >= 1) | (better < top_p[todo].double() * z0[todo]) | (better == 0)
         tok[todo[ok]] = j[ok]
         piv[todo[~ok]] = xj[~ok].squeeze(1)
         todo = todo[~ok]

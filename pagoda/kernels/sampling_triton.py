@@ -1,10 +1,11 @@
 """Triton twins of pagoda.kernels.sampling: the row sampler (rejection sampling for min-p /
 top-p without a sort, one program per row, no host sync) and the fused penalties.
 
-The row sampler reads each row a few times (max, mass, the draw's scan until it lands, and for
-top-p the mass above the drawn token); the logits may stay in the model's dtype. The uniform of
-each round comes from triton.language's Philox with the key and counter of the torch twin, so
-both draw the same token from the same row (up to the last bit of exp and log).
+The row sampler reads each row once for plain temperature (the race), three times for top-p
+(max, race with the min-p set's mass, the mass above the drawn token); the logits may stay in the
+model's dtype. The race noise comes from triton.language's Philox with the torch twin's key and
+counter, four tokens per Philox call, so both draw the same token from the same row (up to the
+last bit of exp and log).
 """
 from __future__ import annotations
 
@@ -22,19 +23,46 @@ def _row_x(base, offs, width, inv_t):
 
 
 @triton.jit
-def _row_e(base, offs, width, inv_t, m, lo, gt):
-    """x and exp(x - m) of one chunk, zero outside {x >= lo} & {x > gt}."""
-    x = _row_x(base, offs, width, inv_t)
-    return tl.where((x >= lo) & (x > gt), tl.exp(x - m), 0.0)
+def _row_mass(base, width, inv_t, m, lo, gt, BLOCK: tl.constexpr):
+    """Mass of the tokens with x >= lo and x > gt: fp32 within a chunk, fp64 across chunks."""
+    acc = tl.zeros((), dtype=tl.float64)
+    for start in range(0, width, BLOCK):
+        x = _row_x(base, start + tl.arange(0, BLOCK), width, inv_t)
+        e = tl.where((x >= lo) & (x > gt), tl.exp(x - m), 0.0)
+        acc += tl.sum(e, 0).to(tl.float64)
+    return acc
 
 
 @triton.jit
-def _row_mass(base, width, inv_t, m, lo, gt, BLOCK: tl.constexpr):
-    acc = tl.zeros((), dtype=tl.float64)
+def _log_exp_noise(bits):
+    """log(E), E ~ Exp(1), from 32 random bits (as race_noise in sampling.py)."""
+    v = bits.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10
+    series = v * (1 + v * (0.5 + v * (0.3333333432674408 + v * 0.25)))
+    return tl.log(tl.where(v < 0.015625, series, -tl.log(1 - v)))
+
+
+@triton.jit
+def _race(base, width, inv_t, lo, piv, seed, p_lo, p_hi, rnd, BLOCK: tl.constexpr):
+    """argmax of x - log(E) over {x >= lo} & {x > piv}; the first index of a tie."""
+    G: tl.constexpr = BLOCK // 4
+    g = tl.arange(0, G)
+    w = tl.arange(0, 4)
+    best = tl.full((), float("-inf"), tl.float32)
+    pick = tl.zeros((), dtype=tl.int32)
     for start in range(0, width, BLOCK):
-        e = _row_e(base, start + tl.arange(0, BLOCK), width, inv_t, m, lo, gt)
-        acc += tl.sum(e, 0).to(tl.float64)
-    return acc
+        offs = start + 4 * g[:, None] + w[None, :]          # [G, 4]: a contiguous chunk
+        x = _row_x(base, offs, width, inv_t)
+        grp = ((start // 4) + g).to(tl.uint32)
+        r0, r1, r2, r3 = philox(seed, grp, p_lo + grp * 0, p_hi + grp * 0, rnd + grp * 0)
+        bits = tl.where(w[None, :] == 0, r0[:, None], tl.where(w[None, :] == 1, r1[:, None],
+                        tl.where(w[None, :] == 2, r2[:, None], r3[:, None])))
+        score = tl.where((x >= lo) & (x > piv), x - _log_exp_noise(bits), float("-inf"))
+        score = tl.reshape(score, (BLOCK,))
+        cmax = tl.max(score, 0)
+        if cmax > best:
+            best = cmax
+            pick = start + tl.argmax(score, 0)
+    return pick
 
 
 @triton.jit
@@ -45,64 +73,38 @@ def _sample_rows_kernel(vals, stride, index, width_ptr, inv_temp_ptr, min_p_ptr,
     base = vals + tl.load(index + pid).to(tl.int64) * stride
     width = tl.load(width_ptr + pid).to(tl.int32)
     inv_t = tl.load(inv_temp_ptr + pid)
-    ar = tl.arange(0, BLOCK)
-    mx = tl.full((BLOCK,), float("-inf"), tl.float32)
-    for start in range(0, width, BLOCK):
-        mx = tl.maximum(mx, _row_x(base, start + ar, width, inv_t))
-    m = tl.max(mx, 0)
-    m = tl.where(m > float("-inf"), m, 0.0)  # a row with nothing to draw gives column 0
+    seed = tl.load(seed_ptr + pid)
+    pos = tl.load(pos_ptr + pid)
+    p_lo = (pos & 0xFFFFFFFF).to(tl.uint32)
+    p_hi = ((pos >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    m = tl.zeros((), dtype=tl.float32)
     lo = float("-inf")
+    if USE_MIN_P or USE_TOP_P:
+        mx = tl.full((BLOCK,), float("-inf"), tl.float32)
+        for start in range(0, width, BLOCK):
+            mx = tl.maximum(mx, _row_x(base, start + tl.arange(0, BLOCK), width, inv_t))
+        m = tl.max(mx, 0)
+        m = tl.where(m > float("-inf"), m, 0.0)  # a row with nothing to draw gives column 0
     if USE_MIN_P:
         mp = tl.load(min_p_ptr + pid)
         lo = tl.where(mp > 0, m + tl.log(tl.maximum(mp, 1e-30)), float("-inf"))
-    z0 = _row_mass(base, width, inv_t, m, lo, float("-inf"), BLOCK)
-    top_p = tl.load(top_p_ptr + pid).to(tl.float64)
-    seed = tl.load(seed_ptr + pid)
-    pos = tl.load(pos_ptr + pid)
-    c0 = (pos & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((pos >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    zero = c0 * 0
-    zs = z0
     piv = tl.full((), float("-inf"), tl.float32)
-    rnd = tl.zeros((), dtype=tl.int32)
-    done = tl.zeros((), dtype=tl.int32)
-    j = tl.zeros((), dtype=tl.int32)
-    while done == 0:
-        r0, r1, _, _ = philox(seed, c0, c1, rnd.to(tl.uint32), zero)
-        u = ((r0 >> 5).to(tl.float64) * 67108864.0 + (r1 >> 6).to(tl.float64)) * (1.0 / 9007199254740992.0)
-        target = u * zs
-        # inverse transform: chunk sums find the chunk, a cumsum the token in it
-        pre = tl.zeros((), dtype=tl.float64)
-        j = tl.full((), -1, tl.int32)
-        last = tl.full((), -1, tl.int32)
-        start = 0
-        while (j < 0) & (start < width):
-            offs = start + ar
-            e = _row_e(base, offs, width, inv_t, m, lo, piv)
-            s = tl.sum(e, 0).to(tl.float64)
-            nz = tl.max(tl.where(e > 0, offs, -1), 0)
-            if pre + s > target:
-                cs = tl.cumsum(e, 0)
-                t = (target - pre).to(tl.float32)
-                first = tl.min(tl.where((cs > t) & (e > 0), offs, 2147483647), 0)
-                j = tl.where(first < 2147483647, first, nz)
-            else:
-                pre += s
-                last = tl.maximum(last, nz)
-            start += BLOCK
-        j = tl.where(j < 0, last, j)
-        j = tl.maximum(j, 0)
-        if USE_TOP_P:
-            xj = tl.load(base + j).to(tl.float32) * inv_t
-            better = _row_mass(base, width, inv_t, m, lo, xj, BLOCK)
-            if (top_p >= 1.0) | (better < top_p * z0) | (rnd >= MAX_R - 1):
-                done = 1
-            else:
-                piv = xj
-                zs = better
-                rnd += 1
-        else:
-            done = 1
+    j = _race(base, width, inv_t, lo, piv, seed, p_lo, p_hi, tl.zeros((), dtype=tl.uint32), BLOCK)
+    if USE_TOP_P:
+        top_p = tl.load(top_p_ptr + pid).to(tl.float64)
+        if top_p < 1.0:
+            z0 = _row_mass(base, width, inv_t, m, lo, float("-inf"), BLOCK)
+            rnd = tl.zeros((), dtype=tl.int32)
+            done = tl.zeros((), dtype=tl.int32)
+            while done == 0:
+                xj = tl.load(base + j).to(tl.float32) * inv_t
+                better = _row_mass(base, width, inv_t, m, lo, xj, BLOCK)
+                if (better < top_p * z0) | (better == 0.0) | (rnd >= MAX_R - 1):  # the best stays
+                    done = 1
+                else:  # every token no more likely than the draw is outside the top-p set
+                    piv = xj
+                    rnd += 1
+                    j = _race(base, width, inv_t, lo, piv, seed, p_lo, p_hi, rnd.to(tl.uint32), BLOCK)
     tl.store(out_ptr + pid, j.to(tl.int64))
 
 
@@ -152,4 +154,5 @@ def apply_penalties_triton(logits: torch.Tensor, token_state: torch.Tensor, batc
     _penalties_kernel[(n, triton.cdiv(vocab, block))](
         logits, logits.stride(0), token_state, token_state.stride(0), batch_rows, state_rows,
         repetition.float().contiguous(), frequency.float().contiguous(), presence.float().contiguous(),
-        vocab, BLOCK=block, MASK=COUNT_MASK, num_warps=4)
+        vocab, BLOCK=block, MASK=COUNT_MASK, num_warps=4,
+        enable_fp_fusion=False)  # no FMA: the torch twin's roundings exactly

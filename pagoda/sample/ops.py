@@ -1,13 +1,15 @@
 """The sampler's batched operations on the device: token masks, logit bias, penalties, the row
 sampler (min-p / top-k / top-p) and logprobs. Each works on all the rows that need it at once,
 addressed by index tensors; none reads anything back to the host. The penalties and the row
-sampler run as Triton kernels on CUDA, as their torch twins elsewhere (pagoda.kernels.sampling).
+sampler run as Triton kernels on CUDA, as C kernels on the CPU (pagoda.kernels.cpu_sampling),
+and as their torch twins (pagoda.kernels.sampling) where neither is available.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from pagoda.kernels.cpu_sampling import apply_penalties_cpu, sample_rows_cpu
 from pagoda.kernels.sampling import apply_penalties_torch, sample_rows_torch
 from pagoda.sample.logprobs import LogprobsTensors
 
@@ -46,13 +48,14 @@ def add_logit_bias_(logits: torch.Tensor, batch_rows: torch.Tensor, ids: torch.T
 def forbid_tokens_(logits: torch.Tensor, batch_rows: torch.Tensor, ids: torch.Tensor) -> None:
     """logits[batch_rows[i], ids[i, j]] = -inf (rows padded by repeating one of their ids)."""
     logits.index_put_((batch_rows[:, None].expand_as(ids), ids),
-                      torch.tensor(float("-inf"), device=logits.device))
+                      torch.full(ids.shape, float("-inf"), dtype=logits.dtype, device=logits.device))
 
 
 def apply_penalties_(logits: torch.Tensor, token_state: torch.Tensor, batch_rows: torch.Tensor,
                      state_rows: torch.Tensor, repetition: torch.Tensor, frequency: torch.Tensor,
                      presence: torch.Tensor) -> None:
-    fn = apply_penalties_triton if HAS_TRITON and logits.is_cuda else apply_penalties_torch
+    fn = apply_penalties_cpu if not logits.is_cuda else \
+        apply_penalties_triton if HAS_TRITON else apply_penalties_torch
     fn(logits, token_state, batch_rows, state_rows, repetition, frequency, presence)
 
 
@@ -65,7 +68,8 @@ def sample_rows(vals: torch.Tensor, index: torch.Tensor, width: torch.Tensor, in
     if HAS_TRITON and vals.is_cuda:
         return sample_rows_triton(vals, index, width, inv_temp, min_p, top_p, seed, position,
                                   use_top_p=use_top_p, use_min_p=use_min_p)
-    return sample_rows_torch(vals, index, width, inv_temp, min_p, top_p, seed_host, position_host,
+    fn = sample_rows_cpu if not vals.is_cuda else sample_rows_torch
+    return fn(vals, index, width, inv_temp, min_p, top_p, seed_host, position_host,
                              use_top_p=use_top_p, use_min_p=use_min_p)
 
 

@@ -77,6 +77,18 @@ class Sampler:
         return res
 
     @staticmethod
+    def _candidates(x: torch.Tensor, k: np.ndarray, k_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's k best logits and their token ids, in token-id order (the draw walks its
+        row in order, so the order must not depend on the batch), first k[i] columns valid."""
+        kmax = int(k.max())
+        vals, ids = x.topk(kmax, dim=-1, sorted=bool((k != kmax).any()))
+        if (k != kmax).any():  # sorted best first: columns past a row's own k go last
+            cols = torch.arange(kmax, device=x.device)
+            ids = torch.where(cols[None, :] < k_dev[:, None], ids, x.shape[1] + cols[None, :])
+        ids, order = ids.sort(dim=-1)
+        return vals.gather(1, order), ids
+
+    @staticmethod
     def _sample_random(x: torch.Tensor, meta: SamplingMetadata, tokens: torch.Tensor) -> None:
         st, d = meta.state, meta.dev
         prm = st.params.index_select(0, d["rows"])
@@ -92,9 +104,8 @@ class Sampler:
             if name == "full":
                 vals, index, width, ids = x, i, d["full_width"], None
             else:
-                k = st.top_k[meta.rows[sel]]
-                rows = x if every else x.index_select(0, i)
-                vals, ids = rows.topk(int(k.max()), dim=-1, sorted=bool((k != k.max()).any()))
+                vals, ids = Sampler._candidates(x if every else x.index_select(0, i),
+                                             st.top_k[meta.rows[sel]], d["cand_k"])
                 index, width = torch.arange(len(sel), device=x.device), d["cand_k"]
             p = prm if every else prm.index_select(0, i)
             col = ops.sample_rows(

@@ -105,7 +105,7 @@ class SamplingState:
                 ok = (flat_ids >= 0) & (flat_ids < self.vocab_size)
                 self.token_state.index_put_(
                     (to_device(flat_rows[ok], torch.long, dev), to_device(flat_ids[ok], torch.long, dev)),
-                    torch.tensor(PROMPT_BIT, dtype=torch.int32, device=dev))
+                    torch.full((int(ok.sum()),), PROMPT_BIT, dtype=torch.int32, device=dev))
         stop_rows = [r for r in rows.tolist() if tables[r][0]]
         if stop_rows:
             self.stop_ids, _ = self._write_table(self.stop_ids, stop_rows,
