@@ -27,11 +27,11 @@ static void philox(uint64_t seed, uint32_t c0, uint32_t c1, uint32_t c2, uint32_
     out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
 }
 
-// log(E), E ~ Exp(1), from 32 random bits (as race_noise in sampling.py)
-static inline float log_exp_noise(uint32_t bits) {
-    const float v = (float)bits * 0x1p-32f + 0x1p-33f;
-    const float e = v < 1.f / 64 ? v * (1 + v * (0.5f + v * (1.f / 3 + v * 0.25f))) : -logf(1 - v);
-    return logf(e);
+// E ~ Exp(1) from 32 random bits, as race_noise in sampling.py: v = (bits + 1/2) / 2**32 and
+// E = -log(1 - v) >= v (a series for small v, where 1 - v would round)
+static inline float uniform_of(uint32_t bits) { return (float)bits * 0x1p-32f + 0x1p-33f; }
+static inline float exp_noise(float v) {
+    return v < 1.f / 64 ? v * (1 + v * (0.5f + v * (1.f / 3 + v * 0.25f))) : -logf(1 - v);
 }
 
 // mass of the tokens with x > gt: fp32 within a chunk, fp64 across chunks
@@ -68,22 +68,22 @@ void pagoda_sample_rows(const float* vals, int64_t stride, const int64_t* index,
             if (!(m > -INFINITY)) m = 0.f;  // nothing to draw: column 0
             const float lo = min_p[i] > 0 ? m + logf(fmaxf(min_p[i], 1e-30f)) : -INFINITY;
             const int top = use_top_p && top_p[i] < 1.f;
-            double z0 = 0.0;
-            if (top) {
-                for (int64_t j = 0; j < w; j++) e[j] = x[j] >= lo ? expf(x[j] - m) : 0.f;
-                z0 = mass_above(x, e, w, -INFINITY);
-            }
+            for (int64_t j = 0; j < w; j++) e[j] = x[j] >= lo ? expf(x[j] - m) : 0.f;
+            const double z0 = top ? mass_above(x, e, w, -INFINITY) : 0.0;
             float piv = -INFINITY;
             int64_t tok = 0;
             for (int32_t r = 0; r < max_rounds; r++) {
-                float best = -INFINITY;
+                // the race as argmax e / E; since E >= v, a token with e <= best * v cannot win
+                // and needs no logarithm: nearly all of them after the first few
+                float best = 0.f;  // tokens without mass (e = 0) never win
                 int64_t pick = 0;
                 for (int64_t g = 0; g < w; g += 4) {
                     uint32_t bits[4];
                     philox(seed[i], (uint32_t)(g >> 2), p_lo, p_hi, (uint32_t)r, bits);
                     for (int64_t j = g; j < g + 4 && j < w; j++) {
-                        if (!(x[j] >= lo && x[j] > piv)) continue;
-                        const float score = x[j] - log_exp_noise(bits[j - g]);
+                        const float v = uniform_of(bits[j - g]);
+                        if (!(e[j] > best * v) || !(x[j] > piv)) continue;
+                        const float score = e[j] / exp_noise(v);
                         if (score > best) best = score, pick = j;
                     }
                 }

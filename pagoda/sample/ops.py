@@ -6,6 +6,8 @@ and as their torch twins (pagoda.kernels.sampling) where neither is available.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -18,6 +20,22 @@ try:
     HAS_TRITON = True
 except ImportError:  # no triton wheel
     HAS_TRITON = False
+
+
+@contextmanager
+def one_thread_on_cpu(t: torch.Tensor):
+    """Run the sampler's torch ops on one CPU thread. Its tensors are small (rows x vocab): a
+    second thread saves little, and each op's OpenMP fork/join, on a 2-core machine that is busy
+    with anything else, can cost tens of milliseconds."""
+    n = torch.get_num_threads()
+    if t.is_cuda or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

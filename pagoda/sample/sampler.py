@@ -36,6 +36,10 @@ class SampleResult:
 class Sampler:
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampleResult:
         """Next token per row of logits [rows, vocab] (modified in place)."""
+        with ops.one_thread_on_cpu(logits):
+            return self._sample(logits, meta)
+
+    def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampleResult:
         if meta.token_bitmask is not None:
             ops.apply_token_bitmask_(logits, meta.token_bitmask)
         if meta.all_plain_greedy:

@@ -452,7 +452,9 @@ class ModelRunner:
         parts = [(rid, m, reqs[rid].sampling_params.prompt_logprobs) for rid, _, m, _ in plp]
         dev = self.device
         sel = logits if len(rows) == logits.shape[0] else logits.index_select(0, to_device(rows, torch.long, dev))
-        return sample_ops.logprobs_topk(sel, to_device(nxt, torch.long, dev), max(k for _, _, k in parts)), parts
+        with sample_ops.one_thread_on_cpu(sel):
+            lps = sample_ops.logprobs_topk(sel, to_device(nxt, torch.long, dev), max(k for _, _, k in parts))
+        return lps, parts
 
     def _pool(self, h: torch.Tensor, ids: list[str], starts: list[int], lens: list[int],
               out: ModelRunnerOutput) -> None:
