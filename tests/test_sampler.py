@@ -219,3 +219,22 @@ def test_token_bitmask_hook_restricts_every_row():
         assert all(allowed[i, t] for i, t in enumerate(tok.tolist()))
     best = max((7, 30), key=lambda t: logits[0, t])
     assert int(sample(st, params, logits, [0] * 3, bitmask=bits).token_ids[0]) == best
+
+
+def test_a_row_taken_twice_before_a_flush_keeps_the_last_request():
+    """A request that finishes and a new one that takes its row before the next flush: the
+    flush writes the newcomer's parameters and token statistics, not a mix of both."""
+    old = SamplingParams(temperature=0, repetition_penalty=5.0, logit_bias={4: 50.0})
+    new = SamplingParams(temperature=0, repetition_penalty=1.5)
+    st = SamplingState(2, V, torch.device("cpu"))
+    st.add(0, old, [1, 2, 3])
+    st.add(1, new, [7, 8])
+    st.add(0, new, [7, 8])
+    st.flush()
+    assert st.params[0].tolist() == st.params[1].tolist()
+    assert torch.equal(st.token_state[0], st.token_state[1])
+    assert st.token_state[0].nonzero().flatten().tolist() == [7, 8]
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(4))
+    logits[:, 4] = -10
+    logits[:, 2] = 10
+    assert sample(st, [new, new], logits, [0, 0]).token_ids.tolist() == [2, 2]

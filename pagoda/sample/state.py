@@ -86,8 +86,8 @@ class SamplingState:
         if not self._staged:
             return
         dev = self.device
-        staged, self._staged = self._staged, []
-        tables, self._tables = self._tables, {}
+        staged = list({r: (r, p, ids) for r, p, ids in self._staged}.values())  # a row's last
+        tables, self._staged, self._tables = self._tables, [], {}
         rows = np.array([r for r, _, _ in staged], dtype=np.int64)
         rows_d = to_device(rows, torch.long, dev)
         self.params.index_copy_(0, rows_d, to_device(np.array(

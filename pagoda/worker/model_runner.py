@@ -60,7 +60,7 @@ class _HostLogprobs:
     sampled_rows: Optional[np.ndarray] = None   # their indices in req_ids
     sampled_keep: Optional[list[int]] = None    # top-k alternatives each keeps
     prompt: Optional[LogprobsTensors] = None    # prompt positions of every request, back to back
-    prompt_parts: list[tuple[str, int, int]] = None  # (req_id, rows, top-k alternatives)
+    prompt_parts: Optional[list[tuple[str, int, int]]] = None  # (req_id, rows, top-k alternatives)
 
     def resolve(self, out: ModelRunnerOutput) -> None:
         if self.prompt is not None:
