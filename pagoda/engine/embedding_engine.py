@@ -29,9 +29,9 @@ def is_embedding_model(args: EngineArgs) -> bool:
     """Whether ``args.model`` is an encoder to serve embeddings with (reads its config only)."""
     from pagoda.models.registry import is_embedding_model as arch_is_embedding
     from pagoda.worker import loader
-    src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
-    if src.gguf_file:
+    if loader.names_gguf(args.model):  # decided before resolving: that would convert a GGUF
         return False
+    src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
     return arch_is_embedding(loader.load_config(src, args.trust_remote_code))
 
 

@@ -18,8 +18,10 @@ from pagoda.engine.block_manager import BlockManager
 from pagoda.engine.detokenizer import IncrementalDetokenizer, decode_token
 from pagoda.engine.request import PENDING, Request, Sequence, SequenceStatus
 from pagoda.engine.scheduler import Scheduler, SchedulerOutput
+from pagoda.kernels import cpu_build
 from pagoda.outputs import CompletionOutput, Logprob, RequestOutput
 from pagoda.sampling_params import SamplingParams
+from pagoda.startup import StartupTimes
 
 logger = logging.getLogger("pagoda.engine")
 
@@ -92,12 +94,16 @@ class LLMEngine:
         from pagoda.models.registry import resolve_model_class
 
         t0 = time.time()
+        self.startup = StartupTimes()
         self.args = args
         self.device = _pick_device(args.device)
         self.dtype = _pick_dtype(args.dtype, self.device)
+        if self.device.type == "cpu":
+            cpu_build.build_in_background()  # the C kernels compile while the model loads
         src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
         self.source = src
         hf_config = loader.load_config(src, args.trust_remote_code)
+        self.startup.mark("config")
         if getattr(hf_config, "text_config", None) is not None and not hasattr(hf_config, "num_hidden_layers"):
             hf_config = hf_config.text_config
         model_cls = resolve_model_class(hf_config)
@@ -105,6 +111,7 @@ class LLMEngine:
         # the engine thread detokenizes with its own copy: HF fast tokenizers are not safe to use
         # from two threads at once ("Already borrowed"), and the server tokenizes on its own thread
         self._detok_tokenizer = copy.deepcopy(self.tokenizer) if self.tokenizer is not None else None
+        self.startup.mark("tokenizer")
 
         max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or 2048
         max_model_len = args.max_model_len or max_pos
@@ -132,16 +139,16 @@ class LLMEngine:
                 model = model_cls(hf_config, max_position=max_model_len)
         finally:
             torch.set_default_dtype(prev)
-        self._load_weights(model, src, hf_config)
         self.quantization = self._pick_quantization(src)
+        # a GGUF's Q4/Q8 blocks go straight into the CPU's int8 groups (no float round trip)
+        int8_groups = {} if self.quantization == "int8" and self.device.type == "cpu" else None
+        self._load_weights(model, src, hf_config, int8_groups)
         if self.quantization == "int8":
-            from pagoda.layers.embedding import LMHead
-            from pagoda.layers.linear import Linear
-            for m in model.modules():
-                if isinstance(m, (Linear, LMHead)):
-                    m.quantize_int8()
+            loader.quantize_int8(model, int8_groups)
+        del int8_groups
         model.eval()
         self.model = model
+        self.startup.mark("weights")
 
         # -- scheduler limits ---------------------------------------------------------------------
         on_cuda = self.device.type == "cuda"
@@ -163,6 +170,7 @@ class LLMEngine:
         self.attention_backend = backend
         num_blocks = self._plan_kv_cache(max_model_len)
         self.runner.allocate_kv_cache(num_blocks)
+        self.startup.mark("kv cache")
         if on_cuda and not args.enforce_eager and backend == "triton":  # torch backend syncs
             self.runner.capture_cuda_graphs(self.max_num_seqs, max_model_len)
         self.block_manager = BlockManager(num_blocks, args.block_size, args.enable_prefix_caching)
@@ -183,6 +191,8 @@ class LLMEngine:
         # CPU the model runs on the host anyway, so there is nothing to overlap
         self.overlap = on_cuda
         self._inflight = None  # the launched step not yet resolved (model_runner.PendingStep)
+        self.startup.mark("other")
+        logger.info("%s", self.startup.line())
         logger.info("engine ready in %.1fs: %s on %s (%s), %d KV blocks x %d tokens = %d tokens, "
                     "max_model_len %d, max_num_seqs %d, max_num_batched_tokens %d", time.time() - t0,
                     src.name, self.device, self.model_config.dtype, num_blocks, args.block_size,
@@ -194,7 +204,7 @@ class LLMEngine:
         return cls(args)
 
     # -- loading --------------------------------------------------------------------------------
-    def _load_weights(self, model, src, hf_config) -> None:
+    def _load_weights(self, model, src, hf_config, int8_groups=None) -> None:
         from tqdm import tqdm
         from pagoda.worker import loader
         if self.args.load_format == "dummy":
@@ -203,14 +213,15 @@ class LLMEngine:
                 p.data.normal_(0, 0.02, generator=g)
             return
         if src.gguf_file:
-            total = loader.gguf_tensor_count(src.gguf_file)
-            weights = loader.iter_gguf(src.gguf_file, hf_config)
+            total = loader.gguf_tensor_count(src)
+            weights = loader.iter_gguf(src, hf_config, int8_groups)
         else:
             total = loader.count_safetensors(src.weights_dir)
             weights = loader.iter_safetensors(src.weights_dir)
         bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False,
                    disable=None)
-        loaded = model.load_weights(bar)
+        with loader.loading_threads():
+            loaded = model.load_weights(bar)
         missing = model.expected_weights() - loaded
         if missing:
             raise ValueError(f"--model: checkpoint is missing {len(missing)} weight(s), e.g. "
@@ -225,7 +236,7 @@ class LLMEngine:
             q = "none"
             if src.gguf_file and self.device.type == "cpu" and self.args.load_format != "dummy":
                 from pagoda.worker import loader
-                types = loader.gguf_quant_types(src.gguf_file)
+                types = loader.gguf_quant_types(src)
                 if types:
                     q = "int8"
                     logger.info("GGUF weights are %s: running int8 on the CPU "

@@ -28,6 +28,13 @@ class _DrainingServer(uvicorn.Server):
         self._on_signal()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
+
 
 def _configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)

@@ -1,0 +1,194 @@
+"""Start-up without the slow paths: the GGUF header read once by our own reader (the vocabulary
+left in the file), Q4/Q8 blocks taken straight as int8 groups, C kernels built in the background.
+Each is checked against the slow path it replaces: gguf.GGUFReader, gguf's dequantize,
+transformers' GGUF loading. Start-up times are measured in benchmarks/startup.py, not here."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import gguf
+from gguf.constants import GGMLQuantizationType as T
+from pagoda.kernels import cpu_build, cpu_int8
+from pagoda.worker import gguf_blocks, gguf_reader, kv_cache, loader
+
+
+@pytest.fixture(scope="module")
+def bundled_path() -> str:
+    return loader.bundled_model_path()
+
+
+def test_header_matches_gguf_reader(bundled_path):
+    ref = gguf.GGUFReader(bundled_path)
+    h = gguf_reader.read_header(bundled_path)
+    assert h.architecture == "llama" and h.quant_types == {"Q4_1", "Q8_0"}
+    assert [t.name for t in h.tensors] == [t.name for t in ref.tensors]
+    for ours, theirs in zip(h.tensors, ref.tensors):
+        assert (ours.type, ours.offset, ours.nbytes) == (theirs.tensor_type, theirs.data_offset, theirs.n_bytes)
+        assert ours.shape == tuple(reversed(theirs.shape.tolist()))
+        assert np.array_equal(h.tensor_bytes(ours).reshape(-1), theirs.data.reshape(-1).view(np.uint8))
+    fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+    assert set(h.metadata) == set(fields)
+    skipped = [k for k, v in h.metadata.items() if isinstance(v, gguf_reader.StringArray)]
+    assert "tokenizer.ggml.tokens" in skipped and "tokenizer.ggml.merges" in skipped
+    for k, f in fields.items():
+        got = h.strings(k) if k in skipped else h.metadata[k]
+        assert got == f.contents(), k
+
+
+def test_header_refuses_other_files_clearly(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        gguf_reader.read_header(str(bad))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        loader.resolve_model(str(bad))
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q8_0])
+def test_block_groups_hold_gguf_blocks_exactly(qtype):
+    rng = np.random.default_rng(int(qtype))
+    w = (rng.standard_normal((48, 160)) * rng.uniform(0.01, 2.0, (48, 1))).astype(np.float32)
+    raw = gguf.quants.quantize(w, qtype)
+    ref = torch.from_numpy(gguf.quants.dequantize(raw, qtype).astype(np.float32))
+    g = gguf_blocks.block_groups(raw, qtype, w.shape)
+    assert g[0].dtype == torch.uint8 and g[0].shape == w.shape and g[1].shape == (48, 5)
+    assert torch.equal(gguf_blocks.groups_to_float(g), ref)
+    assert torch.equal(cpu_int8.dequantize_weight(*g), ref)  # the int8 format's own reference
+    if cpu_int8.available():
+        x = torch.randn(3, 160)
+        torch.testing.assert_close(cpu_int8.int8_matmul(x, *g), x @ ref.T, rtol=1e-5, atol=1e-4)
+
+
+def _count_parses(monkeypatch) -> dict:
+    counts = {"GGUFReader": 0, "read_header": 0}
+    init, read = gguf.gguf_reader.GGUFReader.__init__, gguf_reader.read_header
+
+    def counting_init(self, *a, **kw):
+        counts["GGUFReader"] += 1
+        init(self, *a, **kw)
+
+    def counting_read(*a, **kw):
+        counts["read_header"] += 1
+        return read(*a, **kw)
+    monkeypatch.setattr(gguf.gguf_reader.GGUFReader, "__init__", counting_init)
+    monkeypatch.setattr(gguf_reader, "read_header", counting_read)
+    return counts
+
+
+def test_engine_start_parses_the_gguf_once(monkeypatch, smollm_side_dir):
+    """With the converted tokenizer/config cached (the session converted it), one engine start
+    reads the GGUF header once and never builds gguf.GGUFReader."""
+    from pagoda import LLM
+    counts = _count_parses(monkeypatch)
+    llm = LLM(max_model_len=256, num_gpu_blocks_override=32)
+    assert counts == {"GGUFReader": 0, "read_header": 1}
+    assert llm.engine.quantization == "int8" and llm.engine.source.gguf_header is not None
+
+
+def test_cold_start_converts_once_then_reads_only_the_header(monkeypatch, tmp_path, bundled_path):
+    """A fresh cache: transformers converts tokenizer + config (its own GGUF parses), once; the
+    next resolve finds them cached and parses nothing."""
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    counts = _count_parses(monkeypatch)
+    src = loader.resolve_model(None)
+    assert src.config_dir.startswith(str(tmp_path)) and counts["read_header"] == 0
+    converted = counts["GGUFReader"]
+    assert converted >= 1
+    src = loader.resolve_model(None)
+    assert loader.gguf_tensor_count(src) == 272 and loader.gguf_quant_types(src) == {"Q4_1", "Q8_0"}
+    assert counts == {"GGUFReader": converted, "read_header": 1}
+
+
+def test_cached_config_and_tokenizer_equal_transformers_gguf_loading(bundled_path):
+    from transformers import AutoConfig, AutoTokenizer
+    src = loader.resolve_model(None)
+    d, f = os.path.split(bundled_path)
+    ours, theirs = loader.load_config(src).to_dict(), AutoConfig.from_pretrained(d, gguf_file=f).to_dict()
+    for k in ("_name_or_path", "transformers_version"):
+        ours.pop(k, None), theirs.pop(k, None)
+    assert ours == theirs
+    tok, ref = loader.load_tokenizer(src), AutoTokenizer.from_pretrained(d, gguf_file=f)
+    assert len(tok) == len(ref) and tok.all_special_tokens == ref.all_special_tokens
+    assert (tok.bos_token_id, tok.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
+    assert tok.chat_template == ref.chat_template
+    for text in ["Hello world", "  leading spaces and ünïcödé ✓", "def f(x):\n\treturn x**2  # 数学",
+                 "<|im_start|>user\nHi<|im_end|>"]:
+        assert tok(text).input_ids == ref(text).input_ids, text
+        assert tok.decode(tok(text).input_ids) == ref.decode(ref(text).input_ids)
+
+
+def _hf_gguf_state(bundled_path) -> dict:
+    from transformers import AutoModelForCausalLM
+    d, f = os.path.split(bundled_path)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    return {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+
+
+def _expected(model, state: dict, mname: str, mod) -> torch.Tensor:
+    """transformers' weight for one of our modules (merged shards concatenated in order)."""
+    parent, _, leaf = mname.rpartition(".")
+    frags = [f for f, (merged, _) in sorted(model.packed.items(), key=lambda kv: kv[1][1]) if merged == leaf]
+    if not frags:
+        return state["embed_tokens.weight" if mname == "lm_head" and mod.tied else f"{mname}.weight"]
+    return torch.cat([state[f"{parent}.{f}.weight"] for f in frags])
+
+
+def test_weights_equal_transformers_gguf_loading_float_and_int8(bundled_path, bundled_llm):
+    """Float (--quantization none): every parameter is transformers' dequantized GGUF weight.
+    int8 (the default on the CPU): every matmul's groups hold exactly those weights."""
+    from pagoda import LLM
+    from pagoda.layers.embedding import LMHead
+    from pagoda.layers.linear import Linear
+    state = _hf_gguf_state(bundled_path)
+    fl = LLM(max_model_len=256, num_gpu_blocks_override=32, quantization="none").engine.model
+    for mname, mod in fl.named_modules():
+        if isinstance(mod, (Linear, LMHead)):
+            assert torch.equal(mod.weight, _expected(fl, state, mname, mod)), mname
+    for name, p in fl.named_parameters():
+        if "proj" not in name and name != "lm_head.weight":
+            assert torch.equal(p, state[name]), name
+    q = bundled_llm.engine.model
+    n = 0
+    for mname, mod in q.named_modules():
+        if isinstance(mod, (Linear, LMHead)):
+            m = mod.int8
+            assert torch.equal(cpu_int8.dequantize_weight(m.qweight, m.scales, m.mins),
+                               _expected(q, state, mname, mod)), mname
+            n += 1
+    assert n == 30 * 4 + 1
+
+
+def test_kernels_build_in_background_into_a_fresh_cache(monkeypatch, tmp_path):
+    if cpu_build._build("cpu_int8") is None:
+        pytest.skip("needs x86 AVX2 and a C compiler")
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
+    for d in ("_loaded", "_building"):
+        monkeypatch.setattr(cpu_build, d, {})
+    monkeypatch.setattr(cpu_build, "_times", {"build": None, "waited": 0.0, "compiled": 0})
+    cpu_build.build_in_background()
+    sources = sorted(f[:-2] for f in os.listdir(os.path.dirname(cpu_build.__file__))
+                     if f.startswith("cpu_") and f.endswith(".c"))
+    assert sorted(cpu_build._building) == sources
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 64, generator=g), torch.randn(3, 64, generator=g)
+    q = cpu_int8.quantize_weight(w)
+    torch.testing.assert_close(cpu_int8.int8_matmul(x, *q), cpu_int8.int8_matmul_torch(x, *q))
+    for fut in cpu_build._building.values():
+        assert fut.result(timeout=120) is not None
+    built = sorted(f.split("-")[0] for f in os.listdir(tmp_path / "kernels") if f.endswith(".so"))
+    assert built == sources and cpu_build.build_times()["compiled"] == len(sources)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kv_cache_is_zero_and_writable(dtype):
+    caches = kv_cache.allocate_kv_cache(2, 8, 16, 2, 32, dtype, "cpu")
+    assert len(caches) == 2 and caches[0].data_ptr() != caches[1].data_ptr()
+    for c in caches:
+        assert c.shape == (2, 8, 16, 2, 32) and c.dtype == dtype and c.is_contiguous()
+        assert not c.any()
+        c[1, 3, 5].fill_(2.5)
+        assert c.sum().item() == 2.5 * 64
