@@ -89,18 +89,89 @@ def test_engine_start_parses_the_gguf_once(monkeypatch, smollm_side_dir):
     assert llm.engine.quantization == "int8" and llm.engine.source.gguf_header is not None
 
 
-def test_cold_start_converts_once_then_reads_only_the_header(monkeypatch, tmp_path, bundled_path):
-    """A fresh cache: transformers converts tokenizer + config (its own GGUF parses), once; the
-    next resolve finds them cached and parses nothing."""
+def test_cold_start_converts_from_the_one_header_read(monkeypatch, tmp_path, bundled_path):
+    """A fresh cache: the tokenizer/config conversion works from the header pagoda reads (kept on
+    the ModelSource for the engine), never from gguf.GGUFReader; the next start finds it cached."""
     monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path))
     counts = _count_parses(monkeypatch)
     src = loader.resolve_model(None)
-    assert src.config_dir.startswith(str(tmp_path)) and counts["read_header"] == 0
-    converted = counts["GGUFReader"]
-    assert converted >= 1
-    src = loader.resolve_model(None)
+    assert src.config_dir.startswith(str(tmp_path)) and os.path.exists(os.path.join(src.config_dir, "tokenizer.json"))
+    assert counts == {"GGUFReader": 0, "read_header": 1} and src.gguf_header is not None
     assert loader.gguf_tensor_count(src) == 272 and loader.gguf_quant_types(src) == {"Q4_1", "Q8_0"}
-    assert counts == {"GGUFReader": converted, "read_header": 1}
+    assert counts["read_header"] == 1
+    again = loader.resolve_model(None)
+    assert again.config_dir == src.config_dir and again.gguf_header is None  # cached: read when needed
+    assert counts == {"GGUFReader": 0, "read_header": 1}
+
+
+def _tiny_gguf(folder, arch: str, tied: bool, bundled: gguf_reader.GGUFHeader) -> str:
+    """A GGUF of `arch` with tiny hyperparameters and the bundled model's vocabulary, alone in its
+    folder (as a downloaded GGUF is)."""
+    os.makedirs(folder)
+    path = os.path.join(folder, f"tiny-{arch}.gguf")
+    m = bundled.metadata
+    w = gguf.GGUFWriter(path, arch)
+    w.add_name(f"tiny {arch}")
+    w.add_context_length(512)
+    w.add_embedding_length(64)
+    w.add_block_count(2)
+    w.add_feed_forward_length(128)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(50000.0)
+    if arch == "qwen3":
+        w.add_key_length(32)
+        w.add_value_length(32)
+    w.add_tokenizer_model(m["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(m["tokenizer.ggml.pre"])
+    w.add_token_list(bundled.strings("tokenizer.ggml.tokens"))
+    w.add_token_merges(bundled.strings("tokenizer.ggml.merges"))
+    w.add_token_types(m["tokenizer.ggml.token_type"])
+    w.add_bos_token_id(m["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(m["tokenizer.ggml.eos_token_id"])
+    w.add_pad_token_id(m["tokenizer.ggml.padding_token_id"])
+    w.add_add_bos_token(arch == "qwen2")
+    w.add_chat_template(m["tokenizer.chat_template"])
+    w.add_tensor("output_norm.weight", np.ones(64, dtype=np.float32))
+    if not tied:
+        w.add_tensor("output.weight", np.zeros((32, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _same_tokenizer(tok, ref):
+    assert type(tok) is type(ref) and len(tok) == len(ref)
+    assert tok.all_special_tokens == ref.all_special_tokens and tok.chat_template == ref.chat_template
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                       ref.pad_token_id)
+    for text in ["Hello world", "  leading spaces and ünïcödé ✓", "def f(x):\n\treturn x**2  # 数学",
+                 "<|im_start|>user\nHi<|im_end|>"]:
+        assert tok(text).input_ids == ref(text).input_ids, text
+        assert tok.decode(tok(text).input_ids) == ref.decode(ref(text).input_ids)
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("qwen3", True)])
+def test_conversion_equals_transformers_gguf_loading(tmp_path, bundled_path, arch, tied):
+    """gguf_convert (our header, transformers' tables) gives what AutoConfig/AutoTokenizer give
+    from the same file through their own full GGUF parse."""
+    from transformers import AutoConfig, AutoTokenizer
+    from pagoda.worker import gguf_convert
+    path = _tiny_gguf(str(tmp_path / arch), arch, tied, gguf_reader.read_header(bundled_path))
+    h = gguf_reader.read_header(path)
+    assert gguf_convert.config_dict(h) is not None  # the fast path, not the fallback
+    cfg = gguf_convert.load_config(h)
+    d, f = os.path.split(path)
+    ref = AutoConfig.from_pretrained(d, gguf_file=f)
+    assert type(cfg) is type(ref) and cfg.tie_word_embeddings == tied
+    ours, theirs = cfg.to_dict(), ref.to_dict()
+    for k in ("_name_or_path", "transformers_version"):
+        ours.pop(k, None), theirs.pop(k, None)
+    assert ours == theirs
+    _same_tokenizer(gguf_convert.load_tokenizer(h, cfg), AutoTokenizer.from_pretrained(d, gguf_file=f))
 
 
 def test_cached_config_and_tokenizer_equal_transformers_gguf_loading(bundled_path):
@@ -112,13 +183,9 @@ def test_cached_config_and_tokenizer_equal_transformers_gguf_loading(bundled_pat
         ours.pop(k, None), theirs.pop(k, None)
     assert ours == theirs
     tok, ref = loader.load_tokenizer(src), AutoTokenizer.from_pretrained(d, gguf_file=f)
-    assert len(tok) == len(ref) and tok.all_special_tokens == ref.all_special_tokens
-    assert (tok.bos_token_id, tok.eos_token_id) == (ref.bos_token_id, ref.eos_token_id)
-    assert tok.chat_template == ref.chat_template
-    for text in ["Hello world", "  leading spaces and ünïcödé ✓", "def f(x):\n\treturn x**2  # 数学",
-                 "<|im_start|>user\nHi<|im_end|>"]:
-        assert tok(text).input_ids == ref(text).input_ids, text
-        assert tok.decode(tok(text).input_ids) == ref.decode(ref(text).input_ids)
+    # load_tokenizer reads the cached tokenizer.json with the generic fast class
+    assert type(tok).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    _same_tokenizer(tok, ref)
 
 
 def _hf_gguf_state(bundled_path) -> dict:

