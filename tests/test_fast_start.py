@@ -259,3 +259,21 @@ def test_cpu_kv_cache_is_zero_and_writable(dtype):
         assert not c.any()
         c[1, 3, 5].fill_(2.5)
         assert c.sum().item() == 2.5 * 64
+
+
+def test_int8_groups_no_layer_takes_are_an_error():
+    """iter_gguf yields zeros for the matrices it hands over as groups; a group no layer takes
+    must stop the start rather than leave zeros in the model."""
+    from transformers import LlamaConfig
+    from conftest import TINY
+    from pagoda.models.llama import LlamaForCausalLM
+    if not cpu_int8.available():
+        pytest.skip("needs the CPU int8 kernel")
+    model = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=128, max_position_embeddings=64))
+    g = cpu_int8.quantize_weight(torch.randn(128, 64))
+    loader.quantize_int8(model, {"model.layers.0.mlp.down_proj.weight": cpu_int8.quantize_weight(torch.randn(64, 128)),
+                                 "lm_head.weight": g})
+    assert model.layers[0].mlp.down_proj.int8.qweight.shape == (64, 128)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=128, max_position_embeddings=64))
+    with pytest.raises(RuntimeError, match="no layer took them"):
+        loader.quantize_int8(model, {"model.layers.0.mlp.extra_proj.weight": g})

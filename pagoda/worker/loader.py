@@ -267,15 +267,24 @@ def loading_threads():
         torch.set_num_threads(prev)
 
 
+_EMBEDDING = "model.embed_tokens.weight"  # looked up as floats even when the head is int8
+
+
 def iter_gguf(src: ModelSource, config, groups: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors from the GGUF's memory map (the header read once, on `src`).
-    With `groups`, the int8 groups of each Q4_0/Q4_1/Q8_0 matrix are put there under its HF name
-    as well, for quantize_int8 to take as they are."""
+
+    With `groups` (and the CPU int8 kernel built), each Q4_0/Q4_1/Q8_0 matrix goes there as its
+    int8 groups, under its HF name, and is yielded as zeros of its shape, not as floats: its
+    Linear takes the groups in quantize_int8 and drops the float weight, which fails loudly if
+    any is left over. The embedding table is yielded as floats all the same (it is looked up)."""
+    from pagoda.kernels import cpu_int8
     from pagoda.worker import gguf_blocks
     header = src.gguf
     permuted = header.architecture == "llama"  # llama.cpp permutes q/k only for its llama architecture
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    if groups is not None and not cpu_int8.available():
+        groups = None  # the layers will stay float: they need their weights
     for t in header.tensors:
         name = gguf_to_hf_name(t.name)
         raw = header.tensor_bytes(t)
@@ -283,9 +292,12 @@ def iter_gguf(src: ModelSource, config, groups: Optional[dict] = None) -> Iterat
         if g is not None:
             if permuted and (".q_proj." in name or ".k_proj." in name):
                 g = tuple(_unpermute_np(x, n_head if ".q_proj." in name else n_kv) for x in g)
-            w = gguf_blocks.groups_to_float(g)
             if groups is not None:
                 groups[name] = g
+            if groups is None or name == _EMBEDDING:
+                w = gguf_blocks.groups_to_float(g)
+            else:  # a broadcast zero: copying it in costs a memset, not a dequantize
+                w = torch.zeros((), dtype=torch.float32).expand(t.shape)
         else:
             w = gguf_blocks.dequantize(raw, t.type, t.shape)
             if permuted and (".q_proj." in name or ".k_proj." in name):
@@ -311,12 +323,13 @@ def quantize_int8(model, groups: Optional[dict] = None) -> None:
     from pagoda.layers.embedding import LMHead
     from pagoda.layers.linear import Linear
     groups = groups or {}
+    taken: set[str] = set()
     shards_of: dict[str, list[str]] = {}
     for frag, (merged, shard) in sorted(getattr(model, "packed", {}).items(), key=lambda kv: kv[1][1]):
         shards_of.setdefault(merged, []).append(frag)
     for mname, m in model.named_modules():
         if isinstance(m, LMHead):
-            names = ["model.embed_tokens.weight" if m.tied else "lm_head.weight"]
+            names = [_EMBEDDING if m.tied else "lm_head.weight"]
         elif isinstance(m, Linear):
             parent, _, leaf = mname.rpartition(".")
             frags = shards_of.get(leaf, [leaf]) if len(m.shard_sizes) > 1 else [leaf]
@@ -331,3 +344,9 @@ def quantize_int8(model, groups: Optional[dict] = None) -> None:
             if m.weight is None or g[0].shape != m.weight.shape:
                 g = None  # not what this module holds: quantize its float weights instead
         m.quantize_int8(groups=g)
+        if g is not None and m.int8 is not None:
+            taken.update(names)
+    left = set(groups) - taken - {_EMBEDDING}
+    if left:  # iter_gguf gave these as zeros, trusting a Linear to take their groups
+        raise RuntimeError(f"GGUF weights {sorted(left)[:3]} were read as int8 groups, but no layer "
+                           "took them; load with --quantization none")
