@@ -52,10 +52,11 @@ class EngineCore:
         # step kind -> [steps, seconds]; "decode-graph" steps replay a CUDA graph, "eager" don't
         self.step_timing: dict[str, list] = {}
         self.startup_s = time.time() - t0
-        timings = ", ".join(f"{k} {v:.1f}s" for k, v in worker.timings.items())
-        logger.info("engine core ready in %.1fs (%s): %s, max_model_len %d, max_num_seqs %d, "
-                    "max_num_batched_tokens %d", self.startup_s, timings, worker.describe(),
-                    self.model_config.max_model_len, worker.max_num_seqs, worker.max_num_batched_tokens)
+        worker.startup.mark("other")
+        logger.info("%s", worker.startup.line("engine core startup"))
+        logger.info("engine core ready: %s, max_model_len %d, max_num_seqs %d, "
+                    "max_num_batched_tokens %d", worker.describe(), self.model_config.max_model_len,
+                    worker.max_num_seqs, worker.max_num_batched_tokens)
 
     @property
     def worker(self):

@@ -23,12 +23,12 @@ class LMHead(nn.Module):
             torch.empty(vocab_size, hidden_size), requires_grad=False)
         self.int8 = None
 
-    def quantize_int8(self):
+    def quantize_int8(self, groups=None):
         """An int8 copy for the matmul; a tied embedding keeps its float table for lookups."""
         from pagoda.layers.linear import Int8Matmul, int8_supported
         if not int8_supported(self.weight):
             return
-        self.int8 = Int8Matmul(self.weight.data, None)
+        self.int8 = Int8Matmul(self.weight.data, None, groups)
         if not self.tied:
             self.weight = None
 

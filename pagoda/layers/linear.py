@@ -35,12 +35,14 @@ def int8_supported(w: torch.Tensor) -> bool:
 class Int8Matmul:
     """x @ w.T with w held as int8, for the device the weight lives on."""
 
-    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None, groups=None):
+        """`groups`: the CPU format (q, scale, min) already at hand, e.g. read from a GGUF's blocks."""
         self.out_features = w.shape[0]
         self.bias = bias
         self.cpu = w.device.type == "cpu"
         if self.cpu:
-            self.qweight, self.scales, self.mins = cpu_int8.quantize_weight(w)
+            self.qweight, self.scales, self.mins = (groups if groups is not None
+                                                    else cpu_int8.quantize_weight(w))
             self.bias = bias.float().contiguous() if bias is not None else None
         else:
             q, scales = int8_per_channel(w)
@@ -80,10 +82,10 @@ class Linear(nn.Module):
                              f"{tuple(target.shape)}")
         target.data[start:start + size].copy_(tensor)
 
-    def quantize_int8(self):
+    def quantize_int8(self, groups=None):
         if not int8_supported(self.weight):
             return  # stays float (logged once by the kernel loader)
-        self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None)
+        self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None, groups)
         self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

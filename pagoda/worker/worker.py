@@ -5,11 +5,14 @@ so it can live in the engine core's process, or later in a process of its own pe
 from __future__ import annotations
 
 import logging
-import time
+from typing import Optional
+
 import torch
 
 from pagoda.config import EngineArgs
+from pagoda.kernels import cpu_build
 from pagoda.platforms import building_for, select_platform
+from pagoda.startup import StartupTimes
 from pagoda.worker import kv_cache as kvc
 from pagoda.worker import loader
 from pagoda.worker.model_config import resolve_model_config
@@ -36,17 +39,17 @@ class Worker:
     def __init__(self, args: EngineArgs):
         from pagoda.models.registry import resolve_embedding_class, resolve_model_class
         self.args = args
-        self.timings: dict[str, float] = {}
-        t = time.time()
+        self.startup = StartupTimes()
         self.device = pick_device(args.device)
         self.dtype = pick_dtype(args.dtype, self.device)
+        if self.device.type == "cpu":
+            cpu_build.build_in_background()  # the C kernels compile while the model loads
         self.platform = select_platform(self.device.type, args.attention_backend)
         self.source, self.model_config = resolve_model_config(args)
         mc = self.model_config
         mc.dtype, mc.device = str(self.dtype).removeprefix("torch."), str(self.device)
         hf = mc.hf_config
-        self.timings["config"] = time.time() - t
-        t = time.time()
+        self.startup.mark("config")
         if mc.is_pooling:
             if args.quantization == "int8":
                 raise ValueError("--quantization: int8 is not supported for embedding models")
@@ -62,16 +65,15 @@ class Worker:
                 model = model_cls(hf, **kwargs)
         finally:
             torch.set_default_dtype(prev)
-        self._load_weights(model)
         self.quantization = self._pick_quantization()
+        # a GGUF's Q4/Q8 blocks go straight into the CPU's int8 groups (no float round trip)
+        int8_groups = {} if self.quantization == "int8" and self.device.type == "cpu" else None
+        self._load_weights(model, int8_groups)
         if self.quantization == "int8":
-            from pagoda.layers.embedding import LMHead
-            from pagoda.layers.linear import Linear
-            for m in model.modules():
-                if isinstance(m, (Linear, LMHead)):
-                    m.quantize_int8()
+            loader.quantize_int8(model, int8_groups)
+        del int8_groups
         self.model = model.eval()
-        self.timings["weights"] = time.time() - t
+        self.startup.mark("weights")
 
         on_cuda = self.device.type == "cuda"
         default_seqs = 64
@@ -91,7 +93,7 @@ class Worker:
         self.num_blocks = 0
 
     # -- loading --------------------------------------------------------------------------------
-    def _load_weights(self, model) -> None:
+    def _load_weights(self, model, int8_groups: Optional[dict] = None) -> None:
         from tqdm import tqdm
         args, src = self.args, self.source
         if args.load_format == "dummy":
@@ -102,14 +104,15 @@ class Worker:
         if src.gguf_file:
             if self.model_config.is_pooling:
                 raise ValueError("--model: GGUF embedding models are not supported; pass an HF directory")
-            total = loader.gguf_tensor_count(src.gguf_file)
-            weights = loader.iter_gguf(src.gguf_file, self.model_config.hf_config)
+            total = loader.gguf_tensor_count(src)
+            weights = loader.iter_gguf(src, self.model_config.hf_config, int8_groups)
         else:
             total = loader.count_safetensors(src.weights_dir)
             weights = loader.iter_safetensors(src.weights_dir)
         bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False,
                    disable=None)
-        loaded = model.load_weights(bar)
+        with loader.loading_threads():
+            loaded = model.load_weights(bar)
         missing = model.expected_weights() - loaded
         if missing:
             raise ValueError(f"--model: checkpoint is missing {len(missing)} weight(s), e.g. "
@@ -124,7 +127,7 @@ class Worker:
         if q is None:
             q = "none"
             if src.gguf_file and self.device.type == "cpu" and self.args.load_format != "dummy":
-                types = loader.gguf_quant_types(src.gguf_file)
+                types = loader.gguf_quant_types(src)
                 if types:
                     q = "int8"
                     logger.info("GGUF weights are %s: running int8 on the CPU "
@@ -163,14 +166,13 @@ class Worker:
         return n
 
     def initialize_cache(self, num_blocks: int) -> None:
-        t = time.time()
         if self.runner.has_kv_cache:
             self.runner.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         on_cuda = self.device.type == "cuda"
         if on_cuda and not self.args.enforce_eager and self.platform.ops.triton and self.runner.has_kv_cache:
             self.runner.capture_cuda_graphs(self.max_num_seqs, self.model_config.max_model_len)
-        self.timings["kv cache"] = time.time() - t
+        self.startup.mark("kv cache")
 
     # -- steps ----------------------------------------------------------------------------------
     def execute_model(self, scheduler_output) -> PendingStep:

@@ -32,6 +32,20 @@ class _DrainingServer(uvicorn.Server):
         self._on_signal()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
+
 
 def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain, 3 if the engine died."""
