@@ -42,6 +42,8 @@ class EngineCore:
         self.model_config = worker.model_config
         num_blocks = self.model_executor.determine_num_blocks()
         self.model_executor.initialize_cache(num_blocks)
+        if worker.device.type == "cuda":  # compile every kernel variant before the first request
+            worker.warm_up()
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, worker.max_num_seqs,
                                    worker.max_num_batched_tokens, self.model_config.max_model_len)

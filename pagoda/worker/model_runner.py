@@ -453,6 +453,13 @@ class ModelRunner:
         event.record()
         return PendingStep(self, out, host, event, placeholders)
 
+    def forget(self, req_ids) -> None:
+        """Drop requests the engine never knew about (the start-up warm-up's)."""
+        for rid in req_ids:
+            self.batch.remove(rid)
+            self._prev_rows.pop(rid, None)
+        self.prev_tokens = None
+
     def execute(self, sched) -> ModelRunnerOutput:
         """One step, waiting for its sampled ids (the non-overlapped path)."""
         return self.launch(sched).result()

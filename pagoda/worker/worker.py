@@ -174,6 +174,41 @@ class Worker:
             self.runner.capture_cuda_graphs(self.max_num_seqs, self.model_config.max_model_len)
         self.startup.mark("kv cache")
 
+    def warm_up(self) -> None:
+        """Run each kind of step once before serving, so that every kernel variant they use (on
+        CUDA: Triton compiles one per specialization) is built now, not inside the first
+        requests: short and long prefills, a second chunk over cached tokens, a mixed
+        prefill + decode step, greedy and sampled rows. It runs on the KV cache's last blocks
+        (free at start) with requests the engine never sees."""
+        from pagoda.sampling_params import SamplingParams
+        runner, bs = self.runner, self.args.block_size
+        if not runner.has_kv_cache:
+            return
+        budget = min(self.max_num_batched_tokens, self.model_config.max_model_len - 2, 512)
+        lengths = sorted({n for n in (3, 16, 17, budget // 2, budget) if n >= 1})
+        if self.num_blocks < sum(-(-(n + 2) // bs) for n in lengths) + 2:
+            return
+        vocab = self.model_config.vocab_size
+        params = [SamplingParams(temperature=0, max_tokens=2),
+                  SamplingParams(temperature=1.0, top_p=0.9, max_tokens=2)]
+        last = self.num_blocks - 1
+        made: list[tuple[str, int]] = []
+        for i, n in enumerate(lengths):
+            k = -(-(n + 2) // bs)
+            blocks, last = list(range(last - k + 1, last + 1)), last - k
+            rid = f"__warmup{i}"
+            ids = [(7 * j + i) % vocab for j in range(n)]
+            first = n // 2 if n > 16 and i % 2 else n  # odd lengths: a second chunk over cached tokens
+            runner.execute(_step(new=[(rid, ids, blocks, first, params[i % 2])]))
+            if first < n:
+                runner.execute(_step(cached=[(rid, first, n - first)]))
+            made.append((rid, n))
+        # a mixed step: every warm-up request decodes one token while a short prompt prefills
+        runner.execute(_step(new=[("__warmup_mixed", [5, 6, 7], [last], 3, params[0])],
+                             cached=[(rid, n, 1) for rid, n in made]))
+        runner.forget([rid for rid, _ in made] + ["__warmup_mixed"])
+        self.startup.mark("warm-up")
+
     # -- steps ----------------------------------------------------------------------------------
     def execute_model(self, scheduler_output) -> PendingStep:
         return self.runner.launch(scheduler_output)
@@ -181,3 +216,26 @@ class Worker:
     def describe(self) -> str:
         return (f"{self.model_config.model} on {self.device} ({self.model_config.dtype}), "
                 f"{self.num_blocks} KV blocks x {self.args.block_size} tokens")
+
+
+def _step(new=(), cached=()):
+    """A scheduler step as plain data (the fields the model runner reads), for the warm-up:
+    new = (req id, prompt ids, blocks, tokens now, params); cached = (req id, computed, tokens)."""
+    from types import SimpleNamespace as NS
+    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(),
+              scheduled_cached_reqs=NS(req_ids=[], resumed_from_preemption=[], new_block_ids=[],
+                                       num_computed_tokens=[]))
+    for rid, ids, blocks, n, params in new:
+        step.scheduled_new_reqs.append(NS(req_id=rid, prompt_token_ids=ids, sampling_params=params,
+                                          pooling_params=None, block_ids=blocks, num_computed_tokens=0,
+                                          token_type_ids=None))
+        step.num_scheduled_tokens[rid] = n
+    c = step.scheduled_cached_reqs
+    for rid, computed, n in cached:
+        c.req_ids.append(rid)
+        c.resumed_from_preemption.append(False)
+        c.new_block_ids.append([])
+        c.num_computed_tokens.append(computed)
+        step.num_scheduled_tokens[rid] = n
+    step.total_num_scheduled_tokens = sum(step.num_scheduled_tokens.values())
+    return step
