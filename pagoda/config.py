@@ -161,6 +161,10 @@ class EngineArgs:
     enforce_eager: bool = flag(False, "Disable CUDA graphs.", group="Scheduler")
     tensor_parallel_size: int = flag(1, "GPUs to split the model over (only 1 is supported yet).",
                                      group="Scheduler", aliases=("-tp",))
+    data_parallel_size: int = flag(1, "Engine cores behind one API server (or one LLM), each with "
+                                   "its own copy of the model and KV cache (one GPU each: rank r uses "
+                                   "cuda:r); requests go to the least loaded.", group="Scheduler",
+                                   aliases=("-dp",))
     attention_backend: str = flag("auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
                                   group="Scheduler", choices=("auto", "torch", "triton"))
     # not a flag: transformers-style overrides used by tests/benchmarks
@@ -195,6 +199,8 @@ class EngineArgs:
             bad("kv-cache-memory", f"must be > 0 bytes, got {self.kv_cache_memory}")
         if self.max_logprobs < 0:
             bad("max-logprobs", f"must be >= 0, got {self.max_logprobs}")
+        if self.data_parallel_size < 1:
+            bad("data-parallel-size", f"must be >= 1, got {self.data_parallel_size}")
         if self.tensor_parallel_size != 1:
             bad("tensor-parallel-size", f"{self.tensor_parallel_size} is not supported yet; pagoda "
                 "runs on one device (use 1)")
@@ -259,6 +265,18 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def data_parallel_rank_args(args: EngineArgs, rank: int) -> EngineArgs:
+    """The EngineArgs of one data-parallel engine core: on CUDA, rank r runs on device r."""
+    if args.data_parallel_size == 1:
+        return args
+    device = args.device
+    if device in ("auto", "cuda"):
+        import torch
+        if device == "cuda" or torch.cuda.is_available():
+            device = f"cuda:{rank}"
+    return dataclasses.replace(args, device=device)
 
 
 @dataclass
