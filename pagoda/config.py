@@ -159,11 +159,20 @@ class EngineArgs:
         None, "Token budget of one step; longer prompts are prefilled in chunks (default 8192 on "
         "GPU, 2048 on CPU).", group="Scheduler", aliases=("max-prefill-token-num",))
     enforce_eager: bool = flag(False, "Disable CUDA graphs.", group="Scheduler")
-    tensor_parallel_size: int = flag(1, "GPUs to split the model over (only 1 is supported yet).",
-                                     group="Scheduler", aliases=("-tp",))
+    tensor_parallel_size: int = flag(1, "Devices to split the model over: one worker process per "
+                                     "rank (NCCL on GPUs, gloo on the CPU).", group="Parallel",
+                                     aliases=("-tp",))
+    nnodes: int = flag(1, "Hosts the tensor-parallel group spans (each runs tp / nnodes ranks).",
+                       group="Parallel")
+    node_rank: int = flag(0, "This host's index among --nnodes (0 runs the engine core and the "
+                          "API server; the others only their ranks).", group="Parallel")
+    master_addr: str = flag("127.0.0.1", "Address of node 0, where the ranks meet "
+                            "(torch.distributed rendezvous).", group="Parallel")
+    master_port: int = flag(29500, "Port of the rendezvous on node 0 (the next two ports carry the "
+                            "engine's calls to the ranks).", group="Parallel")
     data_parallel_size: int = flag(1, "Engine cores behind one API server (or one LLM), each with "
                                    "its own copy of the model and KV cache (one GPU each: rank r uses "
-                                   "cuda:r); requests go to the least loaded.", group="Scheduler",
+                                   "cuda:r); requests go to the least loaded.", group="Parallel",
                                    aliases=("-dp",))
     attention_backend: str = flag("auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
                                   group="Scheduler", choices=("auto", "torch", "triton"))
@@ -201,9 +210,16 @@ class EngineArgs:
             bad("max-logprobs", f"must be >= 0, got {self.max_logprobs}")
         if self.data_parallel_size < 1:
             bad("data-parallel-size", f"must be >= 1, got {self.data_parallel_size}")
-        if self.tensor_parallel_size != 1:
-            bad("tensor-parallel-size", f"{self.tensor_parallel_size} is not supported yet; pagoda "
-                "runs on one device (use 1)")
+        if self.tensor_parallel_size < 1:
+            bad("tensor-parallel-size", f"must be >= 1, got {self.tensor_parallel_size}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            bad("nnodes", f"{self.nnodes} hosts cannot share {self.tensor_parallel_size} tensor-parallel "
+                "ranks evenly")
+        if not 0 <= self.node_rank < self.nnodes:
+            bad("node-rank", f"must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and self.nnodes > 1:
+            bad("nnodes", "data parallelism across several hosts is not supported; run one "
+                "--data-parallel-size per host")
         if self.quantization not in (None, "int8", "none"):
             bad("quantization", f"unknown method {self.quantization!r}; supported: int8, none")
         if self.load_format not in ("auto", "dummy"):
@@ -268,15 +284,16 @@ def load_config_file(path: str) -> dict:
 
 
 def data_parallel_rank_args(args: EngineArgs, rank: int) -> EngineArgs:
-    """The EngineArgs of one data-parallel engine core: on CUDA, rank r runs on device r."""
+    """The EngineArgs of one data-parallel engine core: on CUDA, rank r runs on devices
+    r * tp .. r * tp + tp - 1, and its tensor-parallel group meets on ports of its own."""
     if args.data_parallel_size == 1:
         return args
     device = args.device
     if device in ("auto", "cuda"):
         import torch
         if device == "cuda" or torch.cuda.is_available():
-            device = f"cuda:{rank}"
-    return dataclasses.replace(args, device=device)
+            device = f"cuda:{rank * args.tensor_parallel_size}"
+    return dataclasses.replace(args, device=device, master_port=args.master_port + 10 * rank)
 
 
 @dataclass

@@ -41,6 +41,11 @@ class LLM:
         self.llm_engine.stream_outputs = False  # only finished requests matter here
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop worker processes now (tensor-parallel ranks); they also stop when this process
+        exits."""
+        self.llm_engine.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 

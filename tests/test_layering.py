@@ -16,6 +16,8 @@ FORBIDDEN = {
                 "entrypoints", "bench", "llm"},
     "platforms": {"layers", "models", "sample", "worker", "executor", "engine", "inputs", "entrypoints",
                   "bench", "llm"},
+    "distributed": {"layers", "models", "sample", "worker", "executor", "engine", "inputs",
+                    "entrypoints", "bench", "llm"},
     "layers": {"models", "sample", "worker", "executor", "engine", "inputs", "entrypoints", "bench", "llm"},
     "models": {"sample", "worker", "executor", "engine", "inputs", "entrypoints", "bench", "llm"},
     "sample": {"models", "worker", "executor", "engine", "inputs", "entrypoints", "bench", "llm"},

@@ -34,16 +34,20 @@ logger = logging.getLogger("pagoda.engine")
 
 class EngineCore:
     def __init__(self, args: EngineArgs):
-        from pagoda.executor.uniproc import UniProcExecutor
         t0 = time.time()
         self.args = args
-        self.model_executor = UniProcExecutor(args)
+        if args.tensor_parallel_size > 1:
+            from pagoda.executor.multiproc import MultiprocExecutor
+            self.model_executor = MultiprocExecutor(args)
+        else:
+            from pagoda.executor.uniproc import UniProcExecutor
+            self.model_executor = UniProcExecutor(args)
         worker = self.model_executor.driver_worker
         self.model_config = worker.model_config
         num_blocks = self.model_executor.determine_num_blocks()
         self.model_executor.initialize_cache(num_blocks)
         if worker.device.type == "cuda":  # compile every kernel variant before the first request
-            worker.warm_up()
+            self.model_executor.warm_up()
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv_cache_manager, worker.max_num_seqs,
                                    worker.max_num_batched_tokens, self.model_config.max_model_len)
@@ -176,6 +180,7 @@ class EngineCore:
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
             self._inflight = None
+        self.model_executor.shutdown()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.output_processor.parents) or any(c.has_work() for c in self.engine_cores)
 
+    def shutdown(self) -> None:
+        """Stop the engine cores' worker processes (tensor-parallel ranks), if any."""
+        for c in self.engine_cores:
+            c.core.shutdown()
+
     def step(self) -> list[Union[RequestOutput, PoolingRequestOutput]]:
         results = []
         for core in self.engine_cores:

@@ -186,7 +186,9 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
 # ---------------------------------------------------------------------------------------------
 # weights
 
-def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(directory: str, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint. `lazy`: safetensors slices instead, so that a tensor-parallel
+    rank reads only the rows or columns it keeps (`t[a:b]` reads just those bytes)."""
     from safetensors import safe_open
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -200,7 +202,7 @@ def iter_safetensors(directory: str) -> Iterator[tuple[str, torch.Tensor]]:
     for fname in files:
         with safe_open(os.path.join(directory, fname), framework="pt") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                yield name, (f.get_slice(name) if lazy else f.get_tensor(name))
 
 
 def count_safetensors(directory: str) -> int:

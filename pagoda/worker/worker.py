@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from pagoda.config import EngineArgs
+from pagoda.distributed.parallel_state import ParallelConfig, all_reduce_min, init_tensor_parallel
 from pagoda.kernels import cpu_build
 from pagoda.platforms import building_for, select_platform
 from pagoda.startup import StartupTimes
@@ -36,11 +37,20 @@ def pick_dtype(arg: str, device: torch.device) -> torch.dtype:
 
 
 class Worker:
-    def __init__(self, args: EngineArgs):
+    def __init__(self, args: EngineArgs, parallel: Optional[ParallelConfig] = None):
         from pagoda.models.registry import resolve_embedding_class, resolve_model_class
         self.args = args
+        self.parallel = parallel or ParallelConfig()
         self.startup = StartupTimes()
         self.device = pick_device(args.device)
+        if self.parallel.world_size > 1 and self.device.type == "cuda":
+            index = (self.device.index or 0) + self.parallel.local_rank  # after a DP rank's first GPU
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"--tensor-parallel-size: rank {self.parallel.rank} needs GPU {index}, "
+                                 f"but {torch.cuda.device_count()} are visible")
+            self.device = torch.device("cuda", index)
+            torch.cuda.set_device(self.device)
+        init_tensor_parallel(self.parallel)
         self.dtype = pick_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
             cpu_build.build_in_background()  # the C kernels compile while the model loads
@@ -51,6 +61,8 @@ class Worker:
         hf = mc.hf_config
         self.startup.mark("config")
         if mc.is_pooling:
+            if self.parallel.world_size > 1:
+                raise ValueError("--tensor-parallel-size: embedding models run on one device")
             if args.quantization == "int8":
                 raise ValueError("--quantization: int8 is not supported for embedding models")
             model_cls = resolve_embedding_class(hf)
@@ -67,7 +79,8 @@ class Worker:
             torch.set_default_dtype(prev)
         self.quantization = self._pick_quantization()
         # a GGUF's Q4/Q8 blocks go straight into the CPU's int8 groups (no float round trip)
-        int8_groups = {} if self.quantization == "int8" and self.device.type == "cpu" else None
+        int8_groups = ({} if self.quantization == "int8" and self.device.type == "cpu"
+                       and self.parallel.world_size == 1 else None)
         self._load_weights(model, int8_groups)
         if self.quantization == "int8":
             loader.quantize_int8(model, int8_groups)
@@ -108,7 +121,7 @@ class Worker:
             weights = loader.iter_gguf(src, self.model_config.hf_config, int8_groups)
         else:
             total = loader.count_safetensors(src.weights_dir)
-            weights = loader.iter_safetensors(src.weights_dir)
+            weights = loader.iter_safetensors(src.weights_dir, lazy=self.parallel.world_size > 1)
         bar = tqdm(weights, total=total, desc="Loading weights", unit="tensor", leave=False,
                    disable=None)
         with loader.loading_threads():
@@ -162,6 +175,7 @@ class Worker:
                         n * args.block_size)
         else:
             n = kvc.CPU_DEFAULT_KV_BYTES // block_bytes
+        n = all_reduce_min(n)  # every rank must hold the same blocks
         kvc.check_fits(n, args.block_size, max_model_len, on_cuda)
         return n
 
