@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_pooling import MINILM, build_decoder_classifier, build_encoder, set_config
+from tiny_pooling import MINILM, build_decoder, build_encoder, set_config
 
 TOL = 1e-4
 TEXTS = ["Hi", "The quick brown fox jumps over the lazy dog.",
@@ -23,9 +23,14 @@ DOCS = ["bananas are yellow", "paged attention stores the kv cache in blocks",
         "the quick brown fox", "memory is not wasted with fixed-size blocks"]
 
 
+def _vec(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().flatten()
+    return torch.tensor(np.array(x, dtype=np.float32)).flatten()
+
+
 def close(ours, ref, tol: float = TOL) -> None:
-    ours = torch.tensor(np.array(ours), dtype=torch.float32)
-    ref = torch.tensor(np.array(ref), dtype=torch.float32).flatten()
+    ours, ref = _vec(ours), _vec(ref)
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     assert (ours - ref).abs().max().item() < tol, (ours, ref)
 
@@ -237,6 +242,23 @@ def test_qwen3_as_embedding_model_last_token_on_the_kv_cache(qwen3_embed_dir):
         llm.generate("hello")
 
 
+@pytest.mark.parametrize("kind, cls_name", [("qwen3", "Qwen3Model"), ("qwen2", "Qwen2Model"),
+                                            ("llama", "LlamaModel")])
+def test_bare_decoder_checkpoints_embed_without_flags(tmp_path, smollm_side_dir, kind, cls_name):
+    """Embedding checkpoints saved as the bare ...Model (no LM head, no `model.` prefix)."""
+    from pagoda import LLM
+    from transformers import AutoTokenizer
+    path = build_decoder(kind, str(tmp_path / kind), smollm_side_dir, seed=11)
+    hf = hf_model(path, cls_name)
+    tok = AutoTokenizer.from_pretrained(path)
+    llm = LLM(path, max_model_len=256, num_gpu_blocks_override=32)
+    assert llm.llm_engine.model_config.pooling_kind == "embed"
+    for text, out in zip(TEXTS, llm.embed(TEXTS)):
+        with torch.no_grad():
+            h = hf(input_ids=torch.tensor([tok(text).input_ids])).last_hidden_state[0, -1]
+        close(out.outputs.embedding, F.normalize(h, dim=-1))
+
+
 def test_models_without_matryoshka_refuse_other_dimensions(tmp_path):
     from pagoda import LLM, PoolingParams
     llm = LLM(build_encoder("roberta", str(tmp_path / "r"), seed=8))
@@ -248,12 +270,13 @@ def test_models_without_matryoshka_refuse_other_dimensions(tmp_path):
 @pytest.mark.parametrize("kind, cls_name, labels", [
     ("qwen2", "Qwen2ForSequenceClassification", 3),
     ("qwen3", "Qwen3ForSequenceClassification", 1),
+    ("llama", "LlamaForSequenceClassification", 2),
 ])
 def test_decoder_sequence_classifiers(tmp_path, smollm_side_dir, kind, cls_name, labels):
     """The `score` head on the last token, as transformers' ...ForSequenceClassification."""
     from pagoda import LLM
     from transformers import AutoTokenizer
-    path = build_decoder_classifier(kind, str(tmp_path / kind), smollm_side_dir, labels, seed=9)
+    path = build_decoder(kind, str(tmp_path / kind), smollm_side_dir, labels, seed=9)
     hf = hf_model(path, cls_name)
     tok = AutoTokenizer.from_pretrained(path)
     llm = LLM(path, max_model_len=512, num_gpu_blocks_override=64, max_num_batched_tokens=24)
@@ -269,7 +292,7 @@ def test_decoder_sequence_classifiers(tmp_path, smollm_side_dir, kind, cls_name,
 def test_convert_classify_reads_the_score_head_of_a_causal_lm_checkpoint(tmp_path, smollm_side_dir):
     from pagoda import LLM
     from transformers import AutoTokenizer
-    path = build_decoder_classifier("qwen3", str(tmp_path / "q"), smollm_side_dir, 2, seed=10)
+    path = build_decoder("qwen3", str(tmp_path / "q"), smollm_side_dir, 2, seed=10)
     hf = hf_model(path, "Qwen3ForSequenceClassification")
     set_config(path, architectures=["Qwen3ForCausalLM"])  # a fine-tune saved under the LM's name
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,7 +1,7 @@
 """Tiny random-weight pooling checkpoints (HF format) for the pooling tests: BERT / RoBERTa /
 XLM-R encoders and classifiers with the bundled MiniLM's BERT tokenizer, and Qwen2 / Qwen3
-sequence classifiers with the SmolLM2 tokenizer (decoders as embedders come from
-conftest.build_tiny). Weights are drawn wide, as build_tiny draws them, so scores spread."""
+sequence classifiers and bare ...Model checkpoints with the SmolLM2 tokenizer (decoders with their
+LM head come from conftest.build_tiny). Weights are drawn wide, as build_tiny draws them, so scores spread."""
 from __future__ import annotations
 
 import importlib.util
@@ -54,18 +54,21 @@ def build_encoder(kind: str, path: str, num_labels: int = 0, seed: int = 0, **ov
     return path
 
 
-def build_decoder_classifier(kind: str, path: str, tokenizer_dir: str, num_labels: int, seed: int = 0) -> str:
-    """A tiny Qwen2ForSequenceClassification / Qwen3ForSequenceClassification (kind qwen2 | qwen3)."""
-    from transformers import (AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification, Qwen3Config,
-                              Qwen3ForSequenceClassification)
+def build_decoder(kind: str, path: str, tokenizer_dir: str, num_labels: int = 0, seed: int = 0) -> str:
+    """A tiny decoder without an LM head: a ...ForSequenceClassification with `num_labels`, or
+    the bare ...Model (an embedding checkpoint) without; kind llama | qwen2 | qwen3."""
+    import transformers
+    from transformers import AutoTokenizer
     from conftest import TINY
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    common = dict(TINY, vocab_size=len(tok), max_position_embeddings=4096, num_labels=num_labels,
-                  pad_token_id=tok.pad_token_id)
-    if kind == "qwen2":
-        model = Qwen2ForSequenceClassification(Qwen2Config(**common))
-    else:
-        model = Qwen3ForSequenceClassification(Qwen3Config(**common, head_dim=32))
+    common = dict(TINY, vocab_size=len(tok), max_position_embeddings=4096, pad_token_id=tok.pad_token_id)
+    if kind == "qwen3":
+        common["head_dim"] = 32
+    if num_labels:
+        common["num_labels"] = num_labels
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind]
+    cfg = getattr(transformers, f"{prefix}Config")(**common)
+    model = getattr(transformers, f"{prefix}ForSequenceClassification" if num_labels else f"{prefix}Model")(cfg)
     model = _widen(model, seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
