@@ -99,7 +99,8 @@ def pool(hidden: torch.Tensor, starts: list[int], lens: list[int], config: Pooli
     return _normalized(out, config, normalize, B)
 
 
-def _normalized(out: torch.Tensor, config: PoolingConfig, normalize: list[bool] | None, B: int) -> torch.Tensor:
+def _normalized(out: torch.Tensor, config: PoolingConfig, normalize: list[bool] | None,
+                B: int) -> torch.Tensor:
     dev = out.device
     norm = [config.normalize] * B if normalize is None else normalize
     if all(norm):
@@ -120,11 +121,13 @@ class Pooler:
     sigmoid of a one-label head (cross-encoder scores).
     """
 
-    def __init__(self, config: PoolingConfig, classify: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    def __init__(self, config: PoolingConfig,
+                 classify: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
         self.config = config
         self.classify = classify
 
-    def __call__(self, hidden: torch.Tensor, starts: list[int], lens: list[int], params: list) -> list[np.ndarray]:
+    def __call__(self, hidden: torch.Tensor, starts: list[int], lens: list[int],
+                 params: list) -> list[np.ndarray]:
         pooled = pool(hidden, starts, lens, self.config, [False] * len(starts))
         if self.classify is not None:
             logits = self.classify(pooled.to(hidden.dtype)).float()

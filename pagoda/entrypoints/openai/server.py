@@ -108,7 +108,8 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
     chat, completion = ServingChat(serving), ServingCompletion(serving)
     models, tokenize = ServingModels(serving), ServingTokenize(serving)
     embedding = ServingEmbedding(serving)
-    pooling, classification, scoring = ServingPooling(serving), ServingClassification(serving), ServingScore(serving)
+    pooling, classification = ServingPooling(serving), ServingClassification(serving)
+    scoring = ServingScore(serving)
     engine = serving.engine
 
     def require_generative(model: str | None) -> None:
