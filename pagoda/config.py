@@ -100,6 +100,14 @@ def flag(default: Any, help: str, *, group: str = "Model", aliases: tuple[str, .
                                                          choices=choices, type=type, nargs=nargs)})
 
 
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed", "classify")
+TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
+# --task X -> (--runner, --convert)
+_TASK_MEANING = {"auto": ("auto", "auto"), "generate": ("generate", "auto"),
+                 "embed": ("pooling", "embed"), "embedding": ("pooling", "embed"),
+                 "classify": ("pooling", "classify"), "score": ("pooling", "auto")}
+
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}
 
@@ -136,6 +144,17 @@ class EngineArgs:
     served_model_name: Optional[list[str]] = flag(
         None, "Name(s) the API answers to (default: the model argument). The first is reported in "
         "responses.", nargs="+")
+    runner: str = flag("auto", "generate: text generation; pooling: embeddings, classification and "
+                       "scores (/v1/embeddings, /pooling, /classify, /score, /rerank). auto: from the "
+                       "architecture (BertModel, XLMRobertaModel, ...ForSequenceClassification pool; "
+                       "...ForCausalLM generates).", choices=RUNNERS)
+    convert: str = flag("auto", "Run a decoder (...ForCausalLM) checkpoint as a pooling model: embed = "
+                        "the last token's final hidden state, normalized (Qwen3-Embedding); classify = "
+                        "a classification head on the last token (the checkpoint's `score` weights). "
+                        "auto: embed under --runner pooling, none otherwise.", choices=CONVERTS)
+    task: Optional[str] = flag(None, "vLLM's older spelling of --runner/--convert: generate; embed "
+                               "(or embedding) = --runner pooling --convert embed; classify = --runner "
+                               "pooling --convert classify; score = --runner pooling.", choices=TASKS)
     # KV cache
     block_size: int = flag(16, "Tokens per KV-cache block.", group="KV cache",
                            aliases=("cache-block-seq-len",))
@@ -185,7 +204,22 @@ class EngineArgs:
             self.served_model_name = [self.served_model_name]
         if isinstance(self.kv_cache_memory, str):
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        self._apply_task()
         self.validate()
+
+    def _apply_task(self) -> None:
+        """--task (vLLM's deprecated flag) sets --runner / --convert where those were left auto."""
+        if self.task is None:
+            return
+        if self.task not in _TASK_MEANING:
+            raise ValueError(f"--task: unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        runner, convert = _TASK_MEANING[self.task]
+        for name, value in (("runner", runner), ("convert", convert)):
+            mine = getattr(self, name)
+            if value != "auto" and mine not in ("auto", value):
+                raise ValueError(f"--task {self.task} means --{name} {value}, but --{name} {mine} is given")
+            if mine == "auto":
+                setattr(self, name, value)
 
     def validate(self):
         def bad(flag, msg):
@@ -226,6 +260,12 @@ class EngineArgs:
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):
             bad("attention-backend", f"unknown backend {self.attention_backend!r}")
+        if self.runner not in RUNNERS:
+            bad("runner", f"unknown runner {self.runner!r}; use {', '.join(RUNNERS)}")
+        if self.convert not in CONVERTS:
+            bad("convert", f"unknown conversion {self.convert!r}; use {', '.join(CONVERTS)}")
+        if self.runner == "generate" and self.convert in ("embed", "classify"):
+            bad("convert", f"{self.convert} makes a pooling model; it needs --runner pooling (or auto)")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, groups: dict | None = None,
@@ -305,10 +345,19 @@ class ModelConfig:
     max_model_len: int
     vocab_size: int
     architecture: str
-    runner: str                       # "generate" | "pooling" (encoder models: embeddings)
+    runner: str                       # "generate" | "pooling" (embeddings, classification, scores)
     hf_config: Any = None
     generation_config: dict = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    # pooling models: what their head computes, "embed" (a vector) or "classify" (class logits)
+    pooling_kind: str = ""
+    pooling_model: Any = None         # models.registry.PoolingModel: the class and how it runs
+    pooler_config: Any = None         # layers.pooler.PoolingConfig: pooling modes, normalization
+    embedding_size: int = 0           # embed: the length of the vectors
+    id2label: dict = field(default_factory=dict)  # classify: label names, by class index
+    # embed: sizes the model was trained to be truncated to (Matryoshka); [] = any size, None = none
+    matryoshka_dimensions: Optional[list[int]] = None
+    uses_token_type_ids: bool = False  # BERT-style segment ids (text pairs of cross-encoders)
     # resolved by the engine core once it owns the device
     dtype: str = ""
     device: str = ""
@@ -316,3 +365,17 @@ class ModelConfig:
     @property
     def is_pooling(self) -> bool:
         return self.runner == "pooling"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """The PoolingParams tasks this model answers (score: a one-label cross-encoder; bi-encoders
+        score by the cosine of two `embed` results, computed by the caller)."""
+        if self.pooling_kind == "embed":
+            return ("embed", "encode")
+        if self.pooling_kind == "classify":
+            return ("classify", "encode") + (("score",) if self.num_labels == 1 else ())
+        return ()

@@ -207,7 +207,7 @@ def test_llm_embed_offline(engine, hf):
     single = llm.embed(tok(TEXTS[1]).input_ids)  # one token-id list is one prompt
     assert len(single) == 1
     assert_close(single[0].outputs.embedding, out[2].outputs.embedding)
-    with pytest.raises(ValueError, match="embedding model"):
+    with pytest.raises(ValueError, match="pooling model"):
         llm.generate("hello")
 
 
@@ -216,7 +216,7 @@ def test_generative_models_refuse_embed_and_vice_versa(tiny_llm):
         tiny_llm.embed(["hello"])
     from transformers import AutoConfig
     from pagoda.models.registry import resolve_model_class
-    with pytest.raises(ValueError, match="embedding model"):
+    with pytest.raises(ValueError, match="pooling model"):
         resolve_model_class(AutoConfig.from_pretrained(MINILM))
 
 
@@ -323,7 +323,7 @@ def test_errors(server, http, hf):
                        ("/v1/completions", {"prompt": "hi"})):
         r = http.post(path, json=body)
         assert r.status_code == 400
-        assert "serves /v1/embeddings only" in r.json()["error"]["message"]
+        assert "serves /v1/embeddings, /pooling, /score, /rerank only" in r.json()["error"]["message"]
     r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
     # API key: through the server's middleware like every other route
@@ -386,7 +386,7 @@ def test_embeddings_run_on_the_generation_engine(server, http):
         metric(before, "pagoda:request_success_total", finished_reason="stop", **label) == 3
     assert metric(after, "pagoda:iteration_tokens_total_count", **label) > \
         metric(before, "pagoda:iteration_tokens_total_count", **label)  # engine steps ran them
-    assert "finished (embedding)" in server.log()
+    assert "finished (embed)" in server.log()
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ FORBIDDEN = {
     "config": {"kernels", "platforms", "layers", "models", "sample", "worker", "executor", "engine",
                "inputs", "entrypoints", "bench", "llm"},
     "sampling_params": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
+    "beam_search": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
     "pooling_params": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
     "outputs": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
 }

@@ -132,6 +132,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     layer_cls = LlamaDecoderLayer
     norm_cls = RMSNorm
+    has_lm_head = True  # False: a pooling model (models/adapters.py) reads hidden states only
     # checkpoint name fragment -> (our module fragment, shard index) for merged projections
     packed = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -148,7 +149,8 @@ class LlamaForCausalLM(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.embed_tokens if tied else None)
+        self.lm_head = (LMHead(config.vocab_size, config.hidden_size, self.embed_tokens if tied else None)
+                        if self.has_lm_head else None)
 
     def rotary_embeddings(self, config, max_position: int) -> list[RotaryEmbedding]:
         """The rotary table of each layer (here one, shared by all)."""
@@ -182,8 +184,8 @@ class LlamaForCausalLM(nn.Module):
             if "rotary_emb.inv_freq" in name:
                 continue
             name = name.removeprefix("model.")
-            if name.startswith("lm_head.") and self.lm_head.tied:
-                continue  # tied: the embedding is the head
+            if name.startswith("lm_head.") and (self.lm_head is None or self.lm_head.tied):
+                continue  # tied: the embedding is the head (or no head: a pooling model)
             for frag, (merged, shard) in self.packed.items():
                 if f".{frag}." in name:
                     mod_name, pname = name.replace(f".{frag}.", f".{merged}.").rsplit(".", 1)
@@ -222,7 +224,7 @@ class LlamaForCausalLM(nn.Module):
         for n, _ in self.named_parameters():
             if not any(n.startswith(m + ".") for m, mod in self.named_modules() if isinstance(mod, Linear)):
                 names.add(n)
-        if self.lm_head.tied:
+        if self.lm_head is not None and self.lm_head.tied:
             names.discard("lm_head.weight")
         return names
 

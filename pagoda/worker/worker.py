@@ -38,7 +38,7 @@ def pick_dtype(arg: str, device: torch.device) -> torch.dtype:
 
 class Worker:
     def __init__(self, args: EngineArgs, parallel: Optional[ParallelConfig] = None):
-        from pagoda.models.registry import resolve_embedding_class, resolve_model_class
+        from pagoda.models.registry import resolve_model_class, resolve_pooling_class
         self.args = args
         self.parallel = parallel or ParallelConfig()
         self.startup = StartupTimes()
@@ -62,11 +62,12 @@ class Worker:
         self.startup.mark("config")
         if mc.is_pooling:
             if self.parallel.world_size > 1:
-                raise ValueError("--tensor-parallel-size: embedding models run on one device")
-            if args.quantization == "int8":
-                raise ValueError("--quantization: int8 is not supported for embedding models")
-            model_cls = resolve_embedding_class(hf)
-            kwargs = {}
+                raise ValueError("--tensor-parallel-size: pooling models run on one device")
+            pm = mc.pooling_model
+            if args.quantization == "int8" and not pm.decoder:
+                raise ValueError("--quantization: int8 is not supported for encoder (BERT, RoBERTa) models")
+            model_cls = resolve_pooling_class(pm)
+            kwargs = {"max_position": mc.max_model_len} if pm.decoder else {}
         else:
             model_cls = resolve_model_class(hf)
             kwargs = {"max_position": mc.max_model_len}
@@ -95,14 +96,14 @@ class Worker:
             default_seqs = 512 if mem >= 70 * 2**30 else 256
         self.max_num_seqs = args.max_num_seqs or default_seqs
         self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_cuda else 2048)
-        pooling = None
+        pooler = None
         if mc.is_pooling:
-            from pagoda.layers.pooler import PoolingConfig
-            pooling = PoolingConfig.from_model_dir(self.source.config_dir)
-            self.embedding_size = model.hidden_size * len(pooling.modes)
-        self.pooling = pooling
+            from pagoda.layers.pooler import Pooler
+            pooler = Pooler(mc.pooler_config, model.classify if mc.pooling_kind == "classify" else None)
+            self.embedding_size = mc.embedding_size
+        self.pooler = pooler
         self.runner = ModelRunner(model, hf, self.device, self.dtype, args.block_size, self.max_num_seqs,
-                                  mc.max_model_len, args.seed, pooling=pooling)
+                                  mc.max_model_len, args.seed, pooler=pooler)
         self.num_blocks = 0
 
     # -- loading --------------------------------------------------------------------------------
@@ -115,8 +116,6 @@ class Worker:
                 p.data.normal_(0, 0.02, generator=g)
             return
         if src.gguf_file:
-            if self.model_config.is_pooling:
-                raise ValueError("--model: GGUF embedding models are not supported; pass an HF directory")
             total = loader.gguf_tensor_count(src)
             weights = loader.iter_gguf(src, self.model_config.hf_config, int8_groups)
         else:
