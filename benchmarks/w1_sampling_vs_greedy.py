@@ -99,6 +99,7 @@ def end_to_end(target, prompts, args, sampling_params, sync) -> list[dict]:
                          "counts_ok": n_out == len(prompts) * args.output_len,
                          "output_tok_per_s": n_out / dt, "overlap": core.overlap,
                          "steps": {k: v[0] for k, v in core.step_timing.items()}})
+            print(f"{name}: {n_out / dt:.1f} output tok/s ({dt:.1f} s)", file=sys.stderr, flush=True)
             gc.collect()
     return runs
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,8 +174,14 @@ def test_n_samples_and_prompt_logprobs(tiny_llama_dir):
     with torch.no_grad():
         ref = torch.log_softmax(hf(torch.tensor([P[5]])).logits[0].float(), -1)
     for pos in range(1, len(P[5])):
-        tid = P[5][pos]
-        assert abs(plp[pos][tid].logprob - ref[pos - 1, tid].item()) < 1e-4
+        tid, r = P[5][pos], ref[pos - 1]
+        assert abs(plp[pos][tid].logprob - r[tid].item()) < 1e-4
+        assert plp[pos][tid].rank == int((r > r[tid]).sum()) + 1
+        # the top-2 alternatives: transformers' two best tokens, with their logprobs and ranks
+        alts = sorted((lp.rank, t, lp.logprob) for t, lp in plp[pos].items() if lp.rank <= 2)
+        top = r.topk(2)
+        assert [a[:2] for a in alts] == [(1, top.indices[0].item()), (2, top.indices[1].item())]
+        assert np.allclose([a[2] for a in alts], top.values.numpy(), atol=1e-4, rtol=0)
 
 
 def test_ignore_eos_false_stops_at_eos(tiny_llm):
