@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from pagoda.entrypoints.openai.protocol import ChatCompletionRequest
-from pagoda.entrypoints.openai.serving_chat import ServingChat
+from pagoda.entrypoints.openai.serving_chat import ChatPlan, ServingChat
 from pagoda.entrypoints.openai.tool_parsers import HermesToolParser, get_tool_parser
 from pagoda.outputs import CompletionOutput, RequestOutput
 from server_utils import PagodaServer
@@ -77,13 +77,13 @@ def test_streamed_tool_calls_equal_the_non_streamed_response(text):
     chat = ServingChat(SimpleNamespace(model_name="m", tool_parser=HermesToolParser()))
     req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER],
                                 stream=True)
-    parser = chat._tool_parser(req)
+    plan = ChatPlan([1, 2], None, req.tools, chat._tool_parser(req, None))
     cuts = [c for c in (3, 14, 15, 16, 20, 60, 61, 100) if c < len(text)]  # cuts inside the tags
     final = list(_outputs(text, cuts))[-1]
-    whole = chat._response(req, "id", final, parser).choices[0]
+    whole = chat._response(req, plan, "id", final).choices[0]
 
     async def collect():
-        return [e async for e in chat._stream(req, "id", 2, _agen(_outputs(text, cuts)), parser)]
+        return [e async for e in chat._stream(req, plan, "id", _agen(_outputs(text, cuts)))]
     events = asyncio.run(collect())
     assert events[-1].strip() == "data: [DONE]"
     chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
@@ -107,8 +107,7 @@ def test_live_server_with_the_hermes_parser():
         with httpx.Client(base_url=server.url, timeout=120) as http:
             base = {"messages": [{"role": "user", "content": "What's the weather in Paris?"}],
                     "tools": [WEATHER], "temperature": 0, "max_tokens": 24}
-            for choice, field in (("required", "tool_choice"),
-                                  ({"type": "function", "function": {"name": "get_weather"}}, "tool_choice"),
+            for choice, field in (({"type": "function", "function": {"name": "no_such_tool"}}, "tool_choice"),
                                   ("sometimes", "tool_choice")):
                 r = http.post("/v1/chat/completions", json={**base, "tool_choice": choice})
                 assert r.status_code == 400, r.text

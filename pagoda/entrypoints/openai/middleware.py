@@ -24,7 +24,7 @@ from pagoda.metrics import ServerMetrics
 
 from .errors import error_response
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"})
 OPEN_PATHS = frozenset({"/health", "/ping"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 
