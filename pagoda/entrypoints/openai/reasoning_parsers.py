@@ -48,12 +48,12 @@ class ReasoningParser:
         """The reasoning and content of `text`; with final=False, the part that is settled."""
         body = text
         reasoning_mode = self.opens_in_prompt
-        lead = len(body) - len(body.lstrip())
-        if body[lead:].startswith(START):
-            body, reasoning_mode = body[lead + len(START):], True
+        head = body.lstrip()
+        if head.startswith(START):
+            body, reasoning_mode = head[len(START):], True
+        elif not final and START.startswith(head):  # could still become <think>: hold it back
+            return Split("" if reasoning_mode else None, "")
         elif not reasoning_mode:
-            if not final and START.startswith(body.lstrip()):
-                return Split(None, "")  # could still become <think>: hold it back
             return Split(None, text)
         end = body.find(END)
         if end < 0:

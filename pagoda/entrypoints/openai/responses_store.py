@@ -27,7 +27,7 @@ class StoredResponse:
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     task: Optional[asyncio.Task] = None
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=lambda: time.monotonic())
 
     @property
     def finished(self) -> bool:

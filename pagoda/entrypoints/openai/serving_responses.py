@@ -88,6 +88,8 @@ def input_messages(input_: Any) -> list[dict[str, Any]]:
     msgs: list[dict[str, Any]] = []
     for i, item in enumerate(input_):
         where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise OpenAIError(f"{where}: an input item is an object.", param=where)
         kind = item.get("type", "message")
         if kind == "message":
             role = _ROLES.get(item.get("role"))
