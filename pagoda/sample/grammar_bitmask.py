@@ -26,14 +26,17 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -
     return logits.masked_fill(~allowed, float("-inf"))
 
 
-def _apply_kernel(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+def _apply_kernel(logits: torch.Tensor, bitmask: torch.Tensor, indices=None) -> None:
     import xgrammar as xgr
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1])
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices)
 
 
 def apply_token_bitmask(logits: torch.Tensor, grammar, req_ids: list[str]) -> torch.Tensor:
     """Mask the rows of `logits` (one per entry of `req_ids`) that `grammar` (a
-    `SchedulerOutput.grammar`, or None) constrains; returns the logits (masked in place)."""
+    `SchedulerOutput.grammar`, or None) constrains; returns the logits (masked in place).
+
+    Only the constrained rows' bitmask is copied to the device (pinned, without a stream sync);
+    it is spread over an all-allowed mask of the batch there and applied to those rows only."""
     if grammar is None:
         return logits
     bitmask: Optional[torch.Tensor] = grammar.get()
@@ -48,18 +51,19 @@ def apply_token_bitmask(logits: torch.Tensor, grammar, req_ids: list[str]) -> to
             src.append(k)
     if not rows:
         return logits
-    if len(src) != bitmask.shape[0]:
+    if src != list(range(bitmask.shape[0])):
         bitmask = bitmask[src]
-    dev = logits.device
-    if dev.type == "cuda":
+    dev, n = logits.device, logits.shape[0]
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
         bitmask = (bitmask if bitmask.is_pinned() else bitmask.pin_memory()).to(dev, non_blocking=True)
-    if rows == list(range(logits.shape[0])):
+    if rows == list(range(n)):
         _apply_kernel(logits, bitmask)
         return logits
-    index = torch.tensor(rows, dtype=torch.long)
-    if dev.type == "cuda":
+    index = torch.tensor(rows, dtype=torch.int32)
+    if on_cuda:
         index = index.pin_memory().to(dev, non_blocking=True)
-    sub = logits.index_select(0, index)
-    _apply_kernel(sub, bitmask)
-    logits.index_copy_(0, index, sub)
+    full = torch.full((n, bitmask.shape[1]), -1, dtype=torch.int32, device=dev)
+    full[index.long()] = bitmask
+    _apply_kernel(logits, full, index if on_cuda else rows)
     return logits
