@@ -36,6 +36,11 @@ def test_params_take_exactly_one_constraint_and_cross_the_wire():
     with pytest.raises(ValueError, match="choice"):
         SO(choice="yes")
     assert SO(json_object=True).kind == "json_object"
+    # vLLM's older offline spelling
+    from pagoda.sampling_params import GuidedDecodingParams
+    assert SamplingParams(guided_decoding=GuidedDecodingParams(regex="a+")).structured_outputs == SO(regex="a+")
+    with pytest.raises(ValueError, match="not both"):
+        SamplingParams(guided_decoding=SO(regex="a"), structured_outputs=SO(regex="b"))
     # a dict becomes the params; the schema's text is the cache key (property order kept)
     sp = SamplingParams(structured_outputs={"json": PERSON})
     assert sp.structured_outputs.kind == "json" and sp.structured_outputs.spec == json.dumps(PERSON)

@@ -28,7 +28,9 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor) -
 
 def _apply_kernel(logits: torch.Tensor, bitmask: torch.Tensor, indices=None) -> None:
     import xgrammar as xgr
-    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[-1], indices=indices)
+    # logits padded past the vocabulary the grammar knows keep their padding unmasked
+    vocab = min(logits.shape[-1], bitmask.shape[-1] * 32)
+    xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=vocab, indices=indices)
 
 
 def apply_token_bitmask(logits: torch.Tensor, grammar, req_ids: list[str]) -> torch.Tensor:

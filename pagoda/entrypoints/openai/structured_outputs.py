@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,6 +21,11 @@ from pagoda.structured_output.grammar import GrammarError, validate_structured_o
 
 from .errors import OpenAIError
 from .protocol import SamplingFields
+
+
+# Parsing runs here, two at a time: a constraint that takes long to build (xgrammar expands
+# `a{100000}`) holds up other constrained requests' checks, never the event loop or other requests.
+_CHECKS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pagoda-grammar-check")
 
 
 @dataclass
@@ -78,7 +84,7 @@ async def validated(c: Optional[Constraint]) -> Optional[StructuredOutputsParams
     if c is None:
         return None
     try:
-        await asyncio.get_running_loop().run_in_executor(None, validate_structured_outputs, c.params)
+        await asyncio.get_running_loop().run_in_executor(_CHECKS, validate_structured_outputs, c.params)
     except GrammarError as e:
         param = c.fields.get(e.field, e.field)
         raise OpenAIError(f"{param}: {e.reason}", param=param) from e
