@@ -142,6 +142,7 @@ CONSTRUCTED = {
          '"parameters": {"tz": "UTC"}}', None, [("get_weather", {"city": "Lyon"}), ("get_time", {"tz": "UTC"})]),
         ("It is sunny in Paris.", "It is sunny in Paris.", []),
         ('{"name": "get_weather", "parameters": {"city": ', '{"name": "get_weather", "parameters": {"city": ', []),
+        ('<|python_tag|>{"name": "get_time", "parameters": {}}<|eom_id|>', None, [("get_time", {})]),
     ],
     "mistral": [
         ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", '
@@ -149,6 +150,7 @@ CONSTRUCTED = {
         ('Checking.[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}', "Checking.", [("get_weather", {"city": "Rome"})]),
         ("No tools needed.", "No tools needed.", []),
         ("[TOOL_CALLS][{broken", "[TOOL_CALLS][{broken", []),
+        ('[TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "CET"}}]</s>', None, [("get_time", {"tz": "CET"})]),
     ],
     "pythonic": [
         ('[get_weather(city="Paris"), get_time(tz="UTC", days=2, exact=True)]', None,

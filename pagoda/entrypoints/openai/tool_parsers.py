@@ -23,10 +23,13 @@ Each parser reads one model family's format (vLLM's parser names):
   parameter values are typed by the tool's JSON schema (numbers, booleans, objects), else text.
 
 Text outside the calls is the message content; a call that does not parse stays in the content,
-so nothing the model wrote is dropped. Streaming: content streams until a call can begin; from
-there the text is held until the request finishes, then parsed once and sent as one delta with
-every call. `strict: true` tools constrain `tool_choice: auto` through `structural_tag`: once the
-model opens a call, the grammar holds it to the tool's schema (JSON formats only).
+so nothing the model wrote is dropped. Markers that a model's tokenizer counts as special tokens
+(Mistral's `[TOOL_CALLS]`, Llama's `<|python_tag|>`) reach the parser only when the request sets
+`skip_special_tokens: false`; the end-of-turn token that then ends the text is ignored.
+Streaming: content streams until a call can begin; from there the text is held until the request
+finishes, then parsed once and sent as one delta with every call. `strict: true` tools constrain
+`tool_choice: auto` through `structural_tag`: once the model opens a call, the grammar holds it to
+the tool's schema (JSON formats only).
 """
 from __future__ import annotations
 
@@ -71,6 +74,15 @@ def _partial_tag(text: str, tags: tuple[str, ...]) -> int:
         if any(t.startswith(text[-k:]) for t in tags):
             return len(text) - k
     return len(text)
+
+
+def _strip_end(text: str, markers: tuple[str, ...]) -> str:
+    """The text without an end-of-turn marker (kept when skip_special_tokens is false)."""
+    text = text.rstrip()
+    for m in markers:
+        if text.endswith(m):
+            return text[:-len(m)].rstrip()
+    return text
 
 
 def _function(tool: dict) -> dict:
@@ -168,7 +180,7 @@ class Llama3JsonToolParser(ToolParser):
     trigger = '{"name": '
 
     def parse(self, text: str, tools: Optional[list] = None) -> ParsedOutput:
-        body = text.strip()
+        body = _strip_end(text.strip(), ("<|eom_id|>", "<|eot_id|>"))
         if body.startswith(self.python_tag):
             body = body[len(self.python_tag):]
         if not body.lstrip().startswith("{"):
@@ -205,7 +217,7 @@ class MistralToolParser(ToolParser):
         if first < 0:
             return ParsedOutput(text)
         calls = []
-        for part in text[first:].split(self.start)[1:]:
+        for part in _strip_end(text[first:], ("</s>",)).split(self.start)[1:]:
             part = part.strip()
             if part.startswith("["):  # [{"name": ..., "arguments": ...}, ...]
                 try:
@@ -235,7 +247,7 @@ class PythonicToolParser(ToolParser):
     wrappers = ("<|python_start|>", "<|python_end|>")
 
     def parse(self, text: str, tools: Optional[list] = None) -> ParsedOutput:
-        body = text.strip()
+        body = _strip_end(text.strip(), ("<|eom|>", "<|eot|>", "<|eot_id|>", "<|eom_id|>"))
         for w in self.wrappers:
             body = body.replace(w, "")
         body = body.strip()
