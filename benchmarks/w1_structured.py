@@ -16,7 +16,9 @@ directory or a .gguf, default: the bundled SmolLM2's). Its vocabulary is smaller
 151,936 ids, which xgrammar pads; the bitmask is still the model's full width.
 
     python benchmarks/w1_structured.py --model-shape qwen3-0.6b --max-model-len 2048 \
-        --tokenizer /tmp/smollm2.gguf --output-json benchmarks/results/w1_structured_qwen3-0.6b.json
+        --tokenizer .whl/smollm2-tokenizer --output-json benchmarks/results/w1_structured_qwen3-0.6b.json
+
+(`benchmarks/gpu_structured.sh` runs it in one device call; its `prepare` writes that directory.)
 
 Runs on the CPU too (`--model-shape tiny-llama --num-prompts 16 --output-len 32`) as a smoke test.
 """

@@ -313,3 +313,31 @@ def test_offline_generate_rejects_a_bad_schema_before_it_runs(bundled_llm):
     with pytest.raises(ValueError, match="^json: Unsupported type"):
         bundled_llm.generate("hi", SamplingParams(structured_outputs=SO(json={"type": "nonsense"})),
                              use_tqdm=False)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_ranks_mask_the_same_rows(tiny_llama_dir):
+    """--tensor-parallel-size 2: every rank applies the step's bitmask (each feeds its own samples
+    to its next step), overlapped or not, so constrained and free rows equal one device's."""
+    from pagoda import LLM
+    from test_tensor_parallel import free_ports
+    prompts = [{"prompt_token_ids": [1, 5 + i, 9, 40 + 3 * i]} for i in range(6)]
+    cons = [SO(choice=["Paris", "London", "Rome"]), SO(regex=r"[0-9]{3}-[0-9]{4}"),
+            SO(json={"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})]
+    params = [SamplingParams(temperature=0, max_tokens=24, structured_outputs=cons[i // 2]) if i % 2 == 0
+              else SamplingParams(temperature=0, max_tokens=12, ignore_eos=True) for i in range(6)]
+
+    def run(llm, overlap):
+        llm.llm_engine.core.overlap = overlap
+        return [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+    one = run(LLM(tiny_llama_dir, max_model_len=256), False)
+    llm = LLM(tiny_llama_dir, max_model_len=256, tensor_parallel_size=2, master_port=free_ports())
+    try:
+        for overlap in (False, True):
+            got = run(llm, overlap)
+            assert [o.token_ids for o in got] == [o.token_ids for o in one]
+    finally:
+        llm.shutdown()
+    assert one[0].text in ("Paris", "London", "Rome")
+    if one[2].finish_reason == "stop":
+        assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", one[2].text)
