@@ -27,7 +27,8 @@ from .errors import error_response
 # model work: admission control (--max-concurrent-requests, draining) and the /load count
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
                               "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
-                              "/invocations", "/v1/audio/transcriptions", "/v1/audio/translations"})
+                              "/invocations", "/v1/responses", "/v1/audio/transcriptions",
+                              "/v1/audio/translations"})
 AUDIO_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
 # an audio upload's body is its file plus the form's other fields and multipart framing
 AUDIO_FORM_OVERHEAD = 1 << 20
