@@ -53,6 +53,9 @@ SERVER_FLAGS: list[Flag] = [
          "beyond it requests get 429 with Retry-After. Default: unlimited.", group="Server"),
     Flag("max-request-body-size", parse_bytes, 16 << 20, "Largest request body (e.g. 1MiB); larger "
          "gets 413.", group="Server"),
+    Flag("max-audio-file-size", parse_bytes, 25 << 20, "Largest audio file accepted by "
+         "/v1/audio/transcriptions and /v1/audio/translations (OpenAI's limit: 25 MB); larger "
+         "gets 413.", group="Server"),
     Flag("shutdown-timeout", float, 30.0, "Seconds in-flight requests may take to finish after "
          "SIGTERM/SIGINT before they are aborted.", group="Server"),
     Flag("api-server-count", int, 1, "API server processes in front of one engine core, all on "
@@ -199,6 +202,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--max-concurrent-requests: must be >= 1, got {args.max_concurrent_requests}")
     if args.max_request_body_size is None or args.max_request_body_size < 1:
         raise ValueError(f"--max-request-body-size: must be > 0, got {args.max_request_body_size}")
+    if args.max_audio_file_size is None or args.max_audio_file_size < 1:
+        raise ValueError(f"--max-audio-file-size: must be > 0, got {args.max_audio_file_size}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: must be >= 0, got {args.shutdown_timeout}")
     if args.log_stats_interval <= 0:
