@@ -113,3 +113,19 @@ def random_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[
     import random
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def _tiny_vlm_fixture(kind: str):
+    """A session fixture: a tiny vision-language checkpoint of `kind` (tests/vlm_utils.py)."""
+    @pytest.fixture(scope="session")
+    def tiny_dir(tmp_path_factory, smollm_side_dir) -> str:
+        from vlm_utils import build_tiny_vlm
+        return build_tiny_vlm(kind, str(tmp_path_factory.mktemp(f"tiny-{kind}")), smollm_side_dir)
+    return tiny_dir
+
+
+tiny_llava_dir = _tiny_vlm_fixture("llava")
+tiny_qwen2_vl_dir = _tiny_vlm_fixture("qwen2_vl")
+tiny_qwen2_5_vl_dir = _tiny_vlm_fixture("qwen2_5_vl")
+tiny_idefics3_dir = _tiny_vlm_fixture("idefics3")
+tiny_smolvlm_dir = _tiny_vlm_fixture("smolvlm")

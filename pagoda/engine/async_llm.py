@@ -86,7 +86,9 @@ class AsyncLLM:
         if ready is not None:
             mc.dtype, mc.device = ready.dtype, ready.device
         self.model_config = mc
-        self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs)
+        from pagoda.inputs.multimodal import MultiModalProcessor
+        self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs,
+                                        MultiModalProcessor.for_model(src, mc, self.tokenizer, args))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.client = AsyncMPClient(addresses, client_index)
         self._collectors: dict[str, RequestCollector] = {}

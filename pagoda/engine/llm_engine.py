@@ -31,7 +31,10 @@ class LLMEngine:
             worker.source, args.trust_remote_code)
         self.model_config.eos_token_ids = eos_token_ids(worker.source, self.model_config.hf_config,
                                                         self.tokenizer)
-        self.processor = InputProcessor(self.model_config, self.tokenizer, args.max_logprobs)
+        from pagoda.inputs.multimodal import MultiModalProcessor
+        self.processor = InputProcessor(self.model_config, self.tokenizer, args.max_logprobs,
+                                        MultiModalProcessor.for_model(worker.source, self.model_config,
+                                                                      self.tokenizer, args))
         self.output_processor = OutputProcessor(self.tokenizer)
         # False: step() reports only finished requests (offline batches skip per-step outputs)
         self.stream_outputs = True

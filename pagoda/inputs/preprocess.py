@@ -2,8 +2,14 @@
 
 Everything a request can get wrong is checked here, in the front end, before the request
 reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
-prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs. A request
-with n > 1 samples becomes n engine-core requests (ids "<id>#<i>") of one sample each.
+prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, images for a
+text-only model or more than --limit-mm-per-prompt. A request with n > 1 samples becomes n
+engine-core requests (ids "<id>#<i>") of one sample each.
+
+Images come as vLLM's {"prompt": "...<image>...", "multi_modal_data": {"image": PIL image or
+list}} (or "prompt_token_ids" with the image token), processed here by the model's
+MultiModalProcessor; or already processed ({"prompt_token_ids", "mm_features"}: the API
+server prepares them off its event loop).
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import time
 from typing import Any, Optional, Union
 
 from pagoda.config import ModelConfig
-from pagoda.engine.messages import EngineCoreRequest
+from pagoda.engine.messages import EngineCoreRequest, MultiModalFeature
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
@@ -23,10 +29,34 @@ def child_ids(request_id: str, n: int) -> list[str]:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any], max_logprobs: int):
+    def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any], max_logprobs: int,
+                 mm_processor: Optional[Any] = None):
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_logprobs = max_logprobs
+        self.mm_processor = mm_processor  # inputs.multimodal.MultiModalProcessor (vision models)
+
+    def multimodal(self, prompt: dict) -> tuple[Optional[str], list[int], list[MultiModalFeature]]:
+        """(text, token ids, features) of a prompt that carries images."""
+        mm = self.mm_processor
+        if mm is None:
+            raise ValueError(f"multi_modal_data: {self.model_config.model} is a text-only model; it "
+                             "takes no images")
+        if "mm_features" in prompt:  # processed by the API server
+            feats = list(prompt["mm_features"] or [])
+            mm.check_count(len(feats))
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"]), feats
+        from pagoda.inputs.multimodal import image_list
+        data = prompt.get("multi_modal_data") or {}
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"multi_modal_data: unsupported modality {unknown[0]!r} (supported: image)")
+        images = image_list(data.get("image", []))
+        if "prompt_token_ids" in prompt:
+            return mm.process(list(prompt["prompt_token_ids"]), images)
+        if self.tokenizer is None:
+            raise ValueError("prompt: text prompts need a tokenizer (started with --skip-tokenizer-init)")
+        return mm.process(prompt["prompt"], images)
 
     def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],
                                                                             Optional[list[int]]]:
@@ -89,12 +119,19 @@ class InputProcessor:
             kind = "an embedding" if self.model_config.is_pooling else "a generative"
             raise ValueError(f"model: {self.model_config.model} is {kind} model: it does not "
                              + ("generate text" if self.model_config.is_pooling else "pool (embed)"))
-        text, ids, types = self.tokenize(prompt)
+        feats = None
+        if isinstance(prompt, dict) and ("multi_modal_data" in prompt or "mm_features" in prompt):
+            if pooling:
+                raise ValueError("multi_modal_data: pooling requests take no images")
+            text, ids, feats = self.multimodal(prompt)
+            types = None
+        else:
+            text, ids, types = self.tokenize(prompt)
         self.check_prompt(ids, pooling)
         if pooling:
             return text, ids, [EngineCoreRequest(request_id, ids, None, params, arrival,
                                                  token_type_ids=types)]
         sp = self.sampling_params(params, len(ids))
-        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival)
+        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival, mm_features=feats or None)
                 for i, cid in enumerate(child_ids(request_id, sp.n))]
         return text, ids, reqs

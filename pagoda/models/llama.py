@@ -18,6 +18,7 @@ from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import Linear
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
+from pagoda.models.weights import expected_names
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:
@@ -151,8 +152,11 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds: the step's token embeddings when a vision-language model has put image
+        embeddings in them (input_ids are then not read)."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, residual)
@@ -190,19 +194,7 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
     def expected_weights(self) -> set[str]:
-        names = set()
-        for mname, mod in self.named_modules():
-            if isinstance(mod, Linear):
-                for pname in ("weight", "bias"):
-                    if getattr(mod, pname) is None:
-                        continue
-                    if len(mod.shard_sizes) > 1:
-                        names |= {f"{mname}.{pname}#{i}" for i in range(len(mod.shard_sizes))}
-                    else:
-                        names.add(f"{mname}.{pname}")
-        for n, _ in self.named_parameters():
-            if not any(n.startswith(m + ".") for m, mod in self.named_modules() if isinstance(mod, Linear)):
-                names.add(n)
+        names = expected_names(self)
         if self.lm_head.tied:
             names.discard("lm_head.weight")
         return names

@@ -13,6 +13,15 @@ _MODELS = {
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ForConditionalGeneration"),
 }
 
+# vision-language models: images in, text out (their config is the composite one)
+_MULTIMODAL_MODELS = {
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "Idefics3ForConditionalGeneration": ("idefics3", "Idefics3ForConditionalGeneration"),
+    "SmolVLMForConditionalGeneration": ("idefics3", "SmolVLMForConditionalGeneration"),
+}
+
 
 # encoders that produce embeddings (pooled last hidden states), served on /v1/embeddings
 _EMBEDDING_MODELS = {
@@ -22,7 +31,7 @@ _EMBEDDING_MODELS = {
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    return sorted({**_MODELS, **_MULTIMODAL_MODELS})
 
 
 def _architectures(config) -> list[str]:
@@ -33,6 +42,10 @@ def _architectures(config) -> list[str]:
                   # a Gemma3ForConditionalGeneration's text_config (what the engine runs) and
                   # GGUF-converted configs carry no architectures
                   "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration",
+                  "llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                  "idefics3": "Idefics3ForConditionalGeneration",
+                  "smolvlm": "SmolVLMForConditionalGeneration",
                   }.get(getattr(config, "model_type", ""), "")]
     return archs
 
@@ -61,8 +74,13 @@ def resolve_model_class(config):
         raise ValueError(f"model architecture {archs} is an embedding model: it serves "
                          "/v1/embeddings (LLM.embed()), not text generation")
     for a in archs:
-        if a in _MODELS:
-            mod, cls = _MODELS[a]
+        entry = _MODELS.get(a) or _MULTIMODAL_MODELS.get(a)
+        if entry is not None:
+            mod, cls = entry
             return getattr(importlib.import_module(f"pagoda.models.{mod}"), cls)
     raise ValueError(f"model architecture {archs} is not supported; supported: "
                      f"{', '.join(supported_architectures())}")
+
+
+def is_multimodal_model(config) -> bool:
+    return any(a in _MULTIMODAL_MODELS for a in _architectures(config))

@@ -247,3 +247,15 @@ def gguf_quant_types(path: str) -> set[str]:
 def gguf_tensor_count(path: str) -> int:
     from gguf import GGUFReader
     return len(GGUFReader(path).tensors)
+
+
+def load_image_processor(src: ModelSource, trust_remote_code: bool = False, overrides: Optional[dict] = None):
+    """The model's transformers image processor (PIL backend where torchvision is missing),
+    with --mm-processor-kwargs applied (e.g. Qwen2-VL's max_pixels)."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(src.config_dir, trust_remote_code=trust_remote_code,
+                                                  **(overrides or {}))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model: {src.name} has no usable image processor config "
+                         f"(preprocessor_config.json): {e}") from None

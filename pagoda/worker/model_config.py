@@ -28,11 +28,16 @@ def eos_token_ids(src: ModelSource, hf_config: Any, tokenizer: Optional[Any]) ->
 
 
 def resolve_model_config(args: EngineArgs, tokenizer: Optional[Any] = None) -> tuple[ModelSource, ModelConfig]:
-    from pagoda.models.registry import architecture_of, is_embedding_model
+    from pagoda.models.registry import architecture_of, is_embedding_model, is_multimodal_model
     src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
     hf = loader.load_config(src, args.trust_remote_code)
     pooling = not src.gguf_file and is_embedding_model(hf)
-    if not pooling:
+    # a vision-language model keeps its composite config (the model is built from it); the
+    # limits, vocabulary and EOS come from its language model's
+    mm_config = hf if not pooling and not src.gguf_file and is_multimodal_model(hf) else None
+    if mm_config is not None:
+        hf = hf.get_text_config()
+    elif not pooling:
         hf = text_config(hf)
     max_pos = int(getattr(hf, "max_position_embeddings", 0) or 0) or 2048
     if args.max_model_len and args.max_model_len > max_pos:
@@ -41,6 +46,6 @@ def resolve_model_config(args: EngineArgs, tokenizer: Optional[Any] = None) -> t
     return src, ModelConfig(
         model=src.name, served_model_names=list(args.served_model_name or [src.name]),
         max_model_len=args.max_model_len or max_pos, vocab_size=int(hf.vocab_size),
-        architecture=architecture_of(hf), runner="pooling" if pooling else "generate", hf_config=hf,
-        generation_config=dict(src.generation_config),
-        eos_token_ids=eos_token_ids(src, hf, tokenizer))
+        architecture=architecture_of(mm_config or hf), runner="pooling" if pooling else "generate",
+        hf_config=hf, generation_config=dict(src.generation_config),
+        eos_token_ids=eos_token_ids(src, hf, tokenizer), mm_hf_config=mm_config)

@@ -85,7 +85,7 @@ SERVER_FLAGS: list[Flag] = [
 ]
 
 # --help lists the groups in this order
-GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Chat", "Logging")
+GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Multimodal", "Chat", "Logging")
 
 
 class _Default:
