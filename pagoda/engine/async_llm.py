@@ -131,7 +131,7 @@ class AsyncLLM:
             return False
         if outs.scheduler_stats is not None:
             self._stats = outs.scheduler_stats
-            if outs.scheduler_stats.step_kind:
+            if outs.scheduler_stats.step_kind or outs.scheduler_stats.step_encoder_seconds:
                 for fn in self._step_listeners:
                     try:
                         fn(outs.scheduler_stats)

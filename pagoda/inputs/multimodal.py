@@ -168,6 +168,8 @@ class MultiModalProcessor:
         if os.path.exists(path):
             with open(path) as f:
                 proc_cfg = json.load(f)
+        if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = processor_chat_template(src.config_dir)
         return cls(model_config, tokenizer, ip, proc_cfg, args.limit_mm_per_prompt, args.max_image_pixels)
 
     # -- checks ---------------------------------------------------------------------------
@@ -253,6 +255,22 @@ class MultiModalProcessor:
             ids = self.expand_ids(list(prompt), items, lambda s: list(
                 self.tokenizer(s, add_special_tokens=False).input_ids), field)
         return text, ids, self.features(ids, items, field)
+
+
+def processor_chat_template(config_dir: str) -> Optional[str]:
+    """A processor's chat template (chat_template.jinja, or chat_template.json as older
+    checkpoints save it), for tokenizers that come without one."""
+    import json
+    import os
+    path = os.path.join(config_dir, "chat_template.jinja")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    path = os.path.join(config_dir, "chat_template.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f).get("chat_template")
+    return None
 
 
 def image_list(data: Any) -> list:

@@ -84,9 +84,18 @@ class SamplingFields(OpenAIModel):
                                    "prompt_token_ids. Chunks are sent for every new token then.")
 
 
+class ImageURL(OpenAIModel):
+    url: str = Field(..., description="data:image/...;base64,..., http(s):// or file:// (under "
+                     "--allowed-local-media-path).")
+    detail: Optional[str] = None
+
+
 class TextPart(OpenAIModel):
+    """A content part: {"type": "text", "text"} or, for vision models, {"type": "image_url",
+    "image_url": {"url"}} (the URL may also be given as a plain string)."""
     type: str = "text"
     text: Optional[str] = None
+    image_url: Optional[Union[ImageURL, str]] = None
 
 
 class ChatMessage(OpenAIModel):
@@ -307,6 +316,7 @@ class ModelCard(ResponseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
+    capabilities: Optional[list[str]] = Field(None, description='["vision"]: the model takes images.')
 
 
 class ModelList(ResponseModel):

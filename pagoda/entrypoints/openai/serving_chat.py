@@ -15,7 +15,7 @@ from .logprobs import chat_logprobs
 from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
                        PromptTokensDetails, UsageInfo)
-from .serving_base import OpenAIServing, random_id
+from .serving_base import OpenAIServing, prompt_length, random_id
 from .tool_parsers import HermesToolParser, ParsedOutput
 from .streams import SSE_DONE, SSEResponse, json_response, sse, sse_error, unless_disconnected
 
@@ -40,18 +40,19 @@ class ServingChat:
         s.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
-        prompt_ids = await unless_disconnected(raw, s.chat_prompt_ids(
+        prompt = await unless_disconnected(raw, s.chat_prompt(  # token ids, or with images a dict
             req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template,
             req.chat_template_kwargs, req.tools))
+        n_prompt = prompt_length(prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = s.sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
+        params = s.sampling_params(req, max_tokens=max_tokens, prompt_len=n_prompt,
                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         parser = self._tool_parser(req)
         request_id = random_id("chatcmpl")
-        first, gen = await s.start(raw, prompt_ids, params, request_id)
+        first, gen = await s.start(raw, prompt, params, request_id)
         outputs = s.follow(first, gen, request_id)
         if req.stream:
-            return SSEResponse(self._stream(req, request_id, len(prompt_ids), outputs, parser))
+            return SSEResponse(self._stream(req, request_id, n_prompt, outputs, parser))
         (final,) = await s.collect(raw, [outputs])
         return json_response(self._response(req, request_id, final, parser))
 
