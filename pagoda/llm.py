@@ -73,6 +73,7 @@ class LLM:
     def _run(self, prompts: list, params: list, use_tqdm: bool, desc: str) -> list:
         from tqdm import tqdm
         eng = self.llm_engine
+        prompts = eng.processor.prepare_images(prompts)  # images: preprocessed in parallel
         ids = []
         try:  # validate everything before anything runs, so one bad prompt fails the call cleanly
             for p, sp in zip(prompts, params):

@@ -88,7 +88,9 @@ class AsyncLLM:
         self.model_config = mc
         from pagoda.inputs.multimodal import MultiModalProcessor
         self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs,
-                                        MultiModalProcessor.for_model(src, mc, self.tokenizer, args))
+                                        MultiModalProcessor.for_model(
+                                            src, mc, self.tokenizer, args,
+                                            wire_dtype=mc.dtype if engine_core == "process" else None))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.client = AsyncMPClient(addresses, client_index)
         self._collectors: dict[str, RequestCollector] = {}

@@ -258,8 +258,8 @@ def flatten_text_parts(parts: list) -> str:
         elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
             texts.append(p["text"])
         elif isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES:
-            raise ValueError("messages: image parts need a vision-language model; this model is "
-                             "text-only")
+            raise ValueError(f"messages: {p['type']} parts need a vision-language model; this model "
+                             "is text-only")
         else:
             kind = p.get("type") if isinstance(p, dict) else type(p).__name__
             raise ValueError(f"messages: content part of type {kind!r} is not supported (text only)")

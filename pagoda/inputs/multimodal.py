@@ -35,9 +35,9 @@ class ImageItem:
     identifier: str
 
 
-def _wire(a: np.ndarray, dtype: str) -> Tensor:
-    """Float outputs in the engine's dtype (the tower casts its input to it anyway, and half
-    the bytes cross the process boundary); bfloat16 as torch writes it."""
+def _wire(a: np.ndarray, dtype: Optional[str]) -> Tensor:
+    """Float outputs in the engine's dtype when they cross a process boundary (the tower casts
+    its input to it anyway, and half the bytes travel); bfloat16 as torch writes it."""
     if a.dtype.kind == "f" and dtype in ("bfloat16", "float16"):
         if dtype == "float16":
             return Tensor.of(a.astype(np.float16))
@@ -47,12 +47,13 @@ def _wire(a: np.ndarray, dtype: str) -> Tensor:
     return Tensor.of(a)
 
 
-def content_hash(data: dict[str, np.ndarray]) -> str:
+def image_hash(image) -> str:
+    """An image's identity for the encoder and prefix caches: its decoded pixels (what the
+    engine's one image processor turns into the same outputs every time), 8x fewer bytes
+    than the processed floats."""
     h = hashlib.blake2b(digest_size=16)
-    for key in sorted(data):
-        a = np.ascontiguousarray(data[key])
-        h.update(f"{key}|{a.dtype}|{a.shape}|".encode())
-        h.update(a.tobytes())
+    h.update(f"{image.mode}|{image.size}|".encode())
+    h.update(image.tobytes())
     return h.hexdigest()
 
 
@@ -140,7 +141,8 @@ _FAMILIES = {
 
 class MultiModalProcessor:
     def __init__(self, model_config, tokenizer, image_processor, processor_config: dict,
-                 limits: Optional[dict] = None, max_image_pixels: Optional[int] = None):
+                 limits: Optional[dict] = None, max_image_pixels: Optional[int] = None,
+                 wire_dtype: Optional[str] = None):
         mm = model_config.mm_hf_config
         family = _FAMILIES.get(model_config.architecture)
         if family is None:
@@ -153,10 +155,13 @@ class MultiModalProcessor:
         self.image_token_id = int(mm.image_token_id)
         self.limit = (limits or {}).get("image")
         self.max_image_pixels = max_image_pixels
+        self.wire_dtype = wire_dtype  # the engine's dtype when outputs go to another process
 
     @classmethod
-    def for_model(cls, src, model_config, tokenizer, args) -> Optional["MultiModalProcessor"]:
-        """The processor of a vision-language model (None for text-only models)."""
+    def for_model(cls, src, model_config, tokenizer, args,
+                  wire_dtype: Optional[str] = None) -> Optional["MultiModalProcessor"]:
+        """The processor of a vision-language model (None for text-only models); wire_dtype:
+        the engine's dtype when the engine core runs in another process."""
         if not model_config.is_multimodal:
             return None
         import json
@@ -170,7 +175,8 @@ class MultiModalProcessor:
                 proc_cfg = json.load(f)
         if tokenizer is not None and not getattr(tokenizer, "chat_template", None):
             tokenizer.chat_template = processor_chat_template(src.config_dir)
-        return cls(model_config, tokenizer, ip, proc_cfg, args.limit_mm_per_prompt, args.max_image_pixels)
+        return cls(model_config, tokenizer, ip, proc_cfg, args.limit_mm_per_prompt, args.max_image_pixels,
+                   wire_dtype)
 
     # -- checks ---------------------------------------------------------------------------
     def check_count(self, n: int, field: str = "multi_modal_data") -> None:
@@ -190,9 +196,10 @@ class MultiModalProcessor:
         items = []
         for im in images:
             self.check_image(im)
-            data = self.family.run(self.image_processor, im.convert("RGB") if im.mode != "RGB" else im)
+            im = im.convert("RGB") if im.mode != "RGB" else im
+            data = self.family.run(self.image_processor, im)
             n = self.family.num_embeds(data)
-            items.append(ImageItem(data, n, self.family.replacement(data, n), content_hash(data)))
+            items.append(ImageItem(data, n, self.family.replacement(data, n), image_hash(im)))
         return items
 
     def expand_text(self, text: str, items: list[ImageItem], field: str = "prompt") -> str:
@@ -232,7 +239,7 @@ class MultiModalProcessor:
         if len(pos) != need:
             raise ValueError(f"{field}: {len(pos)} image tokens after expansion, {need} expected "
                              "(does the text contain the image token itself?)")
-        dtype = self.model_config.dtype or "float32"
+        dtype = self.wire_dtype
         feats, k = [], 0
         for it in items:
             first, last = int(pos[k]), int(pos[k + it.num_embeds - 1])
@@ -243,10 +250,13 @@ class MultiModalProcessor:
         return feats
 
     def process(self, prompt, images: list, add_special_tokens: bool = True,
-                field: str = "prompt") -> tuple[Optional[str], list[int], list[MultiModalFeature]]:
-        """All steps in one go (the offline path): (text, token ids, features)."""
+                field: str = "prompt", items: Optional[list[ImageItem]] = None,
+                ) -> tuple[Optional[str], list[int], list[MultiModalFeature]]:
+        """All steps in one go (the offline path): (text, token ids, features). items: the
+        images already through process_images (LLM.generate runs that in a pool)."""
         self.check_count(len(images), "multi_modal_data")
-        items = self.process_images(images)
+        if items is None:
+            items = self.process_images(images)
         if isinstance(prompt, str):
             text = self.expand_text(prompt, items, field)
             ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)

@@ -22,6 +22,8 @@ from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
 PromptType = Union[str, list[int], dict]
+# a prompt dict's images after the image processor (set by prepare_images, read by process)
+PREPARED_IMAGES = "_prepared_images"
 
 
 def child_ids(request_id: str, n: int) -> list[str]:
@@ -52,11 +54,36 @@ class InputProcessor:
         if unknown:
             raise ValueError(f"multi_modal_data: unsupported modality {unknown[0]!r} (supported: image)")
         images = image_list(data.get("image", []))
+        items = prompt.get(PREPARED_IMAGES)
         if "prompt_token_ids" in prompt:
-            return mm.process(list(prompt["prompt_token_ids"]), images)
+            return mm.process(list(prompt["prompt_token_ids"]), images, items=items)
         if self.tokenizer is None:
             raise ValueError("prompt: text prompts need a tokenizer (started with --skip-tokenizer-init)")
-        return mm.process(prompt["prompt"], images)
+        return mm.process(prompt["prompt"], images, items=items)
+
+    def prepare_images(self, prompts: list, workers: int = 8) -> list:
+        """Prompts whose images have been through the image processor, on a pool of threads
+        (the offline LLM's batches; the processors' numpy and PIL work runs without the GIL).
+        A prompt whose images fail keeps them unprocessed (process() reports the error)."""
+        mm = self.mm_processor
+        todo = [i for i, p in enumerate(prompts) if isinstance(p, dict) and p.get("multi_modal_data")]
+        if mm is None or len(todo) < 2:
+            return prompts
+        from concurrent.futures import ThreadPoolExecutor
+        from pagoda.inputs.multimodal import image_list
+
+        def run(i):
+            try:
+                return mm.process_images(image_list(prompts[i]["multi_modal_data"].get("image", [])))
+            except ValueError:
+                return None
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            done = list(pool.map(run, todo))
+        out = list(prompts)
+        for i, items in zip(todo, done):
+            if items is not None:
+                out[i] = {**prompts[i], PREPARED_IMAGES: items}
+        return out
 
     def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],
                                                                             Optional[list[int]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_serializer
 
 # torch.Generator.manual_seed accepts this range
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -95,7 +95,12 @@ class TextPart(OpenAIModel):
     "image_url": {"url"}} (the URL may also be given as a plain string)."""
     type: str = "text"
     text: Optional[str] = None
-    image_url: Optional[Union[ImageURL, str]] = None
+    image_url: Optional[ImageURL] = None
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_as_string(cls, v):
+        return {"url": v} if isinstance(v, str) else v
 
 
 class ChatMessage(OpenAIModel):

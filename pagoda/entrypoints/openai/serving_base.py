@@ -79,8 +79,7 @@ def _message_dict(m: ChatMessage, index: int, multimodal: bool = False) -> dict:
                     raise OpenAIError(f"messages[{index}].content[{j}]: image_url parts need a "
                                       "vision-language model; this model is text-only",
                                       param=f"messages.{index}.content.{j}")
-                url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                parts.append({"type": "image_url", "image_url": {"url": url}})
+                parts.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
                 continue
             if part.type != "text" or part.text is None:
                 kinds = "text and image_url parts are" if multimodal else \
