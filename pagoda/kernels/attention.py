@@ -159,8 +159,11 @@ def _varlen_layout(cu: list[int], device) -> tuple[torch.Tensor, torch.Tensor, t
     lens = [b - a for a, b in zip(cu, cu[1:])]
     L = max(lens, default=0)
     offs = torch.arange(L, device=device)
-    starts = torch.tensor(cu[:-1], device=device)
-    valid = offs.unsqueeze(0) < torch.tensor(lens, device=device).unsqueeze(1)   # [B, L]
+    host = torch.tensor([cu[:-1], lens])
+    if torch.device(device).type == "cuda":  # no wait for the device's queued work
+        host = host.pin_memory().to(device, non_blocking=True)
+    starts, lens_t = host[0], host[1]
+    valid = offs.unsqueeze(0) < lens_t.unsqueeze(1)   # [B, L]
     index = torch.where(valid, starts.unsqueeze(1) + offs.unsqueeze(0), torch.zeros_like(offs))
     return index, valid, index[valid]
 

@@ -84,7 +84,15 @@ class EncoderMetadata:
 
     @classmethod
     def of(cls, cu: list[int], device) -> "EncoderMetadata":
-        return cls(torch.tensor(cu, dtype=torch.int32, device=device), list(cu))
+        return cls(to_device_async(torch.tensor(cu, dtype=torch.int32), device), list(cu))
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device without waiting for the device's queued work (a copy from
+    pageable memory runs in stream order: an overlapped step would wait for the one before)."""
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class EncoderAttention(nn.Module):

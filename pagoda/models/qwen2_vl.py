@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.activation import Activation
-from pagoda.layers.attention import EncoderAttention, EncoderMetadata
+from pagoda.layers.attention import EncoderAttention, EncoderMetadata, to_device_async
 from pagoda.layers.linear import Linear
 from pagoda.layers.norm import LayerNorm, RMSNorm
 from pagoda.layers.rotary import MRotaryEmbedding, VisionRotaryEmbedding, rope_parameters
@@ -159,7 +159,7 @@ class Qwen2VisionTransformer(nn.Module):
         """[N, C*T*P*P] patches of the images in `grids` -> [N / merge^2, out] merged tokens."""
         dev = patches.device
         x = self.patch_embed(patches)
-        table = self.rotary_pos_emb.table(vision_positions(grids, self.merge).to(dev))
+        table = self.rotary_pos_emb.table(to_device_async(vision_positions(grids, self.merge), dev))
         frames = [0]  # full attention: within each frame of each image
         for t, h, w in grids:
             for _ in range(t):
@@ -168,7 +168,7 @@ class Qwen2VisionTransformer(nn.Module):
         windowed = order = None
         if self.v25:
             order, bounds = window_order(grids, self.merge, self.vc.window_size, self.vc.patch_size)
-            order = order.to(dev)
+            order = to_device_async(order, dev)
             unit = self.merge * self.merge
             x = x.view(-1, unit, x.shape[-1])[order].reshape(x.shape)
             table = table.view(-1, unit, table.shape[-1])[order].reshape(table.shape)

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from pagoda.layers.attention import to_device_async
 from pagoda.sample.sampler import to_device
 
 
@@ -38,9 +39,7 @@ def tensor_of(t, device: torch.device) -> torch.Tensor:
         x = torch.frombuffer(bytearray(t.data), dtype=torch.bfloat16).view(t.shape)
     else:
         x = torch.from_numpy(np.array(t.numpy()))
-    if device.type != "cuda":
-        return x
-    return x.pin_memory().to(device, non_blocking=True)  # no stream sync (an overlapped step)
+    return to_device_async(x, device)
 
 
 @dataclass
@@ -80,10 +79,14 @@ class EncoderRunner:
 
     # -- encoding -------------------------------------------------------------------------
     def _items(self, f) -> dict[str, torch.Tensor]:
+        """An image's inputs: pixel values on the device in the model's dtype; sizes and masks
+        stay on the host, where the model reads them without waiting for the device."""
         out = {}
         for k, t in f.data.items():
-            x = tensor_of(t, self.device)
-            out[k] = x.to(self.dtype) if x.is_floating_point() else x
+            if t.dtype.startswith(("float", "bfloat")):
+                out[k] = tensor_of(t, self.device).to(self.dtype)
+            else:
+                out[k] = torch.from_numpy(np.array(t.numpy()))
         return out
 
     def encode(self, todo: list) -> None:
@@ -128,10 +131,14 @@ class EncoderRunner:
 
     @staticmethod
     def seconds(timings: list) -> list[float]:
-        """Encoder run times once their step has finished (CUDA events need that)."""
+        """Encoder run times (CUDA events: waits for each run's end, nothing later)."""
         out = []
         for a, b in timings:
-            out.append(a.elapsed_time(b) / 1e3 if isinstance(a, torch.cuda.Event) else b - a)
+            if isinstance(a, torch.cuda.Event):
+                b.synchronize()
+                out.append(a.elapsed_time(b) / 1e3)
+            else:
+                out.append(b - a)
         return out
 
     def _covered(self, req_ids, starts, counts):

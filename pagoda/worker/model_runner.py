@@ -9,6 +9,9 @@ here. Logits are computed only for rows that need them (the last token of each r
 finished its prompt, plus every prompt row of requests asking for prompt logprobs); pooling
 requests end in the pooler instead.
 
+Vision-language models: the step's images are encoded first (encoder_runner.py) and their rows
+replace the placeholders' token embeddings; M-RoPE models get their [3, T] rotary positions.
+
 `launch` queues a step and returns without waiting for its sampled ids (they stay on the
 device; the next step reads its inputs from there); `PendingStep.result()` waits for them.
 If a step fails, its requests are run one by one so only a request that fails on its own is
@@ -70,8 +73,6 @@ class PendingStep:
             self.event.synchronize()
         out = self.output
         if self.encoder_timings:
-            if self.event is None and self.runner.on_cuda:
-                torch.cuda.synchronize(self.runner.device)
             out.encoder_seconds = EncoderRunner.seconds(self.encoder_timings)
             self.encoder_timings = None
         if out.req_ids and not out.sampled_token_ids:
