@@ -18,7 +18,7 @@ from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.layers.linear import Linear
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
-from pagoda.models.weights import expected_names
+from pagoda.models.weights import expected_names, load_named
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:
@@ -168,30 +168,15 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the names of our parameters that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            name = name.removeprefix("model.")
-            if name.startswith("lm_head.") and self.lm_head.tied:
-                continue  # tied: the embedding is the head
-            for frag, (merged, shard) in self.packed.items():
-                if f".{frag}." in name:
-                    mod_name, pname = name.replace(f".{frag}.", f".{merged}.").rsplit(".", 1)
-                    self.get_submodule(mod_name).load_shard(shard, pname, tensor)
-                    loaded.add(f"{mod_name}.{pname}#{shard}")
-                    break
-            else:
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                p = params[name]
-                if p.shape != tensor.shape:
-                    raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs "
-                                     f"model {tuple(p.shape)}")
-                p.data.copy_(tensor)
-                loaded.add(name)
-        return loaded
+        def ours():
+            for name, tensor in weights:
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                name = name.removeprefix("model.")
+                if name.startswith("lm_head.") and self.lm_head.tied:
+                    continue  # tied: the embedding is the head
+                yield name, tensor
+        return load_named(self, ours(), self.packed)
 
     def expected_weights(self) -> set[str]:
         names = expected_names(self)

@@ -38,7 +38,7 @@ def load_named(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(module).__name__}")
             p = params[name]
             if p.shape != tensor.shape:
-                if p.numel() != tensor.numel() or p.dim() != 2:
+                if p.numel() != tensor.numel() or p.dim() != 2 or tensor.dim() <= 2:
                     raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs "
                                      f"model {tuple(p.shape)}")
                 tensor = tensor.reshape(p.shape)  # a patch convolution held as a Linear
