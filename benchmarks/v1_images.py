@@ -145,6 +145,7 @@ def run_hf(model_dir: str, n: int, batch: int) -> dict:
     text = chat_text(model_dir).replace("<|image_pad|>", "<|image_pad|>" * (SIDE // 28) ** 2)
     ids = tok(text, add_special_tokens=False).input_ids
     imgs = images(n)
+    batch = min(batch, n)
     gen = dict(max_new_tokens=OUT_LEN, min_new_tokens=OUT_LEN, do_sample=False, eos_token_id=None, pad_token_id=0)
     x = torch.tensor([ids] * batch, device=dev)
     with torch.no_grad():  # warm-up batch (not timed)
@@ -288,6 +289,12 @@ def main() -> int:
                                                   args.shape)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     results = {}
+
+    def save():  # after every run: a call cut short still brings back what it measured
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
     for run in ("hf", "offline"):
         if run in skip:
             continue
@@ -300,6 +307,8 @@ def main() -> int:
             print(r.stdout[-3000:], r.stderr[-5000:], file=sys.stderr)
             return 1
         results[run] = json.loads(line[len("RESULT "):])
+        print(f"  {run}: {results[run]['images_per_s']:.1f} images/s", flush=True)
+        save()
     if "serve" not in skip:
         results["serve"] = run_serve(model_dir, args.num_images, args.vision_max_batch_size, extra,
                                      args.serve_timeout)
@@ -317,10 +326,7 @@ def main() -> int:
     if "offline" in results and "serve" in results:
         results["serve_over_offline"] = results["serve"]["images_per_s"] / results["offline"]["images_per_s"]
         print(f"  serve / offline = {results['serve_over_offline']:.2f}   (goal >= 0.85)")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+    save()
     return 0 if ok else 1
 
 

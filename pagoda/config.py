@@ -115,6 +115,14 @@ def flag(default: Any, help: str, *, group: str = "Model", aliases: tuple[str, .
                                                          choices=choices, type=type, nargs=nargs)})
 
 
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed", "classify")
+TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
+# --task X -> (--runner, --convert)
+_TASK_MEANING = {"auto": ("auto", "auto"), "generate": ("generate", "auto"),
+                 "embed": ("pooling", "embed"), "embedding": ("pooling", "embed"),
+                 "classify": ("pooling", "classify"), "score": ("pooling", "auto")}
+
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}
 
@@ -151,6 +159,17 @@ class EngineArgs:
     served_model_name: Optional[list[str]] = flag(
         None, "Name(s) the API answers to (default: the model argument). The first is reported in "
         "responses.", nargs="+")
+    runner: str = flag("auto", "generate: text generation; pooling: embeddings, classification and "
+                       "scores (/v1/embeddings, /pooling, /classify, /score, /rerank). auto: from the "
+                       "architecture (BertModel, XLMRobertaModel, ...ForSequenceClassification pool; "
+                       "...ForCausalLM generates).", choices=RUNNERS)
+    convert: str = flag("auto", "Run a decoder (...ForCausalLM) checkpoint as a pooling model: embed = "
+                        "the last token's final hidden state, normalized (Qwen3-Embedding); classify = "
+                        "a classification head on the last token (the checkpoint's `score` weights). "
+                        "auto: embed under --runner pooling, none otherwise.", choices=CONVERTS)
+    task: Optional[str] = flag(None, "vLLM's older spelling of --runner/--convert: generate; embed "
+                               "(or embedding) = --runner pooling --convert embed; classify = --runner "
+                               "pooling --convert classify; score = --runner pooling.", choices=TASKS)
     # KV cache
     block_size: int = flag(16, "Tokens per KV-cache block.", group="KV cache",
                            aliases=("cache-block-seq-len",))
@@ -174,8 +193,21 @@ class EngineArgs:
         None, "Token budget of one step; longer prompts are prefilled in chunks (default 8192 on "
         "GPU, 2048 on CPU).", group="Scheduler", aliases=("max-prefill-token-num",))
     enforce_eager: bool = flag(False, "Disable CUDA graphs.", group="Scheduler")
-    tensor_parallel_size: int = flag(1, "GPUs to split the model over (only 1 is supported yet).",
-                                     group="Scheduler", aliases=("-tp",))
+    tensor_parallel_size: int = flag(1, "Devices to split the model over: one worker process per "
+                                     "rank (NCCL on GPUs, gloo on the CPU).", group="Parallel",
+                                     aliases=("-tp",))
+    nnodes: int = flag(1, "Hosts the tensor-parallel group spans (each runs tp / nnodes ranks).",
+                       group="Parallel")
+    node_rank: int = flag(0, "This host's index among --nnodes (0 runs the engine core and the "
+                          "API server; the others only their ranks).", group="Parallel")
+    master_addr: str = flag("127.0.0.1", "Address of node 0, where the ranks meet "
+                            "(torch.distributed rendezvous).", group="Parallel")
+    master_port: int = flag(29500, "Port of the rendezvous on node 0 (the next two ports carry the "
+                            "engine's calls to the ranks).", group="Parallel")
+    data_parallel_size: int = flag(1, "Engine cores behind one API server (or one LLM), each with "
+                                   "its own copy of the model and KV cache (one GPU each: rank r uses "
+                                   "cuda:r); requests go to the least loaded.", group="Parallel",
+                                   aliases=("-dp",))
     attention_backend: str = flag("auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
                                   group="Scheduler", choices=("auto", "torch", "triton"))
     backend: Optional[str] = flag(None, "LMDeploy's engine choice, accepted for its command lines: "
@@ -225,7 +257,22 @@ class EngineArgs:
             self.served_model_name = [self.served_model_name]
         if isinstance(self.kv_cache_memory, str):
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        self._apply_task()
         self.validate()
+
+    def _apply_task(self) -> None:
+        """--task (vLLM's deprecated flag) sets --runner / --convert where those were left auto."""
+        if self.task is None:
+            return
+        if self.task not in _TASK_MEANING:
+            raise ValueError(f"--task: unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        runner, convert = _TASK_MEANING[self.task]
+        for name, value in (("runner", runner), ("convert", convert)):
+            mine = getattr(self, name)
+            if value != "auto" and mine not in ("auto", value):
+                raise ValueError(f"--task {self.task} means --{name} {value}, but --{name} {mine} is given")
+            if mine == "auto":
+                setattr(self, name, value)
 
     def validate(self):
         def bad(flag, msg):
@@ -248,15 +295,30 @@ class EngineArgs:
             bad("kv-cache-memory", f"must be > 0 bytes, got {self.kv_cache_memory}")
         if self.max_logprobs < 0:
             bad("max-logprobs", f"must be >= 0, got {self.max_logprobs}")
-        if self.tensor_parallel_size != 1:
-            bad("tensor-parallel-size", f"{self.tensor_parallel_size} is not supported yet; pagoda "
-                "runs on one device (use 1)")
+        if self.data_parallel_size < 1:
+            bad("data-parallel-size", f"must be >= 1, got {self.data_parallel_size}")
+        if self.tensor_parallel_size < 1:
+            bad("tensor-parallel-size", f"must be >= 1, got {self.tensor_parallel_size}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            bad("nnodes", f"{self.nnodes} hosts cannot share {self.tensor_parallel_size} tensor-parallel "
+                "ranks evenly")
+        if not 0 <= self.node_rank < self.nnodes:
+            bad("node-rank", f"must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and self.nnodes > 1:
+            bad("nnodes", "data parallelism across several hosts is not supported; run one "
+                "--data-parallel-size per host")
         if self.quantization not in (None, "int8", "none"):
             bad("quantization", f"unknown method {self.quantization!r}; supported: int8, none")
         if self.load_format not in ("auto", "dummy"):
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):
             bad("attention-backend", f"unknown backend {self.attention_backend!r}")
+        if self.runner not in RUNNERS:
+            bad("runner", f"unknown runner {self.runner!r}; use {', '.join(RUNNERS)}")
+        if self.convert not in CONVERTS:
+            bad("convert", f"unknown conversion {self.convert!r}; use {', '.join(CONVERTS)}")
+        if self.runner == "generate" and self.convert in ("embed", "classify"):
+            bad("convert", f"{self.convert} makes a pooling model; it needs --runner pooling (or auto)")
         if self.backend not in (None, "turbomind", "pytorch"):
             bad("backend", f"unknown backend {self.backend!r}; LMDeploy's are turbomind and pytorch")
         if self.quant_policy not in (0, 4, 8):
@@ -338,6 +400,19 @@ def load_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+def data_parallel_rank_args(args: EngineArgs, rank: int) -> EngineArgs:
+    """The EngineArgs of one data-parallel engine core: on CUDA, rank r runs on devices
+    r * tp .. r * tp + tp - 1, and its tensor-parallel group meets on ports of its own."""
+    if args.data_parallel_size == 1:
+        return args
+    device = args.device
+    if device in ("auto", "cuda"):
+        import torch
+        if device == "cuda" or torch.cuda.is_available():
+            device = f"cuda:{rank * args.tensor_parallel_size}"
+    return dataclasses.replace(args, device=device, master_port=args.master_port + 10 * rank)
+
+
 @dataclass
 class ModelConfig:
     """What the engine and the API server need to know about a model, read from its config
@@ -347,10 +422,19 @@ class ModelConfig:
     max_model_len: int
     vocab_size: int
     architecture: str
-    runner: str                       # "generate" | "pooling" (encoder models: embeddings)
+    runner: str                       # "generate" | "pooling" (embeddings, classification, scores)
     hf_config: Any = None
     generation_config: dict = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
+    # pooling models: what their head computes, "embed" (a vector) or "classify" (class logits)
+    pooling_kind: str = ""
+    pooling_model: Any = None         # models.registry.PoolingModel: the class and how it runs
+    pooler_config: Any = None         # layers.pooler.PoolingConfig: pooling modes, normalization
+    embedding_size: int = 0           # embed: the length of the vectors
+    id2label: dict = field(default_factory=dict)  # classify: label names, by class index
+    # embed: sizes the model was trained to be truncated to (Matryoshka); [] = any size, None = none
+    matryoshka_dimensions: Optional[list[int]] = None
+    uses_token_type_ids: bool = False  # BERT-style segment ids (text pairs of cross-encoders)
     # resolved by the engine core once it owns the device
     dtype: str = ""
     device: str = ""
@@ -364,3 +448,17 @@ class ModelConfig:
     @property
     def is_multimodal(self) -> bool:
         return self.mm_hf_config is not None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """The PoolingParams tasks this model answers (score: a one-label cross-encoder; bi-encoders
+        score by the cosine of two `embed` results, computed by the caller)."""
+        if self.pooling_kind == "embed":
+            return ("embed", "encode")
+        if self.pooling_kind == "classify":
+            return ("classify", "encode") + (("score",) if self.num_labels == 1 else ())
+        return ()

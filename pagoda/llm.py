@@ -1,7 +1,8 @@
 """Offline batch API, shaped like vLLM's: LLM(model=...).generate(prompts, SamplingParams(...)).
 
-One engine serves every task: a generative model answers generate() and chat(), an embedding
-model (BertModel) embed() and encode() — both run on the same engine core as `pagoda serve`.
+One engine serves every task: a generative model answers generate(), chat() and beam_search(); a
+pooling model embed(), classify(), score() and encode() — all on the same engine core as
+`pagoda serve`.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from typing import Optional, Sequence, Union
 from pagoda.config import EngineArgs
 from pagoda.engine.llm_engine import LLMEngine
 from pagoda.inputs.preprocess import PromptType
-from pagoda.outputs import (EmbeddingOutput, EmbeddingRequestOutput, PoolingRequestOutput,
-                            RequestOutput)
+from pagoda.beam_search import BeamSearchOutput, BeamSearchParams
+from pagoda.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
+                            EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
+                            ScoringRequestOutput)
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
@@ -43,6 +46,11 @@ class LLM:
         from pagoda.inputs.media import MediaConnector
         self._media = MediaConnector.from_args(args)  # image URLs of chat() messages
 
+    def shutdown(self) -> None:
+        """Stop worker processes now (tensor-parallel ranks); they also stop when this process
+        exits."""
+        self.llm_engine.shutdown()
+
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
@@ -50,9 +58,10 @@ class LLM:
         mc = self.llm_engine.model_config
         if mc.is_pooling != pooling:
             if mc.is_pooling:
-                raise ValueError(f"{mc.model} is an embedding model: use LLM.embed(), not {what}()")
-            raise ValueError(f"{mc.model} is a generative model: {what}() needs an embedding model "
-                             "(e.g. a BertModel checkpoint)")
+                raise ValueError(f"{mc.model} is a pooling model: use LLM.embed(), classify(), score() "
+                                 f"or encode(), not {what}()")
+            raise ValueError(f"{mc.model} is a generative model: {what}() needs a pooling model (e.g. "
+                             "a BertModel or ...ForSequenceClassification checkpoint, or --runner pooling)")
 
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -136,21 +145,114 @@ class LLM:
                 prompts.append({"prompt_token_ids": tok(text, add_special_tokens=False).input_ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def encode(self, prompts: Union[PromptType, Sequence[PromptType]],
-               pooling_params: Optional[PoolingParams] = None,
-               use_tqdm: bool = False) -> list[PoolingRequestOutput]:
-        """Pooled hidden states, one per prompt, in order (vLLM's LLM.encode)."""
-        self._require(True, "encode")
-        prompts = _prompt_list(prompts)
-        params = pooling_params or PoolingParams(task="encode")
-        return self._run(prompts, [params] * len(prompts), use_tqdm, "Pooled prompts")
+    # -- pooling --------------------------------------------------------------------------------
+    def _pool(self, prompts: list, pooling_params, task: str, truncate_prompt_tokens: Optional[int],
+              use_tqdm: bool, desc: str) -> list[PoolingRequestOutput]:
+        """One pooling request per prompt; `pooling_params` is one PoolingParams for all, or one
+        per prompt (their task is set to `task`)."""
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams(task=task)] * len(prompts)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"pooling_params: {len(params)} given for {len(prompts)} prompts")
+        changes = {"task": task}
+        if truncate_prompt_tokens is not None:
+            changes["truncate_prompt_tokens"] = truncate_prompt_tokens
+        params = [p.clone(**changes) for p in params]
+        return self._run(prompts, params, use_tqdm, desc)
 
-    def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
-              use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+    def encode(self, prompts: Union[PromptType, Sequence[PromptType]],
+               pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None,
+               use_tqdm: bool = False, *, truncate_prompt_tokens: Optional[int] = None,
+               pooling_task: Optional[str] = None) -> list[PoolingRequestOutput]:
+        """The pooler's output per prompt, in order (vLLM's LLM.encode): `pooling_task` (or the
+        params' task; default encode = the raw pooled vector or class logits)."""
+        self._require(True, "encode")
+        if pooling_task is None:
+            pooling_task = pooling_params.task if isinstance(pooling_params, PoolingParams) else "encode"
+        return self._pool(_prompt_list(prompts), pooling_params, pooling_task, truncate_prompt_tokens,
+                          use_tqdm, "Pooled prompts")
+
+    def embed(self, prompts: Union[PromptType, Sequence[PromptType]], use_tqdm: bool = False, *,
+              truncate_prompt_tokens: Optional[int] = None,
+              pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None
+              ) -> list[EmbeddingRequestOutput]:
         """One embedding per prompt (str, token-id list or {"prompt_token_ids": ...}), in order;
         every prompt is checked before any runs (ValueError naming the length on too long)."""
         self._require(True, "embed")
-        outs = self._run(_prompt_list(prompts), [PoolingParams(task="embed")] * len(_prompt_list(prompts)),
-                         use_tqdm, "Embedded prompts")
+        outs = self._pool(_prompt_list(prompts), pooling_params, "embed", truncate_prompt_tokens,
+                          use_tqdm, "Embedded prompts")
         return [EmbeddingRequestOutput(o.request_id, EmbeddingOutput(o.outputs.data.tolist()),
                                        o.prompt_token_ids) for o in outs]
+
+    def classify(self, prompts: Union[PromptType, Sequence[PromptType]], use_tqdm: bool = False, *,
+                 truncate_prompt_tokens: Optional[int] = None,
+                 pooling_params: Union[PoolingParams, Sequence[PoolingParams], None] = None
+                 ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt (softmax; sigmoid for a one-label head), in order; the
+        labels are `llm.llm_engine.model_config.id2label`."""
+        self._require(True, "classify")
+        outs = self._pool(_prompt_list(prompts), pooling_params, "classify", truncate_prompt_tokens,
+                          use_tqdm, "Classified prompts")
+        return [ClassificationRequestOutput(o.request_id, ClassificationOutput(o.outputs.data.tolist()),
+                                            o.prompt_token_ids) for o in outs]
+
+    def score(self, data_1: Union[str, Sequence[str]], data_2: Union[str, Sequence[str]], /, *,
+              truncate_prompt_tokens: Optional[int] = None, use_tqdm: bool = False,
+              pooling_params: Optional[PoolingParams] = None) -> list[ScoringRequestOutput]:
+        """Scores of text pairs: data_1 against each of data_2 (1 -> 1, 1 -> N) or pairwise
+        (N -> N). A cross-encoder (one-label classifier) reads each pair as one input and gives
+        the sigmoid of its logit; an embedding model gives the cosine of the two embeddings."""
+        from pagoda.inputs.score import cosine, distinct, score_pairs
+        self._require(True, "score")
+        pairs = score_pairs(data_1, data_2, ("data_1", "data_2"))
+        eng = self.llm_engine
+        params = pooling_params or PoolingParams()
+        if eng.model_config.pooling_kind == "classify":
+            eng.processor.pooling_params(params.clone(task="score"))  # a one-label head, or ValueError
+            prompts = [eng.processor.encode_pair(a, b) for a, b in pairs]
+            outs = self._pool(prompts, params, "score", truncate_prompt_tokens, use_tqdm, "Scored pairs")
+            return [ScoringRequestOutput(o.request_id, ScoringOutput(float(o.outputs.data[0])),
+                                         o.prompt_token_ids) for o in outs]
+        texts = distinct(pairs)
+        embedded = dict(zip(texts, self._pool(texts, params, "embed", truncate_prompt_tokens, use_tqdm,
+                                              "Embedded texts")))
+        out = []
+        for a, b in pairs:
+            ea, eb = embedded[a], embedded[b]
+            out.append(ScoringRequestOutput(f"{ea.request_id}_{eb.request_id}",
+                                            ScoringOutput(cosine(ea.outputs.data, eb.outputs.data)),
+                                            ea.prompt_token_ids + eb.prompt_token_ids))
+        return out
+
+    # -- beam search ------------------------------------------------------------------------------
+    def beam_search(self, prompts: Union[PromptType, Sequence[PromptType]], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's beam search: the beam_width best continuations of each prompt (str, token ids,
+        {"prompt": ...} or {"prompt_token_ids": ...}), best first, scored by summed logprob
+        over length ** length_penalty. Needs 2 * beam_width <= --max-logprobs."""
+        from tqdm import tqdm
+        from pagoda.beam_search import beam_search
+        self._require(False, "beam_search")
+        eng = self.llm_engine
+        if 2 * params.beam_width > eng.args.max_logprobs:
+            raise ValueError(f"beam_width: {params.beam_width} needs {2 * params.beam_width} logprobs per "
+                             f"step, more than --max-logprobs {eng.args.max_logprobs}")
+        ids = []
+        for p in _prompt_list(prompts):
+            _, toks, _ = eng.processor.tokenize(p)
+            eng.processor.check_prompt(toks, pooling=False)
+            ids.append(toks)
+        tok = eng.tokenizer
+        bar = tqdm(total=params.max_tokens, desc="Beam search", unit="step", disable=not use_tqdm)
+        try:
+            return beam_search(
+                lambda batch, sp: self.generate(batch, sp, use_tqdm=False),
+                lambda k, temperature: SamplingParams(max_tokens=1, logprobs=k, temperature=temperature,
+                                                      ignore_eos=params.ignore_eos),
+                ids, params, set(eng.model_config.eos_token_ids), eng.model_config.max_model_len,
+                (lambda t: tok.decode(t, skip_special_tokens=True)) if tok is not None else None,
+                lambda: bar.update(1))
+        finally:
+            bar.close()

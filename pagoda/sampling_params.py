@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from pagoda.beam_search import BeamSearchParams  # noqa: F401  (vLLM's import path)
+
 # The engine keeps counts and token ids in int32/int64 tensors and seeds in torch generators:
 # values outside these ranges are refused here, before any engine step could overflow on them.
 INT32_MAX = (1 << 31) - 1

@@ -40,6 +40,7 @@ def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **overri
                               MistralConfig, Qwen2Config, Qwen3Config)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(TINY, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common.update(overrides)
     if kind == "llama":
         cfg = LlamaConfig(**common, max_position_embeddings=4096, tie_word_embeddings=False,
                           rope_theta=50000.0,
@@ -50,7 +51,7 @@ def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **overri
     elif kind == "qwen2":
         cfg = Qwen2Config(**common, max_position_embeddings=4096, tie_word_embeddings=False)
     elif kind == "mistral":
-        cfg = MistralConfig(**dict(common, **overrides), max_position_embeddings=4096,
+        cfg = MistralConfig(**common, max_position_embeddings=4096,
                             tie_word_embeddings=False, sliding_window=TINY_WINDOW)
     elif kind == "gemma3":
         # 3 layers: sliding, global, sliding; head_dim and query_pre_attn_scalar differ from

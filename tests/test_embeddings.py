@@ -207,7 +207,7 @@ def test_llm_embed_offline(engine, hf):
     single = llm.embed(tok(TEXTS[1]).input_ids)  # one token-id list is one prompt
     assert len(single) == 1
     assert_close(single[0].outputs.embedding, out[2].outputs.embedding)
-    with pytest.raises(ValueError, match="embedding model"):
+    with pytest.raises(ValueError, match="pooling model"):
         llm.generate("hello")
 
 
@@ -216,7 +216,7 @@ def test_generative_models_refuse_embed_and_vice_versa(tiny_llm):
         tiny_llm.embed(["hello"])
     from transformers import AutoConfig
     from pagoda.models.registry import resolve_model_class
-    with pytest.raises(ValueError, match="embedding model"):
+    with pytest.raises(ValueError, match="pooling model"):
         resolve_model_class(AutoConfig.from_pretrained(MINILM))
 
 
@@ -323,7 +323,7 @@ def test_errors(server, http, hf):
                        ("/v1/completions", {"prompt": "hi"})):
         r = http.post(path, json=body)
         assert r.status_code == 400
-        assert "serves /v1/embeddings only" in r.json()["error"]["message"]
+        assert "serves /v1/embeddings, /pooling, /score, /rerank only" in r.json()["error"]["message"]
     r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
     # API key: through the server's middleware like every other route
@@ -364,3 +364,49 @@ def test_generative_server_refuses_embeddings(tiny_llama_dir):
         assert "generative model" in err["message"] and err["param"] == "model"
         assert httpx.post(s.url + "/v1/embeddings", json={"input": "x", "model": "nope"},
                           timeout=30).status_code == 404
+
+
+@pytest.mark.slow
+def test_embeddings_run_on_the_generation_engine(server, http):
+    """One engine class for every task: embedding requests go through the same engine core as
+    generation (its scheduler's counters, per-request metrics and request logs cover them), and
+    the old separate embedding engine is gone."""
+    import importlib
+    for gone in ("pagoda.engine.embedding_engine", "pagoda.engine.async_embedding_engine"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(gone)
+    before = server.metrics(AUTH)
+    r = post(http, {"input": TEXTS[:3]})
+    assert r.status_code == 200
+    after = server.metrics(AUTH)
+    label = {"model_name": "minilm"}
+    assert metric(after, "pagoda:e2e_request_latency_seconds_count", **label) - \
+        metric(before, "pagoda:e2e_request_latency_seconds_count", **label) == 3
+    assert metric(after, "pagoda:request_success_total", finished_reason="stop", **label) - \
+        metric(before, "pagoda:request_success_total", finished_reason="stop", **label) == 3
+    assert metric(after, "pagoda:iteration_tokens_total_count", **label) > \
+        metric(before, "pagoda:iteration_tokens_total_count", **label)  # engine steps ran them
+    assert "finished (embed)" in server.log()
+
+
+@pytest.mark.slow
+def test_embedding_work_stops_when_the_client_leaves(server, http):
+    """Hostile input 9: 2,000 inputs of 250 tokens, the client gives up after a second; the
+    engine drops the rest at once, and the next request is answered promptly."""
+    big = {"input": [[1000] * 250] * 2000}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/embeddings", json=big, headers=AUTH, timeout=1.5)
+    import time
+    t0 = time.monotonic()
+    deadline = t0 + 30
+    while time.monotonic() < deadline:  # the abort empties the engine's queue
+        m = server.metrics(AUTH)
+        if metric(m, "pagoda:num_requests_waiting") == 0 and metric(m, "pagoda:num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    assert time.monotonic() - t0 < 10, "the abandoned inputs kept the engine busy"
+    t1 = time.monotonic()
+    assert post(http, {"input": "still serving?"}).status_code == 200
+    assert time.monotonic() - t1 < 5
+    aborted = metric(server.metrics(AUTH), "pagoda:request_success_total", finished_reason="abort")
+    assert aborted >= 1500  # most of the 2,000 never ran

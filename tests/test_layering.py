@@ -16,6 +16,8 @@ FORBIDDEN = {
                 "entrypoints", "bench", "llm"},
     "platforms": {"layers", "models", "sample", "worker", "executor", "engine", "inputs", "entrypoints",
                   "bench", "llm"},
+    "distributed": {"layers", "models", "sample", "worker", "executor", "engine", "inputs",
+                    "entrypoints", "bench", "llm"},
     "layers": {"models", "sample", "worker", "executor", "engine", "inputs", "entrypoints", "bench", "llm"},
     "models": {"sample", "worker", "executor", "engine", "inputs", "entrypoints", "bench", "llm"},
     "sample": {"models", "worker", "executor", "engine", "inputs", "entrypoints", "bench", "llm"},
@@ -27,6 +29,7 @@ FORBIDDEN = {
     "config": {"kernels", "platforms", "layers", "models", "sample", "worker", "executor", "engine",
                "inputs", "entrypoints", "bench", "llm"},
     "sampling_params": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
+    "beam_search": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
     "pooling_params": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
     "outputs": {"kernels", "layers", "models", "worker", "engine", "entrypoints"},
 }

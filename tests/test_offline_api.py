@@ -88,7 +88,7 @@ def test_bad_models_and_flags(tmp_path, tiny_llama_dir):
     with pytest.raises(ValueError, match="--block-size"):
         LLM(tiny_llama_dir, block_size=12)
     with pytest.raises(ValueError, match="--tensor-parallel-size"):
-        LLM(tiny_llama_dir, tensor_parallel_size=2)
+        LLM(tiny_llama_dir, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="--max-model-len"):
         LLM(tiny_llama_dir, max_model_len=10**6)
     with pytest.raises(ValueError, match="--kv-cache-memory"):

@@ -131,3 +131,17 @@ def test_a_request_that_fails_in_the_engine_fails_alone(tiny_llm, prompts, refer
             assert finished[rid].outputs[0].token_ids == reference[i], rid
     kv = eng.core.kv_cache_manager
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_start_up_warm_up_leaves_no_trace(tiny_llama_dir, prompts, reference):
+    """The warm-up the engine runs at start on a GPU (short/long prefills, a chunk over cached
+    tokens, a mixed step, greedy and sampled rows) works on the CPU too and leaves nothing
+    behind: no request state in the runner, every KV block free, outputs unchanged."""
+    llm = LLM(tiny_llama_dir, max_model_len=1024, num_gpu_blocks_override=512)
+    core = llm.llm_engine.core
+    worker = core.worker
+    worker.warm_up()
+    assert "warm-up" in worker.startup.phases
+    assert not worker.runner.batch.requests and not worker.runner._prev_rows
+    assert core.kv_cache_manager.num_free_blocks == core.kv_cache_manager.num_blocks
+    assert toks(llm.generate(prompts, GREEDY, use_tqdm=False)) == reference

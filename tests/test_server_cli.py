@@ -129,7 +129,7 @@ def test_chat_template_file_or_inline(tmp_path):
 
 @pytest.mark.parametrize("argv, flag", [
     (["serve", "--port", "0"], "--port"),
-    (["serve", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+    (["serve", "--tensor-parallel-size", "0"], "--tensor-parallel-size"),
 ])
 def test_cli_errors_are_one_line(argv, flag):
     out = run_cli(*argv)

@@ -177,3 +177,9 @@ def test_flags_reach_the_engine():
         r = subprocess.run([sys.executable, "-m", "pagoda.entrypoints.cli", "serve", "m", *bad],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_tensor_parallel_is_refused_for_vision_models(tiny_qwen2_vl_dir):
+    from test_tensor_parallel import free_ports
+    with pytest.raises(Exception, match="--tensor-parallel-size: vision-language models run on one device"):
+        LLM(tiny_qwen2_vl_dir, max_model_len=256, tensor_parallel_size=2, master_port=free_ports())

@@ -59,29 +59,35 @@ class RequestCollector:
 
 class AsyncLLM:
     def __init__(self, args: EngineArgs, *, engine_core: str = "process",
-                 addresses: Optional[EngineAddresses] = None, client_index: int = 0,
+                 addresses: Optional[list[EngineAddresses]] = None, client_index: int = 0,
                  ready: Optional[EngineReady] = None, log_level: str = "INFO"):
-        """Starts an engine core (`engine_core` "process" or "thread"), or attaches to a running
-        one at `addresses` (an API server of several, with its `client_index`)."""
+        """Starts the engine cores (one per --data-parallel-size rank; `engine_core` "process" or
+        "thread"), or attaches to running ones at `addresses` (an API server of several, with
+        its `client_index`)."""
+        from pagoda.config import data_parallel_rank_args
         from pagoda.worker import loader
         from pagoda.worker.model_config import eos_token_ids, resolve_model_config
         self.engine_args = args
         src, mc = resolve_model_config(args)  # converts a GGUF's tokenizer once, before the core starts
-        self.handle: Optional[EngineCoreHandle] = None
-        if addresses is None:
-            self.handle = EngineCoreHandle(args, num_clients=1, mode=engine_core, log_level=log_level,
-                                           wait=False)
-            addresses = self.handle.addresses
+        self.handles: list[EngineCoreHandle] = []
         try:
+            if addresses is None:
+                for rank in range(args.data_parallel_size):
+                    self.handles.append(EngineCoreHandle(data_parallel_rank_args(args, rank), num_clients=1,
+                                                         mode=engine_core, log_level=log_level, wait=False))
+                addresses = [h.addresses for h in self.handles]
             self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(
                 src, args.trust_remote_code)
             mc.eos_token_ids = eos_token_ids(src, mc.hf_config, self.tokenizer)
-            if self.handle is not None:
-                ready = self.handle.wait_ready()
+            for h in self.handles:
+                h.wait_ready()
         except BaseException:
-            if self.handle is not None:
-                self.handle.close()
+            for h in self.handles:
+                h.close()
             raise
+        if self.handles:
+            ready = self.handles[0].ready
+        self.handle = self.handles[0] if self.handles else None
         self.ready = ready
         if ready is not None:
             mc.dtype, mc.device = ready.dtype, ready.device
@@ -92,15 +98,19 @@ class AsyncLLM:
                                             src, mc, self.tokenizer, args,
                                             wire_dtype=mc.dtype if engine_core == "process" else None))
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.client = AsyncMPClient(addresses, client_index)
+        self.clients = [AsyncMPClient(a, client_index) for a in addresses]
+        self.client = self.clients[0]
+        self._engine_of: dict[str, int] = {}       # engine request id -> which engine core has it
+        self._load = [0] * len(self.clients)         # engine requests in flight, per engine core
         self._collectors: dict[str, RequestCollector] = {}
-        self._stats = SchedulerStats(num_gpu_blocks=ready.num_gpu_blocks if ready else 0)
+        blocks = ready.num_gpu_blocks if ready else 0
+        self._stats = [SchedulerStats(num_gpu_blocks=blocks) for _ in self.clients]
         self._step_listeners: list[Callable[[SchedulerStats], None]] = []
         self._dead_listeners: list[Callable[[str], None]] = []
         self._dead: Optional[str] = None
-        self._loop_task: Optional[asyncio.Task] = None
+        self._loop_tasks: list[asyncio.Task] = []
         self._utility: dict[int, asyncio.Future] = {}
-        if engine_core == "thread" and self.handle is not None and mc.device == "cpu":
+        if engine_core == "thread" and self.handles and mc.device == "cpu":
             # the model was loaded and runs on the engine thread; this thread's pool only throttles it
             from pagoda.worker.threads import release_openmp_pool
             release_openmp_pool()
@@ -112,14 +122,16 @@ class AsyncLLM:
     # -- the output loop ------------------------------------------------------------------------
     def start(self) -> None:
         """Start reading engine outputs (needs the running event loop; generate() calls it)."""
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._output_loop())
+        if not self._loop_tasks or all(t.done() for t in self._loop_tasks):
+            loop = asyncio.get_running_loop()
+            self._loop_tasks = [loop.create_task(self._output_loop(i)) for i in range(len(self.clients))]
 
-    async def _output_loop(self) -> None:
+    async def _output_loop(self, engine: int) -> None:
+        client = self.clients[engine]
         try:
             while True:
-                outs = await self.client.get_output()
-                if not self._handle(outs):
+                outs = await client.get_output()
+                if not self._handle(outs, engine):
                     return
         except asyncio.CancelledError:
             raise
@@ -127,12 +139,12 @@ class AsyncLLM:
             logger.exception("engine output loop failed")
             self._on_dead(f"engine output loop failed: {e!r}")
 
-    def _handle(self, outs: EngineCoreOutputs) -> bool:
+    def _handle(self, outs: EngineCoreOutputs, engine: int = 0) -> bool:
         if outs.engine_dead:
             self._on_dead(outs.engine_dead)
             return False
         if outs.scheduler_stats is not None:
-            self._stats = outs.scheduler_stats
+            self._stats[engine] = outs.scheduler_stats
             if outs.scheduler_stats.step_kind or outs.scheduler_stats.step_encoder_seconds:
                 for fn in self._step_listeners:
                     try:
@@ -146,6 +158,9 @@ class AsyncLLM:
                 fut.set_exception(RuntimeError(u.failure)) if u.failure else fut.set_result(u.result)
         if outs.outputs:
             op = self.output_processor
+            for o in outs.outputs:
+                if o.finish_reason is not None and self._engine_of.pop(o.request_id, None) is not None:
+                    self._load[engine] -= 1
             results, to_abort = op.process_outputs(outs.outputs, outs.timestamp)
             for out in results:
                 c = self._collectors.get(out.request_id)
@@ -155,9 +170,18 @@ class AsyncLLM:
                 c.put(RequestFailedError(f"the engine could not run this request ({err})")
                       if err is not None else out)
             op.failed.clear()
-            if to_abort:
-                self.client.abort_requests(to_abort)
+            self._abort_engine_ids(to_abort)
         return True
+
+    def _abort_engine_ids(self, engine_ids: list[str]) -> None:
+        by_engine: dict[int, list[str]] = {}
+        for eid in engine_ids:
+            e = self._engine_of.pop(eid, None)
+            if e is not None:
+                self._load[e] -= 1
+                by_engine.setdefault(e, []).append(eid)
+        for e, ids in by_engine.items():
+            self.clients[e].abort_requests(ids)
 
     def _on_dead(self, reason: str) -> None:
         if self._dead is not None:
@@ -190,8 +214,11 @@ class AsyncLLM:
                                           arrival)
         finished = False
         try:
-            for r in reqs:
-                self.client.add_request(r)
+            for r in reqs:  # to the engine core with the fewest requests in flight
+                e = min(range(len(self.clients)), key=self._load.__getitem__) if len(self.clients) > 1 else 0
+                self._engine_of[r.request_id] = e
+                self._load[e] += 1
+                self.clients[e].add_request(r)
             while True:
                 out = await collector.get()
                 finished = out.finished
@@ -218,25 +245,36 @@ class AsyncLLM:
 
     def _abort_now(self, request_id: str) -> None:
         ids, _ = self.output_processor.abort_request(request_id)
-        self.client.abort_requests(ids)
+        self._abort_engine_ids(ids)
 
     async def abort(self, request_id: str) -> None:
         c = self._collectors.get(request_id)
         ids, out = self.output_processor.abort_request(request_id)
-        self.client.abort_requests(ids)
+        self._abort_engine_ids(ids)
         if c is not None and out is not None:
             c.put(out)
 
     # -- state ----------------------------------------------------------------------------------
     def is_healthy(self) -> bool:
-        return self._dead is None and (self.handle is None or self.handle.is_alive())
+        return self._dead is None and all(h.is_alive() for h in self.handles)
 
     @property
     def engine_core_pid(self) -> Optional[int]:
         return self.handle.pid if self.handle is not None else None
 
     def get_stats(self) -> SchedulerStats:
-        return self._stats
+        """The engine cores' latest stats (summed over data-parallel ranks)."""
+        if len(self._stats) == 1:
+            return self._stats[0]
+        total = SchedulerStats()
+        blocks = sum(s.num_gpu_blocks for s in self._stats) or 1
+        for s in self._stats:
+            for f in ("num_running", "num_waiting", "num_gpu_blocks", "prefix_cache_queries",
+                      "prefix_cache_hits", "num_preemptions", "prompt_tokens_total",
+                      "generation_tokens_total", "step_prompt_tokens", "step_generation_tokens"):
+                setattr(total, f, getattr(total, f) + getattr(s, f))
+            total.kv_cache_usage += s.kv_cache_usage * s.num_gpu_blocks / blocks
+        return total
 
     def add_step_listener(self, fn: Callable[[SchedulerStats], None]) -> None:
         self._step_listeners.append(fn)
@@ -248,6 +286,7 @@ class AsyncLLM:
         return len(self._collectors)
 
     async def call_utility(self, method: str, *args):
+        """Call an engine-core utility (of the first data-parallel rank)."""
         self.start()
         fut = asyncio.get_running_loop().create_future()
         self._utility[self.client.call_utility(method, *args)] = fut
@@ -261,8 +300,10 @@ class AsyncLLM:
         for rid in list(self._collectors):
             await self.abort(rid)
         await asyncio.sleep(0)  # let aborted streams see their last output
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-        if self.handle is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.handle.close)
-        self.client.close()
+        for t in self._loop_tasks:
+            t.cancel()
+        loop = asyncio.get_running_loop()
+        for h in self.handles:
+            await loop.run_in_executor(None, h.close)
+        for c in self.clients:
+            c.close()

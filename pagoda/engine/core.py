@@ -34,14 +34,20 @@ logger = logging.getLogger("pagoda.engine")
 
 class EngineCore:
     def __init__(self, args: EngineArgs):
-        from pagoda.executor.uniproc import UniProcExecutor
         t0 = time.time()
         self.args = args
-        self.model_executor = UniProcExecutor(args)
+        if args.tensor_parallel_size > 1:
+            from pagoda.executor.multiproc import MultiprocExecutor
+            self.model_executor = MultiprocExecutor(args)
+        else:
+            from pagoda.executor.uniproc import UniProcExecutor
+            self.model_executor = UniProcExecutor(args)
         worker = self.model_executor.driver_worker
         self.model_config = worker.model_config
         num_blocks = self.model_executor.determine_num_blocks()
         self.model_executor.initialize_cache(num_blocks)
+        if worker.device.type == "cuda":  # compile every kernel variant before the first request
+            self.model_executor.warm_up()
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         encoder_cache = None
         if self.model_config.is_multimodal:
@@ -61,10 +67,11 @@ class EngineCore:
         # step kind -> [steps, seconds]; "decode-graph" steps replay a CUDA graph, "eager" don't
         self.step_timing: dict[str, list] = {}
         self.startup_s = time.time() - t0
-        timings = ", ".join(f"{k} {v:.1f}s" for k, v in worker.timings.items())
-        logger.info("engine core ready in %.1fs (%s): %s, max_model_len %d, max_num_seqs %d, "
-                    "max_num_batched_tokens %d", self.startup_s, timings, worker.describe(),
-                    self.model_config.max_model_len, worker.max_num_seqs, worker.max_num_batched_tokens)
+        worker.startup.mark("other")
+        logger.info("%s", worker.startup.line("engine core startup"))
+        logger.info("engine core ready: %s, max_model_len %d, max_num_seqs %d, "
+                    "max_num_batched_tokens %d", worker.describe(), self.model_config.max_model_len,
+                    worker.max_num_seqs, worker.max_num_batched_tokens)
 
     @property
     def worker(self):
@@ -186,6 +193,7 @@ class EngineCore:
             except Exception:  # noqa: BLE001 - shutting down anyway
                 pass
             self._inflight = None
+        self.model_executor.shutdown()
 
 
 # -------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class _Parent:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.samples: list[_Sample] = []
+        self.engine_ids: list[str] = []  # one engine request per sample
         self.metrics = RequestMetrics(arrival_time=arrival_time, num_prompt_tokens=len(prompt_token_ids))
         self.prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = (
             [None] if isinstance(params, SamplingParams) and params.prompt_logprobs is not None else None)
@@ -88,11 +89,9 @@ class OutputProcessor:
         else:
             parent.samples = [_Sample(parent, i, self.tokenizer, params) for i in range(len(engine_ids))]
         self.parents[request_id] = parent
+        parent.engine_ids = list(engine_ids)
         for eid, s in zip(engine_ids, parent.samples):
             self.by_engine_id[eid] = s
-
-    def engine_ids(self, request_id: str) -> list[str]:
-        return [eid for eid, s in self.by_engine_id.items() if s.parent.request_id == request_id]
 
     def abort_request(self, request_id: str) -> tuple[list[str], Optional[RequestOutput]]:
         """Forget a request; returns its engine ids (to abort in the engine core) and its last
@@ -100,7 +99,7 @@ class OutputProcessor:
         parent = self.parents.pop(request_id, None)
         if parent is None:
             return [], None
-        ids = [eid for eid, s in self.by_engine_id.items() if s.parent is parent]
+        ids = [eid for eid in parent.engine_ids if eid in self.by_engine_id]
         for eid in ids:
             del self.by_engine_id[eid]
         for s in parent.samples:

@@ -4,7 +4,8 @@ Each step decides {request: number of new tokens to compute}. Running requests g
 decode costs one token; an unfinished prompt continues its chunked prefill), then waiting ones are
 admitted while the budget, --max-num-seqs and free KV blocks allow. Prefill and decode mix freely in
 one step; a prompt longer than the remaining budget is prefilled in chunks over several steps
-(pooling requests are never chunked: they are read whole, alone if they must). When a running
+(pooling requests to an encoder are never chunked: they are read whole, alone if they must;
+a decoder's are prefilled like any prompt, and pooled when their last token is computed). When a running
 request needs a block and none is free, the newest running request is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed later (its full blocks usually
 survive in the prefix cache). Nothing is ever dropped.
@@ -165,7 +166,7 @@ class Scheduler:
             # prompt logprobs need logits for every prompt position: no prefix reuse for them
             cached = [] if (req.needs_prompt_logprobs or not kv.num_blocks) else kv.find_cached_prefix(req)
             n = req.num_tokens - req.num_computed_tokens - len(cached) * bsz
-            if req.is_pooling:
+            if req.is_pooling and not kv.num_blocks:  # an encoder (no KV cache to resume from)
                 if n > budget and num:
                     break  # read whole: wait for a step with room (alone, if it is that long)
             else:

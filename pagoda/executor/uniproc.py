@@ -16,6 +16,12 @@ class UniProcExecutor:
     def initialize_cache(self, num_blocks: int) -> None:
         self.driver_worker.initialize_cache(num_blocks)
 
+    def warm_up(self) -> None:
+        self.driver_worker.warm_up()
+
+    def shutdown(self) -> None:
+        pass
+
     def execute_model(self, scheduler_output):
         """Launch one step; returns the worker's pending step (`.result()` waits for it)."""
         return self.driver_worker.execute_model(scheduler_output)

@@ -2,9 +2,11 @@
 
 Everything a request can get wrong is checked here, in the front end, before the request
 reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
-prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, images for a
-text-only model or more than --limit-mm-per-prompt. A request with n > 1 samples becomes n
-engine-core requests (ids "<id>#<i>") of one sample each.
+prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a pooling task
+or `dimensions` the model does not serve, images for a text-only model or more than
+--limit-mm-per-prompt. A request with n > 1 samples becomes n engine-core requests (ids
+"<id>#<i>") of one sample each. A pooling prompt is cut to its last `truncate_prompt_tokens`
+tokens (vLLM's rule) before the length check.
 
 Images come as vLLM's {"prompt": "...<image>...", "multi_modal_data": {"image": PIL image or
 list}} (or "prompt_token_ids" with the image token), processed here by the model's
@@ -100,13 +102,60 @@ class InputProcessor:
                 raise ValueError(f"{field}: text prompts need a tokenizer (started with "
                                  "--skip-tokenizer-init); send token ids")
             enc = self.tokenizer(prompt)
-            if self.model_config.is_pooling and "token_type_ids" in enc:
+            if self.model_config.uses_token_type_ids and "token_type_ids" in enc:
                 types = list(enc["token_type_ids"])
             return prompt, list(enc.input_ids), types
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
                                                      for t in prompt):
             return None, list(prompt), types
         raise ValueError(f"{field}: must be a string or a list of token ids")
+
+    def encode_pair(self, text_1: str, text_2: str, add_special_tokens: bool = True) -> dict:
+        """A text pair as one prompt, as a cross-encoder reads it: the tokenizer's pair encoding
+        ([CLS] a [SEP] b [SEP] with token types 0 / 1 for BERT, <s> a </s></s> b </s> for XLM-R,
+        plain concatenation for decoder tokenizers)."""
+        if self.tokenizer is None:
+            raise ValueError("text_1: text pairs need a tokenizer (started with --skip-tokenizer-init)")
+        enc = self.tokenizer(text_1, text_pair=text_2, add_special_tokens=add_special_tokens)
+        prompt = {"prompt_token_ids": list(enc.input_ids)}
+        if self.model_config.uses_token_type_ids and "token_type_ids" in enc:
+            prompt["token_type_ids"] = list(enc["token_type_ids"])
+        return prompt
+
+    def pooling_params(self, params: PoolingParams) -> PoolingParams:
+        """Refuse what the model cannot compute (ValueError naming the field)."""
+        mc = self.model_config
+        tasks = mc.supported_tasks
+        if params.task not in tasks:
+            why = (" (a score needs a cross-encoder with one label, or an embedding model)"
+                   if params.task == "score" else "")
+            raise ValueError(f"task: {mc.model} does not serve {params.task!r}{why}; it serves "
+                             f"{', '.join(tasks)}")
+        d = params.dimensions
+        if d is not None and d != mc.embedding_size:
+            size = mc.embedding_size
+            if mc.pooling_kind != "embed":
+                raise ValueError(f"dimensions: {mc.model} is not an embedding model")
+            if mc.matryoshka_dimensions is None:
+                raise ValueError(f"dimensions: {mc.model} does not support Matryoshka embeddings; it "
+                                 f"returns {size}-dimensional embeddings only (omit dimensions or pass "
+                                 f"{size})")
+            if d > size or (mc.matryoshka_dimensions and d not in mc.matryoshka_dimensions):
+                sizes = mc.matryoshka_dimensions or f"1..{size}"
+                raise ValueError(f"dimensions: {d} is not one of {mc.model}'s sizes ({sizes})")
+        t = params.truncate_prompt_tokens
+        if t is not None and t > mc.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens: {t} is greater than max_model_len "
+                             f"({mc.max_model_len}); use -1 for max_model_len")
+        return params
+
+    def truncate(self, ids: list[int], types: Optional[list[int]], params: PoolingParams):
+        """The last truncate_prompt_tokens tokens (-1: max_model_len) of a pooling prompt."""
+        t = params.truncate_prompt_tokens
+        if t is None:
+            return ids, types
+        k = self.model_config.max_model_len if t == -1 else t
+        return ids[-k:], (types[-k:] if types else types)
 
     def check_prompt(self, ids: list[int], pooling: bool, field: str = "prompt") -> None:
         mc = self.model_config
@@ -143,9 +192,10 @@ class InputProcessor:
         arrival = arrival_time or time.time()
         pooling = isinstance(params, PoolingParams)
         if pooling != self.model_config.is_pooling:
-            kind = "an embedding" if self.model_config.is_pooling else "a generative"
+            kind = "a pooling" if self.model_config.is_pooling else "a generative"
             raise ValueError(f"model: {self.model_config.model} is {kind} model: it does not "
-                             + ("generate text" if self.model_config.is_pooling else "pool (embed)"))
+                             + ("generate text" if self.model_config.is_pooling else
+                                "pool (embed, classify, score)"))
         feats = None
         if isinstance(prompt, dict) and ("multi_modal_data" in prompt or "mm_features" in prompt):
             if pooling:
@@ -154,10 +204,17 @@ class InputProcessor:
             types = None
         else:
             text, ids, types = self.tokenize(prompt)
-        self.check_prompt(ids, pooling)
         if pooling:
+            params = self.pooling_params(params)
+            if not self.model_config.uses_token_type_ids:
+                types = None
+            ids, types = self.truncate(ids, types, params)
+            self.check_prompt(ids, pooling)
+            if types is not None and len(types) != len(ids):
+                raise ValueError(f"token_type_ids: {len(types)} given for {len(ids)} tokens")
             return text, ids, [EngineCoreRequest(request_id, ids, None, params, arrival,
                                                  token_type_ids=types)]
+        self.check_prompt(ids, pooling)
         sp = self.sampling_params(params, len(ids))
         reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival, mm_features=feats or None)
                 for i, cid in enumerate(child_ids(request_id, sp.n))]

@@ -1,4 +1,5 @@
-"""BERT encoder (HF ``BertModel`` checkpoints: sentence-transformers' MiniLM, BGE, E5, ...).
+"""BERT encoder (HF ``BertModel`` checkpoints: sentence-transformers' MiniLM, BGE, E5, ...) and
+the cross-encoder ``BertForSequenceClassification`` (ms-marco MiniLM rerankers, ...).
 
 Embedding models read every token of an input at once with bidirectional attention, so unlike
 the decoders there is no KV cache and no causal mask. The engine runs them like any model: one
@@ -10,6 +11,10 @@ Layout per layer (post-LayerNorm, as in the original BERT):
     x = LN(x + Out(Attention(QKV(x))));  x = LN(x + Down(act(Up(x))))
 q, k and v are one fused projection (one matmul instead of three); its rows are loaded from
 the checkpoint's separate query/key/value tensors.
+
+A classifier reads the first token ([CLS]) through `ClassificationHead` (dense -> tanh -> out):
+BERT names it `bert.pooler.dense` + `classifier`, RoBERTa `classifier.dense` + `classifier.out_proj`.
+A text pair is one input whose second segment has token type 1.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ _EMBEDDING_NAMES = {
     "embeddings.LayerNorm": "embeddings.norm",
 }
 # in checkpoints but not part of the encoder: the NSP pooler, the MLM / NSP heads, buffers
-_UNUSED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "lm_head.")
+_UNUSED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "embeddings.token_type_ids", "lm_head.")
 
 
 class BertEmbeddings(nn.Module):
@@ -89,10 +94,25 @@ class BertLayer(nn.Module):
         return self.mlp_norm(x + self.down(self.act(self.up(x))))
 
 
+class ClassificationHead(nn.Module):
+    """[CLS] hidden state -> class logits: out(tanh(dense(x))) (dropout is off at inference)."""
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.dense(x)))
+
+
 class BertModel(nn.Module):
     """forward(input_ids [T], positions [T]) -> last hidden states [T, H] of a flattened batch
     (the sequences' bounds come from the step's attention metadata)."""
     is_encoder_only = True  # no KV cache: each input is read whole in one step
+    prefix = "bert."        # where BertFor* checkpoints keep the encoder
+    # checkpoint module -> ours, for heads on top of the encoder (classifiers)
+    head_names: dict[str, str] = {}
 
     def __init__(self, config):
         super().__init__()
@@ -125,13 +145,15 @@ class BertModel(nn.Module):
         loaded: set[str] = set()
         h = self.hidden_size
         for name, tensor in weights:
-            name = name.removeprefix("bert.")
+            name = name.removeprefix(self.prefix)
             name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
                                                                                "LayerNorm.bias")
-            if name.startswith(_UNUSED_PREFIXES):
-                continue
             module, _, pname = name.rpartition(".")
-            if module in _EMBEDDING_NAMES:
+            if module in self.head_names:
+                target, shard = f"{self.head_names[module]}.{pname}", None
+            elif name.startswith(_UNUSED_PREFIXES):
+                continue
+            elif module in _EMBEDDING_NAMES:
                 target, shard = f"{_EMBEDDING_NAMES[module]}.{pname}", None
             elif module.startswith("encoder.layer."):
                 idx, _, part = module.removeprefix("encoder.layer.").partition(".")
@@ -144,7 +166,7 @@ class BertModel(nn.Module):
             else:
                 target = None
             if target is None or target not in params:
-                raise ValueError(f"--model: unexpected BERT checkpoint tensor {name!r}")
+                raise ValueError(f"--model: unexpected {type(self).__name__} checkpoint tensor {name!r}")
             dest = params[target].data
             if shard is not None:
                 dest = dest[shard * h:(shard + 1) * h]
@@ -160,3 +182,19 @@ class BertModel(nn.Module):
         for n, _ in self.named_parameters():
             names |= {f"{n}#{i}" for i in range(3)} if ".qkv." in n else {n}
         return names
+
+
+class SequenceClassifier:
+    """Mixin over an encoder class: `classify` on the pooled [CLS] state through `head`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = ClassificationHead(config.hidden_size, config.num_labels)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled)
+
+
+class BertForSequenceClassification(SequenceClassifier, BertModel):
+    """A cross-encoder / classifier: the encoder, then the NSP-style pooler and the classifier."""
+    head_names = {"pooler.dense": "head.dense", "classifier": "head.out"}

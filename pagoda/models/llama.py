@@ -15,7 +15,8 @@ from torch import nn
 from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
-from pagoda.layers.linear import Linear
+from pagoda.distributed.parallel_state import tp_size
+from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
 from pagoda.models.weights import expected_names, load_named
@@ -38,15 +39,25 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, config, rotary: RotaryEmbedding, layer_idx: int = 0):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        # tensor parallelism: each rank has heads / ranks query heads and its KV heads (a KV head
+        # is replicated on several ranks when there are fewer KV heads than ranks)
+        n = tp_size()
+        if heads % n or (kv_heads % n and n % kv_heads):
+            raise ValueError(f"--tensor-parallel-size: {n} ranks cannot split {heads} attention "
+                             f"heads and {kv_heads} KV heads evenly")
+        kv_parts = min(n, kv_heads)
+        self.num_heads, self.num_kv_heads = heads // n, kv_heads // kv_parts
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         bias = self.qkv_bias(config)
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=bias,
-                               shard_sizes=[self.q_size, self.kv_size, self.kv_size])
-        self.o_proj = Linear(self.q_size, config.hidden_size, bias=self.o_bias(config))
+        full_q, full_kv = heads * self.head_dim, kv_heads * self.head_dim
+        self.qkv_proj = ColumnParallelLinear(config.hidden_size, full_q + 2 * full_kv, bias=bias,
+                                             shard_sizes=[full_q, full_kv, full_kv],
+                                             shard_parts=[n, kv_parts, kv_parts])
+        self.o_proj = RowParallelLinear(full_q, config.hidden_size, bias=self.o_bias(config))
         if self.qk_norm:
             self.q_norm = self.norm_cls(self.head_dim, config.rms_norm_eps)
             self.k_norm = self.norm_cls(self.head_dim, config.rms_norm_eps)
@@ -85,8 +96,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_up_proj = Linear(config.hidden_size, 2 * inter, bias=bias, shard_sizes=[inter, inter])
-        self.down_proj = Linear(inter, config.hidden_size, bias=bias)
+        self.gate_up_proj = ColumnParallelLinear(config.hidden_size, 2 * inter, bias=bias,
+                                                 shard_sizes=[inter, inter])
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=bias)
         self.act = SiluAndMul()
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -121,6 +133,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaForCausalLM(nn.Module):
     layer_cls = LlamaDecoderLayer
     norm_cls = RMSNorm
+    has_lm_head = True  # False: a pooling model (models/adapters.py) reads hidden states only
     # checkpoint name fragment -> (our module fragment, shard index) for merged projections
     packed = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -137,7 +150,8 @@ class LlamaForCausalLM(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = self.norm_cls(config.hidden_size, config.rms_norm_eps)
         tied = bool(getattr(config, "tie_word_embeddings", False))
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, self.embed_tokens if tied else None)
+        self.lm_head = (LMHead(config.vocab_size, config.hidden_size, self.embed_tokens if tied else None)
+                        if self.has_lm_head else None)
 
     def rotary_embeddings(self, config, max_position: int) -> list[RotaryEmbedding]:
         """The rotary table of each layer (here one, shared by all)."""
@@ -173,14 +187,14 @@ class LlamaForCausalLM(nn.Module):
                 if "rotary_emb.inv_freq" in name:
                     continue
                 name = name.removeprefix("model.")
-                if name.startswith("lm_head.") and self.lm_head.tied:
-                    continue  # tied: the embedding is the head
+                if name.startswith("lm_head.") and (self.lm_head is None or self.lm_head.tied):
+                    continue  # tied: the embedding is the head (or no head: a pooling model)
                 yield name, tensor
         return load_named(self, ours(), self.packed)
 
     def expected_weights(self) -> set[str]:
         names = expected_names(self)
-        if self.lm_head.tied:
+        if self.lm_head is not None and self.lm_head.tied:
             names.discard("lm_head.weight")
         return names
 

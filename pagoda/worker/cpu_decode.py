@@ -60,7 +60,9 @@ class CpuDecoder:
     def build(cls, model) -> Optional["CpuDecoder"]:
         from pagoda.layers.norm import RMSNorm
         from pagoda.models.llama import LlamaDecoderLayer
-        if _lib() is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
+        from pagoda.distributed.parallel_state import tp_size
+        if (_lib() is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens")
+                or tp_size() > 1):  # its layers end without the ranks' all-reduce
             return None
         if type(model.norm) is not RMSNorm:
             return None

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
-from pagoda.layers.pooler import PoolingConfig, pool
+from pagoda.layers.pooler import Pooler
 from pagoda.sample.metadata import SamplingMetadata
 from pagoda.sample.sampler import Sampler, needs_token_history, prompt_logprobs_rows, to_device
 from pagoda.worker import kv_cache as kvc
@@ -86,14 +86,14 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config, device: torch.device, dtype: torch.dtype,
                  block_size: int, max_num_seqs: int, max_model_len: int, seed: int = 0,
-                 pooling: Optional[PoolingConfig] = None):
+                 pooler: Optional[Pooler] = None):
         self.model = model
         self.config = config
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.pooling = pooling
+        self.pooler = pooler
         self.on_cuda = device.type == "cuda"
         self.sampler = Sampler(config.vocab_size, seed, device)
         attn = model.attention_layers()
@@ -163,7 +163,7 @@ class ModelRunner:
         set_attention_metadata(meta)
         try:
             h = self.model(ids, pos)
-            if hasattr(self.model, "compute_logits"):
+            if self.pooler is None:  # pooling models compute no logits
                 rows = torch.arange(min(max_num_seqs, num_tokens), device=self.device)
                 torch.softmax(self.model.compute_logits(h[rows]).float(), dim=-1)
             torch.cuda.synchronize()
@@ -364,7 +364,8 @@ class ModelRunner:
                     h = self.model(ids, pos, embeds)
                 elif self.cpu_decoder is not None and meta.max_query_len == 1:
                     h = self.cpu_decoder(ids, pos, meta)
-                elif self.pooling is not None and any(batch.requests[r].token_type_ids for r in req_ids):
+                elif (getattr(self.model, "is_encoder_only", False)
+                      and any(batch.requests[r].token_type_ids for r in req_ids)):
                     h = self.model(ids, pos, self._token_types(s))
                 else:
                     h = self.model(ids, pos)
@@ -440,13 +441,10 @@ class ModelRunner:
 
     def _pool(self, h: torch.Tensor, ids: list[str], starts: list[int], lens: list[int],
               out: ModelRunnerOutput) -> None:
-        cfg = self.pooling or PoolingConfig(("lasttoken",), True)
-        norms = []
-        for rid in ids:
-            pp = self.batch.requests[rid].pooling_params
-            norms.append(cfg.normalize if pp.normalize is None else pp.normalize)
-        vecs = pool(h, starts, lens, cfg, norms).cpu().numpy()
-        for rid, v in zip(ids, vecs):
+        """Each request's result from its own rows of this step (decoders: only the last prompt
+        token's row matters, which this step computed; the pooler reads no other)."""
+        params = [self.batch.requests[rid].pooling_params for rid in ids]
+        for rid, v in zip(ids, self.pooler(h, starts, lens, params)):
             out.pooler_output[rid] = v
 
     def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
@@ -483,6 +481,13 @@ class ModelRunner:
         event = torch.cuda.Event()
         event.record()
         return PendingStep(self, out, host, event, placeholders, timings)
+
+    def forget(self, req_ids) -> None:
+        """Drop requests the engine never knew about (the start-up warm-up's)."""
+        for rid in req_ids:
+            self.batch.remove(rid)
+            self._prev_rows.pop(rid, None)
+        self.prev_tokens = None
 
     def execute(self, sched) -> ModelRunnerOutput:
         """One step, waiting for its sampled ids (the non-overlapped path)."""

@@ -32,6 +32,20 @@ class _DrainingServer(uvicorn.Server):
         self._on_signal()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
+
 
 def run_server(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain, 3 if the engine died."""
@@ -42,6 +56,9 @@ def run_server(args: argparse.Namespace) -> int:
     sys.setswitchinterval(0.0005)
     from pagoda.config import EngineArgs
     engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
+    if engine_args.node_rank > 0:  # another host's tensor-parallel ranks: no API server here
+        from pagoda.executor.multiproc import run_node
+        return run_node(engine_args, args.log_level)
     if args.api_server_count > 1:
         from .multi_server import run_api_servers
         return run_api_servers(args, engine_args)

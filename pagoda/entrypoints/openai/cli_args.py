@@ -60,6 +60,9 @@ SERVER_FLAGS: list[Flag] = [
          "own process, so the API server's work (tokenizing, detokenizing, JSON) runs in parallel "
          "with the model; thread = inside the API server process; auto = process on GPUs, thread "
          "on the CPU.", group="Server", choices=("auto", "process", "thread")),
+    Flag("enable-server-load-tracking", None, False, "Count the requests in flight on the model "
+         "endpoints and report them on GET /load as {\"server_load\": N} (vLLM's flag; without it "
+         "/load answers 0).", group="Server", boolean=True),
     Flag("disable-fastapi-docs", None, False, "Do not serve /docs, /redoc and /openapi.json.",
          group="Server", boolean=True),
     Flag("disable-frontend", None, False, "Do not serve the chat page at / and /chat.",
@@ -85,7 +88,7 @@ SERVER_FLAGS: list[Flag] = [
 ]
 
 # --help lists the groups in this order
-GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Multimodal", "Chat", "Logging")
+GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Parallel", "Multimodal", "Chat", "Logging")
 
 
 class _Default:

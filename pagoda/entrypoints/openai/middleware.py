@@ -24,7 +24,10 @@ from pagoda.metrics import ServerMetrics
 
 from .errors import error_response
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# model work: admission control (--max-concurrent-requests, draining) and the /load count
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
+                              "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                              "/invocations"})
 OPEN_PATHS = frozenset({"/health", "/ping"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 
@@ -33,7 +36,8 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces:
 class ServerState:
     """Mutable server-wide state, shared by the middlewares and the lifespan."""
     draining: bool = False
-    active_generations: int = 0
+    active_generations: int = 0  # requests in flight on GENERATION_PATHS
+    track_load: bool = False     # --enable-server-load-tracking: /load reports active_generations
 
 
 def route_path(scope: Scope) -> str:

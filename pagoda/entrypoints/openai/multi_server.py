@@ -38,26 +38,39 @@ def _serve_one(args: argparse.Namespace, engine_args: EngineArgs, sock: socket.s
     sys.setswitchinterval(0.0005)
     engine = AsyncLLM(engine_args, addresses=addresses, client_index=index, ready=ready)
     code = serve_app(engine, args, sockets=[sock])
-    engine.client.close()
+    for c in engine.clients:
+        c.close()
     os._exit(code)
 
 
 def run_api_servers(args: argparse.Namespace, engine_args: EngineArgs) -> int:
+    from pagoda.config import data_parallel_rank_args
     from pagoda.engine.core_client import EngineCoreHandle
     n = args.api_server_count
-    handle = EngineCoreHandle(engine_args, num_clients=n, mode="process", log_level=args.log_level)
+    handles = [EngineCoreHandle(data_parallel_rank_args(engine_args, r), num_clients=n, mode="process",
+                                log_level=args.log_level, wait=False)
+               for r in range(engine_args.data_parallel_size)]
+    try:
+        for h in handles:
+            h.wait_ready()
+    except BaseException:
+        for h in handles:
+            h.close()
+        raise
+    addresses = [h.addresses for h in handles]
     metrics_dir = tempfile.mkdtemp(prefix="pagoda-metrics-")
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.create_server((args.host, args.port), family=family, backlog=2048)
     sock.set_inheritable(True)
     spawn = multiprocessing.get_context("spawn")
     procs = [spawn.Process(target=_serve_one, name=f"pagoda-api-{i}",
-                           args=(args, engine_args, sock, handle.addresses, i, handle.ready, metrics_dir))
+                           args=(args, engine_args, sock, addresses, i, handles[0].ready, metrics_dir))
              for i in range(n)]
     for p in procs:
         p.start()
-    logger.info("%d API servers (pids %s) in front of the engine core (pid %s) on %s:%d", n,
-                ", ".join(str(p.pid) for p in procs), handle.pid, args.host, args.port)
+    logger.info("%d API servers (pids %s) in front of %d engine core(s) (pids %s) on %s:%d", n,
+                ", ".join(str(p.pid) for p in procs), len(handles), ", ".join(str(h.pid) for h in handles),
+                args.host, args.port)
     stopping = False
 
     def forward(sig, _frame):
@@ -84,6 +97,7 @@ def run_api_servers(args: argparse.Namespace, engine_args: EngineArgs) -> int:
             if p.is_alive():
                 p.kill()
         sock.close()
-        handle.close()
+        for h in handles:
+            h.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return code

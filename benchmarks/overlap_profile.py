@@ -12,7 +12,8 @@ extra = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
 quick = "quick" in sys.argv[3:]  # only the overlapped W1 run
 d = write_model_dir(shape)
 llm = LLM(d, load_format="dummy", skip_tokenizer_init=True, max_model_len=2048, **extra)
-eng = llm.engine
+eng = llm.llm_engine
+core = eng.core
 vocab = eng.model_config.vocab_size
 rng = random.Random(0)
 prompts = [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(128, 1024))] for _ in range(512)]
@@ -21,13 +22,13 @@ llm.generate([p[::-1] for p in prompts[:8]], SamplingParams(temperature=0, max_t
              use_tqdm=False)
 # the overlapped run only: a second W1 run in this process would reuse the first's prefix cache
 for overlap in (True,):
-    eng.overlap = overlap
-    eng.step_timing.clear()
+    core.overlap = overlap
+    core.step_timing.clear()
     torch.cuda.synchronize(); t = time.perf_counter()
     llm.generate(prompts, sp, use_tqdm=False)
     torch.cuda.synchronize(); dt = time.perf_counter() - t
     print(f"W1 {shape} {extra} overlap={overlap}: {512 * 256 / dt:.0f} out tok/s in {dt:.2f}s; "
-          f"steps {json.dumps({k: [v[0], round(v[1], 2)] for k, v in eng.step_timing.items()})}")
+          f"steps {json.dumps({k: [v[0], round(v[1], 2)] for k, v in core.step_timing.items()})}")
 
 if quick:
     sys.exit(0)
@@ -43,10 +44,11 @@ def timed(self):
         waited[0] += time.perf_counter() - t
 mr.PendingStep.result = timed
 for overlap in (True, False):
-    eng.overlap = overlap
+    core.overlap = overlap
     for i, p in enumerate(prompts[:256]):
         eng.add_request(f"{overlap}-{i}", p, sp)
-    while any(s.num_computed_tokens < s.prompt_len for s in eng.scheduler.running) or eng.scheduler.waiting:
+    sched = core.scheduler
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running) or sched.waiting:
         eng.step()
     for _ in range(5):
         eng.step()
@@ -57,8 +59,8 @@ for overlap in (True, False):
         eng.step()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / 40
-    print(f"decode step at batch {len(eng.scheduler.running)} overlap={overlap}: {dt * 1e3:.2f} ms, "
+    print(f"decode step at batch {len(sched.running)} overlap={overlap}: {dt * 1e3:.2f} ms, "
           f"host waiting for the GPU {waited[0] / 40 * 1e3:.2f} ms, host busy {(dt - waited[0] / 40) * 1e3:.2f} ms")
-    for rid in list(eng.requests):
+    for rid in list(eng.output_processor.parents):
         eng.abort_request(rid)
     eng.step()
