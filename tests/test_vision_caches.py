@@ -138,3 +138,17 @@ def test_encoder_outputs_are_freed_when_evicted(tiny_qwen2_vl_dir):
     assert len(cache.size) == 2 and cache.used_rows == 32
     llm.generate("flush", SamplingParams(max_tokens=1), use_tqdm=False)  # the worker hears of it
     assert set(worker_cache) == set(cache.size)
+
+
+def test_start_up_warm_up_leaves_no_trace(tiny_qwen2_vl_dir):
+    """The warm-up a CUDA engine runs at start (text-only steps through the M-RoPE path) works on
+    the CPU too and leaves no request behind in the runner or its encoder state; image prompts
+    still match transformers after it."""
+    llm = _llm(tiny_qwen2_vl_dir, max_model_len=1024)
+    worker = llm.llm_engine.core.worker
+    worker.warm_up()
+    assert "warm-up" in worker.startup.phases
+    assert not worker.runner.batch.requests and not worker.runner.encoders.requests
+    ph = PLACEHOLDER["qwen2_vl"]
+    check_against_hf("qwen2_vl", tiny_qwen2_vl_dir, llm,
+                     [(f"Describe {ph} briefly.", [random_image(56, 56, 1)]), ("plain text", [])])

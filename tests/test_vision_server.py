@@ -183,3 +183,9 @@ def test_tensor_parallel_is_refused_for_vision_models(tiny_qwen2_vl_dir):
     from test_tensor_parallel import free_ports
     with pytest.raises(Exception, match="--tensor-parallel-size: vision-language models run on one device"):
         LLM(tiny_qwen2_vl_dir, max_model_len=256, tensor_parallel_size=2, master_port=free_ports())
+
+
+def test_pooling_runner_is_refused_for_vision_models(tiny_qwen2_vl_dir):
+    with pytest.raises(ValueError, match="--runner/--convert: Qwen2VLForConditionalGeneration is a "
+                                         "vision-language model; it only generates"):
+        LLM(tiny_qwen2_vl_dir, max_model_len=256, runner="pooling")

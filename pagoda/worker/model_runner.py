@@ -487,6 +487,8 @@ class ModelRunner:
         for rid in req_ids:
             self.batch.remove(rid)
             self._prev_rows.pop(rid, None)
+            if self.encoders is not None:
+                self.encoders.remove_request(rid)
         self.prev_tokens = None
 
     def execute(self, sched) -> ModelRunnerOutput:
