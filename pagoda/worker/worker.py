@@ -257,7 +257,7 @@ def _step(new=(), cached=()):
     """A scheduler step as plain data (the fields the model runner reads), for the warm-up:
     new = (req id, prompt ids, blocks, tokens now, params); cached = (req id, computed, tokens)."""
     from types import SimpleNamespace as NS
-    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(),
+    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(), grammar=None,
               scheduled_cached_reqs=NS(req_ids=[], resumed_from_preemption=[], new_block_ids=[],
                                        num_computed_tokens=[]))
     for rid, ids, blocks, n, params in new:

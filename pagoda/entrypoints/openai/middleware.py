@@ -27,7 +27,7 @@ from .errors import error_response
 # model work: admission control (--max-concurrent-requests, draining) and the /load count
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
                               "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
-                              "/invocations"})
+                              "/invocations", "/v1/responses"})
 OPEN_PATHS = frozenset({"/health", "/ping"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 
