@@ -1,7 +1,7 @@
 """The batched sampler (pagoda.sample) on fixed logits, without a model: the sampled distribution
 against the definition (chi-square over >= 100k draws), penalties / logit bias / min_tokens
 token for token against the formulas, seeded rows alone and among 32 mixed rows, logprobs
-against torch's log_softmax, and the structured-output bitmask hook."""
+against torch's log_softmax, structured-output masks and begin-suppressed tokens."""
 from __future__ import annotations
 
 import math
@@ -26,9 +26,9 @@ def make_state(rows: list[SamplingParams], prompts=None, vocab=V, seed=0) -> Sam
     return st
 
 
-def sample(st: SamplingState, params, logits, positions, rows=None, bitmask=None):
+def sample(st: SamplingState, params, logits, positions, rows=None):
     rows = np.arange(len(params)) if rows is None else np.asarray(rows)
-    meta = st.metadata(params, rows, np.asarray(positions), bitmask)
+    meta = st.metadata(params, rows, np.asarray(positions))
     return Sampler()(logits.clone(), meta)
 
 
@@ -204,21 +204,60 @@ def test_logprobs_equal_torch_log_softmax():
     assert lists.ranks[0] == 1   # greedy without penalties takes the top token
 
 
-def test_token_bitmask_hook_restricts_every_row():
+def test_structured_outputs_bitmask_composes_with_every_setting():
+    """The runner masks structured-output rows in place (pagoda.sample.grammar_bitmask) before
+    the sampler: whatever the row's setting, no forbidden token comes out, the masked row's
+    greedy pick is its best allowed token, and its logprobs are those of the masked logits."""
+    from pagoda.sample.grammar_bitmask import apply_token_bitmask
+    from pagoda.engine.scheduler_output import GrammarBitmask
     params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3),
-              SamplingParams(temperature=1.0, top_k=5, seed=4)]
-    st = make_state(params)
-    allowed = torch.zeros(3, V, dtype=torch.bool)
+              SamplingParams(temperature=1.0, top_k=5, seed=4),
+              SamplingParams(temperature=0.9, top_p=0.8, repetition_penalty=1.5, seed=5),
+              SamplingParams(temperature=0, logprobs=2, logit_bias={8: 5.0}),
+              SamplingParams(temperature=1.0, min_p=0.2, seed=6)]
+    n = len(params)
+    st = make_state(params, [[7, 30, 41]] * n)
+    allowed = torch.zeros(n, V, dtype=torch.bool)
     allowed[0, [7, 30]] = True
     allowed[1, 40:50] = True
     allowed[2, [1, 2, 3, 60, 61, 62, 63]] = True
-    bits = (allowed.view(3, V // 32, 32).int() << torch.arange(32)).sum(-1).int()
-    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1))
-    for pos in range(30):
-        tok = sample(st, params, logits, [pos] * 3, bitmask=bits).token_ids
-        assert all(allowed[i, t] for i, t in enumerate(tok.tolist()))
-    best = max((7, 30), key=lambda t: logits[0, t])
-    assert int(sample(st, params, logits, [0] * 3, bitmask=bits).token_ids[0]) == best
+    allowed[3, [7, 30, 41, 42]] = True
+    allowed[4, [8, 9, 10]] = True
+    free = 5   # an unconstrained row in the same batch
+    bits = (allowed.view(n, V // 32, 32).int() << torch.arange(32)).sum(-1).int()
+    constrained = [f"r{i}" for i in range(n) if i != free]
+    req_ids = [f"r{i}" for i in range(n)]
+    g = torch.Generator().manual_seed(1)
+    seen_free = set()
+    for pos in range(40):
+        logits = torch.randn(n, V, generator=g)
+        grammar = GrammarBitmask(constrained, bits[[int(r[1:]) for r in constrained]])
+        masked = apply_token_bitmask(logits.clone(), grammar, req_ids)
+        assert torch.equal(masked[free], logits[free])
+        res = sample(st, params, masked, [pos] * n)
+        tok = res.token_ids.tolist()
+        assert all(allowed[i, t] for i, t in enumerate(tok) if i != free)
+        seen_free.add(tok[free])
+        if pos == 0:
+            assert tok[0] == max((7, 30), key=lambda t: logits[0, t])
+            lists = res.logprobs.lists(res.logprobs_keep)
+            ref = torch.log_softmax(masked[4], -1)
+            assert abs(lists.logprobs[0][0] - ref[tok[4]].item()) < 1e-5
+            assert set(lists.token_ids[0][1:]) <= {8, 9, 10}
+    assert not seen_free <= set(allowed[free].nonzero().flatten().tolist())
+
+
+def test_begin_suppressed_tokens_never_come_first():
+    params = [SamplingParams(temperature=0, begin_suppress_token_ids=(5, 9)),
+              SamplingParams(temperature=1.0, seed=2, begin_suppress_token_ids=(5,)),
+              SamplingParams(temperature=0)]
+    st = make_state(params)
+    logits = torch.zeros(3, V)
+    logits[:, 5] = 20
+    logits[:, 9] = 19
+    first = sample(st, params, logits, [0, 0, 0]).token_ids.tolist()
+    assert first[0] not in (5, 9) and first[1] != 5 and first[2] == 5
+    assert sample(st, params, logits, [1, 1, 1]).token_ids.tolist()[0] == 5
 
 
 def test_a_row_taken_twice_before_a_flush_keeps_the_last_request():

@@ -18,6 +18,7 @@ from pagoda.config import EngineArgs
 from pagoda.engine.core_client import AsyncMPClient, EngineAddresses, EngineCoreHandle, EngineDeadError
 from pagoda.engine.messages import EngineCoreOutputs, EngineReady, SchedulerStats
 from pagoda.engine.output_processor import OutputProcessor, RequestFailedError
+from pagoda.inputs.audio import AudioProcessor
 from pagoda.inputs.preprocess import InputProcessor, PromptType
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
@@ -92,7 +93,12 @@ class AsyncLLM:
         if ready is not None:
             mc.dtype, mc.device = ready.dtype, ready.device
         self.model_config = mc
-        self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs)
+        from pagoda.inputs.multimodal import MultiModalProcessor
+        self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs,
+                                        MultiModalProcessor.for_model(
+                                            src, mc, self.tokenizer, args,
+                                            wire_dtype=mc.dtype if engine_core == "process" else None),
+                                        AudioProcessor.for_model(mc, src.config_dir, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.clients = [AsyncMPClient(a, client_index) for a in addresses]
         self.client = self.clients[0]
@@ -141,7 +147,7 @@ class AsyncLLM:
             return False
         if outs.scheduler_stats is not None:
             self._stats[engine] = outs.scheduler_stats
-            if outs.scheduler_stats.step_kind:
+            if outs.scheduler_stats.step_kind or outs.scheduler_stats.step_encoder_seconds:
                 for fn in self._step_listeners:
                     try:
                         fn(outs.scheduler_stats)

@@ -5,7 +5,7 @@ the same indices on the device (uploaded in one copy)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 # the per-step index arrays, in upload order (batch indices unless named *_rows = state rows)
 _INDEX_NAMES = ("rows", "positions", "full", "full_width", "cand", "cand_k", "penalized",
-                "penalized_rows", "biased", "biased_rows", "stopped", "stopped_rows", "logprobs")
+                "penalized_rows", "biased", "biased_rows", "stopped", "stopped_rows", "suppressed",
+                "suppressed_rows", "logprobs")
 
 
 @dataclass
@@ -34,15 +35,13 @@ class SamplingMetadata:
     penalized: np.ndarray            # rows with a repetition / frequency / presence penalty
     biased: np.ndarray               # rows with a logit bias
     stopped: np.ndarray              # rows below min_tokens: stop and EOS tokens masked
+    suppressed: np.ndarray           # rows at their first output token with begin-suppressed ids
     logprobs: np.ndarray             # rows that return logprobs
-    # structured outputs: int32 [rows, ceil(vocab / 32)] packed allowed-token bits (xgrammar's
-    # layout), applied to the logits before anything else, logprobs included
-    token_bitmask: Optional[torch.Tensor] = None
     dev: dict[str, torch.Tensor] = field(default_factory=dict)   # the index arrays on the device
 
     @classmethod
     def build(cls, state: "SamplingState", params: list[SamplingParams], rows: np.ndarray,
-              positions: np.ndarray, token_bitmask: Optional[torch.Tensor] = None) -> "SamplingMetadata":
+              positions: np.ndarray) -> "SamplingMetadata":
         rows = np.asarray(rows, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
         greedy = state.greedy[rows]
@@ -52,16 +51,17 @@ class SamplingMetadata:
                    cand=flat(~greedy & (k > 0)), penalized=flat(state.penalized[rows]),
                    biased=flat(state.num_bias[rows] > 0),
                    stopped=flat((positions < state.min_tokens[rows]) & (state.num_stop[rows] > 0)),
+                   suppressed=flat((positions == 0) & (state.num_begin[rows] > 0)),
                    logprobs=flat(state.num_logprobs[rows] >= 0))
-        plain = bool(greedy.all()) and token_bitmask is None and not any(
-            len(idx[n]) for n in ("penalized", "biased", "stopped", "logprobs"))
+        plain = bool(greedy.all()) and not any(
+            len(idx[n]) for n in ("penalized", "biased", "stopped", "suppressed", "logprobs"))
         meta = cls(params, state, rows, positions, plain, greedy, idx["full"], idx["cand"],
-                   idx["penalized"], idx["biased"], idx["stopped"], idx["logprobs"], token_bitmask)
+                   idx["penalized"], idx["biased"], idx["stopped"], idx["suppressed"], idx["logprobs"])
         if plain:
             return meta
         idx["full_width"] = np.full(len(idx["full"]), state.vocab_size, dtype=np.int64)
         idx["cand_k"] = k[idx["cand"]]
-        for n in ("penalized", "biased", "stopped"):
+        for n in ("penalized", "biased", "stopped", "suppressed"):
             idx[n + "_rows"] = rows[idx[n]]
         arrays = [idx[n] for n in _INDEX_NAMES]
         d = to_device(np.concatenate(arrays).astype(np.int64), torch.long, state.device)

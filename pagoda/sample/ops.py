@@ -49,14 +49,6 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def apply_token_bitmask_(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """-inf wherever a packed bitmask forbids a token: int32 [B, ceil(V / 32)], bit t % 32 of word
-    t // 32 set = token t allowed (xgrammar's layout, so structured outputs can hand theirs over)."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    allowed = ((bitmask[:, :, None] >> shifts) & 1).flatten(1)[:, :logits.shape[1]]
-    logits.masked_fill_(allowed == 0, float("-inf"))
-
-
 def add_logit_bias_(logits: torch.Tensor, batch_rows: torch.Tensor, ids: torch.Tensor,
                     values: torch.Tensor) -> None:
     """logits[batch_rows[i], ids[i, j]] += values[i, j] (padding: id 0 with value 0)."""

@@ -1,8 +1,9 @@
 """One batched sampler for every setting, with no per-request Python loop and no host sync.
 
-In vLLM's order: the structured-output bitmask; raw logprobs (of the model's distribution, before
-anything below, as vLLM reports them by default); min_tokens (stop and EOS masked) and logit
-bias; repetition, frequency and presence penalties; greedy rows take the argmax of that; random
+In vLLM's order, on logits the runner has already masked for structured outputs
+(pagoda.sample.grammar_bitmask): raw logprobs (of the model's distribution, before anything
+below, as vLLM reports them by default); min_tokens (stop and EOS masked), begin-suppressed
+tokens (never the first output token) and logit bias; repetition, frequency and presence penalties; greedy rows take the argmax of that; random
 rows divide by their temperature and draw from min-p, then top-k, then top-p, with the row
 sampler of pagoda.kernels.sampling (exact rejection sampling, no sort of the vocabulary: rows with
 top-k draw among their torch.topk candidates). Each operation runs once for all the rows that
@@ -40,19 +41,19 @@ class Sampler:
             return self._sample(logits, meta)
 
     def _sample(self, logits: torch.Tensor, meta: SamplingMetadata) -> SampleResult:
-        if meta.token_bitmask is not None:
-            ops.apply_token_bitmask_(logits, meta.token_bitmask)
         if meta.all_plain_greedy:
             return SampleResult(logits.argmax(dim=-1))
         st, d = meta.state, meta.dev
         n = logits.shape[0]
         x = logits
-        if len(meta.penalized) or len(meta.biased) or len(meta.stopped):
+        if len(meta.penalized) or len(meta.biased) or len(meta.stopped) or len(meta.suppressed):
             x = logits.float()
             if x is logits and len(meta.logprobs):
                 x = logits.clone()  # logprobs read the raw logits after sampling
         if len(meta.stopped):
             ops.forbid_tokens_(x, d["stopped"], st.stop_ids.index_select(0, d["stopped_rows"]))
+        if len(meta.suppressed):
+            ops.forbid_tokens_(x, d["suppressed"], st.begin_ids.index_select(0, d["suppressed_rows"]))
         if len(meta.biased):
             rows = d["biased_rows"]
             ops.add_logit_bias_(x, d["biased"], st.bias_ids.index_select(0, rows),

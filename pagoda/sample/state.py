@@ -1,7 +1,7 @@
 """Each batch row's sampling parameters and token statistics, kept on the device.
 
 A request's row is written once, when it joins the persistent input batch: its parameters
-(temperature, top-p, min-p, penalties), its Philox seed, its logit-bias and stop-token tables,
+(temperature, top-p, min-p, penalties), its Philox seed, its logit-bias, stop-token and begin-suppressed tables,
 and for penalised requests the token statistics (prompt tokens marked, output counts zero).
 From then on the only per-step work is on the device: the sampler gathers the rows it samples
 by index, and adds each sampled token to its row's counts straight from the sampled-token
@@ -43,6 +43,7 @@ class SamplingState:
         self.penalized = np.zeros(n, dtype=bool)
         self.min_tokens = np.zeros(n, dtype=np.int64)
         self.num_stop = np.zeros(n, dtype=np.int64)     # stop + EOS ids (for min_tokens)
+        self.num_begin = np.zeros(n, dtype=np.int64)    # begin-suppressed ids (first token only)
         self.num_bias = np.zeros(n, dtype=np.int64)
         self.num_logprobs = np.full(n, -1, dtype=np.int64)
         self.seed = np.zeros(n, dtype=np.uint64)
@@ -55,9 +56,11 @@ class SamplingState:
         self.bias_ids = torch.zeros(n, 0, dtype=torch.long, device=device)
         self.bias_vals = torch.zeros(n, 0, dtype=torch.float32, device=device)
         self.stop_ids = torch.zeros(n, 0, dtype=torch.long, device=device)
-        # rows added since the last flush: (row, params, prompt ids to mark) and (stops, bias)
+        self.begin_ids = torch.zeros(n, 0, dtype=torch.long, device=device)
+        # rows added since the last flush: (row, params, prompt ids to mark) and (stops, bias,
+        # begin-suppressed ids)
         self._staged: list[tuple[int, SamplingParams, list[int]]] = []
-        self._tables: dict[int, tuple[list[int], dict[int, float]]] = {}
+        self._tables: dict[int, tuple[list[int], dict[int, float], list[int]]] = {}
 
     # -- rows join -------------------------------------------------------------------------------
     def add(self, row: int, p: SamplingParams, prompt_token_ids: list[int]) -> None:
@@ -75,11 +78,13 @@ class SamplingState:
         self.num_stop[row] = len(stops) if p.min_tokens else 0
         bias = {t: b for t, b in (p.logit_bias or {}).items() if 0 <= t < v}
         self.num_bias[row] = len(bias)
+        begin = [t for t in p.begin_suppress_token_ids if 0 <= t < v]
+        self.num_begin[row] = len(begin)
         self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
         seed = p.seed if p.seed is not None else self._rng.getrandbits(64)
         self.seed[row] = seed & _U64
         self._staged.append((row, p, prompt_token_ids if p.repetition_penalty != 1.0 else []))
-        self._tables[row] = (stops if p.min_tokens else [], bias)
+        self._tables[row] = (stops if p.min_tokens else [], bias, begin)
 
     def flush(self) -> None:
         """Write the rows added since the last flush to the device (a few copies for all of them)."""
@@ -110,6 +115,10 @@ class SamplingState:
         if stop_rows:
             self.stop_ids, _ = self._write_table(self.stop_ids, stop_rows,
                                                  [tables[r][0] for r in stop_rows])
+        begin_rows = [r for r in rows.tolist() if tables[r][2]]
+        if begin_rows:
+            self.begin_ids, _ = self._write_table(self.begin_ids, begin_rows,
+                                                  [tables[r][2] for r in begin_rows])
         bias_rows = [r for r in rows.tolist() if tables[r][1]]
         if bias_rows:
             self.bias_ids, self.bias_vals = self._write_table(
@@ -141,11 +150,11 @@ class SamplingState:
         return ids_t, vals_t
 
     # -- one step --------------------------------------------------------------------------------
-    def metadata(self, params: list[SamplingParams], rows: np.ndarray, positions: np.ndarray,
-                 token_bitmask: Optional[torch.Tensor] = None) -> SamplingMetadata:
+    def metadata(self, params: list[SamplingParams], rows: np.ndarray, positions: np.ndarray
+                 ) -> SamplingMetadata:
         """What the sampler needs for rows (state rows in batch order) sampling output index
         `positions` this step: host flags by numpy indexing, device indices in one copy."""
-        return SamplingMetadata.build(self, params, rows, positions, token_bitmask)
+        return SamplingMetadata.build(self, params, rows, positions)
 
     def count_tokens(self, state_rows: torch.Tensor, tokens: torch.Tensor) -> None:
         from pagoda.sample.ops import token_counts_add_

@@ -7,7 +7,12 @@ new tokens of every request back to back, their positions, the cache slot each n
 block tables, query start offsets and KV lengths — the attention metadata, built here and only
 here. Logits are computed only for rows that need them (the last token of each request that
 finished its prompt, plus every prompt row of requests asking for prompt logprobs); pooling
-requests end in the pooler instead.
+requests end in the pooler instead. An encoder-decoder model (Whisper) runs its encoder once for
+each new request that brings audio features, in the step that first schedules it, and keeps the
+result's cross-attention K/V in the request's batch row (`worker.cross_attention`).
+
+Vision-language models: the step's images are encoded first (encoder_runner.py) and their rows
+replace the placeholders' token embeddings; M-RoPE models get their [3, T] rotary positions.
 
 `launch` queues a step and returns without waiting for its sampled ids (they stay on the
 device; the next step reads its inputs from there); `PendingStep.result()` waits for them, and
@@ -29,9 +34,11 @@ from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
 from pagoda.layers.pooler import Pooler
 from pagoda.sample import ops as sample_ops
 from pagoda.sample.logprobs import LogprobsLists, LogprobsTensors
+from pagoda.sample.grammar_bitmask import apply_token_bitmask
 from pagoda.sample.metadata import SamplingMetadata
 from pagoda.sample.sampler import Sampler, to_device
 from pagoda.worker import kv_cache as kvc
+from pagoda.worker.encoder_runner import EncoderRunner
 from pagoda.worker.input_batch import PLACEHOLDER, CachedRequestState, InputBatch
 from pagoda.worker.outputs import ModelRunnerOutput
 
@@ -85,13 +92,14 @@ class PendingStep:
 
     def __init__(self, runner: "ModelRunner", output: ModelRunnerOutput,
                  host: Optional[torch.Tensor], event, placeholders: list[tuple[str, int]],
-                 logprobs: Optional[_HostLogprobs] = None):
+                 logprobs: Optional[_HostLogprobs] = None, encoder_timings: Optional[list] = None):
         self.runner = runner
         self.output = output
         self.host = host              # int64 [len(req_ids)]: pinned (CUDA) or the tokens (CPU)
         self.event = event
         self.placeholders = placeholders  # (req_id, output index) of each sampled token
         self.logprobs = logprobs
+        self.encoder_timings = encoder_timings  # the vision encoder's runs in this step
 
     def result(self) -> ModelRunnerOutput:
         if self.event is not None:
@@ -100,6 +108,9 @@ class PendingStep:
         if self.logprobs is not None:
             self.logprobs.resolve(out)
             self.logprobs = None
+        if self.encoder_timings:
+            out.encoder_seconds = EncoderRunner.seconds(self.encoder_timings)
+            self.encoder_timings = None
         if out.req_ids and not out.sampled_token_ids:
             out.sampled_token_ids = self.host.tolist()
             batch = self.runner.batch
@@ -129,8 +140,15 @@ class ModelRunner:
         self.num_blocks = 0
         self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size),
                                 0 if pooler is not None else config.vocab_size, device, seed)
+        self.cross = None  # worker.cross_attention.CrossAttentionStore (encoder-decoder models)
+        if getattr(model, "is_encoder_decoder", False):
+            from pagoda.worker.cross_attention import CrossAttentionStore
+            self.cross = CrossAttentionStore(model, max_num_seqs, dtype, device)
         self.cpu_decoder = None   # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
         self.graph_runner = None  # worker.cuda_graphs.CudaGraphRunner: decode steps from CUDA graphs
+        # vision-language models: the image encoder, its output cache, M-RoPE positions
+        self.encoders = (EncoderRunner(model, device, dtype)
+                         if getattr(model, "supports_multimodal", False) else None)
         # the previous launch's sampled ids (device) and, per request, its row in that tensor:
         # the next step's placeholder inputs come from there
         self.prev_tokens: Optional[torch.Tensor] = None
@@ -139,6 +157,7 @@ class ModelRunner:
         # and the engine has read step k's ids back before it launches step k+2
         self._out_bufs: list[torch.Tensor] = []
         self._launches = 0
+        self.grammar = None  # the step's structured-outputs bitmask (SchedulerOutput.grammar)
 
     @property
     def has_kv_cache(self) -> bool:
@@ -183,6 +202,8 @@ class ModelRunner:
         meta = AttentionMetadata(slots, torch.tensor(qsl, dtype=torch.int32, device=self.device),
                                  torch.tensor(lens, dtype=torch.int32, device=self.device), bt,
                                  max(lens), max(lens), qsl, lens)
+        if self.cross is not None:  # every sequence reads the first row's (throwaway) K/V
+            meta.cross_rows = torch.zeros(nseq, dtype=torch.long, device=self.device)
         set_attention_metadata(meta)
         try:
             h = self.model(ids, pos)
@@ -209,17 +230,32 @@ class ModelRunner:
     # -- per-request state ------------------------------------------------------------------------
     def _update_states(self, sched, failed: dict[str, str]) -> None:
         batch = self.batch
+        enc = self.encoders
         for rid in sched.finished_req_ids:
             batch.remove(rid)
             self._prev_rows.pop(rid, None)
+            if enc is not None:
+                enc.remove_request(rid)
+        if enc is not None:
+            enc.free(getattr(sched, "free_encoder_hashes", ()))
+        encode: list[tuple[str, np.ndarray]] = []
         for new in sched.scheduled_new_reqs:
             try:
+                if enc is not None:
+                    enc.add_request(new.req_id, new.prompt_token_ids, getattr(new, "mm_features", None))
                 batch.add(CachedRequestState(new.req_id, new.prompt_token_ids, new.sampling_params,
                                              new.pooling_params, list(new.block_ids),
                                              new.num_computed_tokens, new.token_type_ids))
+                features = getattr(new, "encoder_features", None)
+                if features is not None:
+                    if self.cross is None:
+                        raise ValueError("audio features sent to a model without an encoder")
+                    encode.append((new.req_id, features))
             except Exception as e:  # this request cannot be prepared: it alone fails
                 logger.exception("request %s could not be added to the batch", new.req_id)
                 failed[new.req_id] = f"{type(e).__name__}: {e}"
+        if encode:
+            self._encode(encode, failed)
         c = sched.scheduled_cached_reqs
         for rid, resumed, blocks, computed in zip(c.req_ids, c.resumed_from_preemption,
                                                   c.new_block_ids, c.num_computed_tokens):
@@ -234,6 +270,23 @@ class ModelRunner:
                 batch.append_blocks(rid, blocks)
         if batch.sampling is not None:
             batch.sampling.flush()  # the new rows' sampling state, for all of them at once
+
+    def _encode(self, reqs: list[tuple[str, np.ndarray]], failed: dict[str, str]) -> None:
+        """The encoder over these new requests' features at once; if that fails, one by one, so
+        only a request that fails on its own is failed."""
+        batch = self.batch
+        try:
+            self.cross.fill([batch.row_of[r] for r, _ in reqs], [f for _, f in reqs])
+            return
+        except Exception:
+            if len(reqs) > 1:
+                logger.exception("encoder over %d requests failed; running them one by one", len(reqs))
+        for rid, f in reqs:
+            try:
+                self.cross.fill([batch.row_of[rid]], [f])
+            except Exception as e:
+                logger.exception("request %s failed in the encoder", rid)
+                failed[rid] = f"{type(e).__name__}: {e}"
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, req_ids: list[str], num_sched: list[int]) -> _StepInputs:
@@ -276,19 +329,21 @@ class ModelRunner:
             slots = np.zeros(0, dtype=np.int64)
             bt = np.zeros((len(s.rows), 1), dtype=np.int32)
         qsl_l, sl_l = qsl.tolist(), seq_lens.tolist()
+        cross_rows = to_device(s.rows.tolist(), torch.long, dev) if self.cross is not None else None
         return AttentionMetadata(
             slot_mapping=to_device(slots.tolist(), torch.long, dev),
             query_start_loc=to_device(qsl_l, torch.int32, dev),
             seq_lens=to_device(sl_l, torch.int32, dev),
             block_tables=to_device(bt.tolist(), torch.int32, dev),
             max_query_len=int(s.num_sched.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl_l, seq_lens_cpu=sl_l)
+            query_start_loc_cpu=qsl_l, seq_lens_cpu=sl_l, cross_rows=cross_rows)
 
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, sched) -> PendingStep:
         """Queue one step on the device and return without waiting for it."""
         failed: dict[str, str] = {}
+        self.grammar = sched.grammar  # structured outputs: applied just before the sampler
         self._update_states(sched, failed)
         req_ids = [r for r in sched.num_scheduled_tokens if r not in failed]
         if not req_ids:
@@ -333,6 +388,7 @@ class ModelRunner:
                 rows[2].append(lp.ranks[k] if lp else 0)
             merged.prompt_logprobs.update(out.prompt_logprobs)
             merged.pooler_output.update(out.pooler_output)
+            merged.encoder_seconds += out.encoder_seconds
         if any_logprobs:
             merged.logprobs = LogprobsLists(*rows)
         self._prev_rows = {}  # every token of this step is resolved already
@@ -344,7 +400,13 @@ class ModelRunner:
         s = self._inputs(req_ids, num_sched)
         dev = self.device
         graph = False
+        enc, rope, images = self.encoders, None, False
+        if enc is not None:  # encode the images this step covers; their rotary positions
+            row0 = s.cu - s.num_sched
+            images = enc.prepare(req_ids, s.computed, s.num_sched)
+            rope = enc.rope_positions(req_ids, s.positions, s.num_sched, row0)
         if (self.graph_runner is not None and s.decode_only and self.has_kv_cache
+                and not images and (rope is None or rope.ndim == 1)
                 and self.graph_runner.can_run(len(req_ids))
                 and not any(batch.requests[r].sampling_params.prompt_logprobs is not None
                             for r in req_ids if batch.requests[r].sampling_params is not None)):
@@ -353,7 +415,8 @@ class ModelRunner:
             p = s.positions
             slots = batch.block_table[s.rows, p // self.block_size].astype(np.int64) * self.block_size \
                 + p % self.block_size
-            h = self.graph_runner.run(s.input_ids, p, slots, bt, s.pend_dst, s.pend_src, self.prev_tokens)
+            h = self.graph_runner.run(s.input_ids, p, slots, bt, s.pend_dst, s.pend_src, self.prev_tokens,
+                                      rope_pos=rope)
             graph = self.graph_runner.capture_graphs
             meta = None
         else:
@@ -362,10 +425,13 @@ class ModelRunner:
             if len(s.pend_dst):
                 ids[to_device(s.pend_dst.tolist(), torch.long, dev)] = \
                     self.prev_tokens[to_device(s.pend_src.tolist(), torch.long, dev)]
-            pos = to_device(s.positions.tolist(), torch.long, dev)
+            pos = to_device((s.positions if rope is None else rope).tolist(), torch.long, dev)
+            embeds = enc.inputs_embeds(req_ids, s.computed, s.num_sched, row0, ids) if images else None
             set_attention_metadata(meta)
             try:
-                if self.cpu_decoder is not None and meta.max_query_len == 1:
+                if embeds is not None:
+                    h = self.model(ids, pos, embeds)
+                elif self.cpu_decoder is not None and meta.max_query_len == 1:
                     h = self.cpu_decoder(ids, pos, meta)
                 elif (getattr(self.model, "is_encoder_only", False)
                       and any(batch.requests[r].token_type_ids for r in req_ids)):
@@ -436,6 +502,7 @@ class ModelRunner:
         if plp:  # sampling rows are the ones not claimed by prompt logprobs
             taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
             sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
+        sl = apply_token_bitmask(sl, self.grammar, sample_ids)  # structured outputs' rows only
         res = self.sampler(sl, self._sampling_metadata(sample_ids))
         out.req_ids = sample_ids
         if res.logprobs is not None:
@@ -470,20 +537,14 @@ class ModelRunner:
         rows = np.fromiter((batch.row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         positions = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]  # outputs so far
         params = [batch.requests[r].sampling_params for r in req_ids]
-        return batch.sampling.metadata(params, rows, positions, self._token_bitmask(req_ids, rows))
-
-    def _token_bitmask(self, req_ids: list[str], rows: np.ndarray) -> Optional[torch.Tensor]:
-        """The hook for per-row logits masks (structured outputs): an int32 [len(req_ids),
-        ceil(vocab / 32)] packed bitmask on the device (bit t % 32 of word t // 32 set = token t
-        allowed; xgrammar's layout), or None when no row is constrained. The sampler applies it
-        before anything else."""
-        return None
+        return batch.sampling.metadata(params, rows, positions)
 
     def _finish(self, out: ModelRunnerOutput, sample_ids: list[str],
                 tokens: Optional[torch.Tensor], lps: Optional[_HostLogprobs] = None) -> PendingStep:
         """Start the sampled ids' (and logprobs') copy to the host; remember the ids for the
         next step's inputs."""
         self._launches += 1
+        timings = self.encoders.take_timings() if self.encoders is not None else None
         if lps is not None:
             if lps.prompt is None and lps.sampled is None:
                 lps = None
@@ -494,14 +555,14 @@ class ModelRunner:
             if lps is not None and self.on_cuda:
                 event = torch.cuda.Event()
                 event.record()
-                return PendingStep(self, out, None, event, [], lps)
-            return PendingStep(self, out, None, None, [], lps)
+                return PendingStep(self, out, None, event, [], lps, timings)
+            return PendingStep(self, out, None, None, [], lps, timings)
         batch = self.batch
         placeholders = [(rid, batch.append_token(rid, PLACEHOLDER)) for rid in sample_ids]
         self._prev_rows = {rid: k for k, rid in enumerate(sample_ids)}
         self.prev_tokens = tokens
         if not self.on_cuda:
-            return PendingStep(self, out, tokens, None, placeholders, lps)
+            return PendingStep(self, out, tokens, None, placeholders, lps, timings)
         n = len(sample_ids)
         k = self._launches & 1
         if len(self._out_bufs) < 2 or self._out_bufs[k].numel() < n:
@@ -511,13 +572,15 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(self, out, host, event, placeholders, lps)
+        return PendingStep(self, out, host, event, placeholders, lps, timings)
 
     def forget(self, req_ids) -> None:
         """Drop requests the engine never knew about (the start-up warm-up's)."""
         for rid in req_ids:
             self.batch.remove(rid)
             self._prev_rows.pop(rid, None)
+            if self.encoders is not None:
+                self.encoders.remove_request(rid)
         self.prev_tokens = None
 
     def execute(self, sched) -> ModelRunnerOutput:

@@ -69,13 +69,15 @@ class Worker:
             model_cls = resolve_pooling_class(pm)
             kwargs = {"max_position": mc.max_model_len} if pm.decoder else {}
         else:
-            model_cls = resolve_model_class(hf)
+            if mc.is_multimodal and self.parallel.world_size > 1:
+                raise ValueError("--tensor-parallel-size: vision-language models run on one device")
+            model_cls = resolve_model_class(mc.mm_hf_config or hf)
             kwargs = {"max_position": mc.max_model_len}
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device), building_for(self.platform):
-                model = model_cls(hf, **kwargs)
+                model = model_cls(mc.mm_hf_config or hf, **kwargs)
         finally:
             torch.set_default_dtype(prev)
         self.quantization = self._pick_quantization()
@@ -94,6 +96,13 @@ class Worker:
         if on_cuda:  # big cards batch more, as vLLM does on 70+ GiB (CUDA graphs stop at 512)
             mem = torch.cuda.get_device_properties(self.device).total_memory
             default_seqs = 512 if mem >= 70 * 2**30 else 256
+        if getattr(model, "is_encoder_decoder", False) and not args.max_num_seqs:
+            # each running request keeps its audio's cross-attention K/V (one store row per slot)
+            from pagoda.worker.cross_attention import CrossAttentionStore
+            row = CrossAttentionStore.bytes_per_row(model, self.dtype)
+            limit = (torch.cuda.get_device_properties(self.device).total_memory // 10 if on_cuda
+                     else kvc.CPU_DEFAULT_KV_BYTES)
+            default_seqs = max(1, min(default_seqs, limit // row))
         self.max_num_seqs = args.max_num_seqs or default_seqs
         self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_cuda else 2048)
         pooler = None
@@ -105,6 +114,20 @@ class Worker:
         self.runner = ModelRunner(model, hf, self.device, self.dtype, args.block_size, self.max_num_seqs,
                                   mc.max_model_len, args.seed, pooler=pooler)
         self.num_blocks = 0
+        self.encoder_cache_size = 0  # embedding rows the encoder cache holds (multimodal models)
+        if mc.is_multimodal:
+            self._plan_encoder_cache(model)
+
+    def _plan_encoder_cache(self, model) -> None:
+        """Room for a step's images at their largest (the image processor's limits, after
+        --mm-processor-kwargs), and never less than a step's tokens."""
+        ip = loader.load_image_processor(self.source, self.args.trust_remote_code,
+                                         self.args.mm_processor_kwargs)
+        self.processor_config = ip.to_dict()
+        largest = model.profile_image_items(1, self.processor_config, torch.device("cpu"))[0]
+        self.max_image_embeds = model.num_image_embeds(largest)
+        self.encoder_cache_size = max(self.max_num_batched_tokens,
+                                      self.args.vision_max_batch_size * self.max_image_embeds)
 
     # -- loading --------------------------------------------------------------------------------
     def _load_weights(self, model, int8_groups: Optional[dict] = None) -> None:
@@ -162,6 +185,12 @@ class Worker:
             n = args.kv_cache_memory // block_bytes
         elif on_cuda:
             peak = runner.profile_peak_memory(self.max_num_batched_tokens, max_model_len, self.max_num_seqs)
+            if runner.encoders is not None:  # the vision tower at its largest batch, and its cache
+                items = self.model.profile_image_items(self.args.vision_max_batch_size,
+                                                       self.processor_config, self.device)
+                hidden = self.model_config.hf_config.hidden_size
+                peak = max(peak, runner.encoders.profile_peak(items)) + \
+                    self.encoder_cache_size * hidden * self.dtype.itemsize
             free, total = torch.cuda.mem_get_info(self.device)
             non_torch = total - free - torch.cuda.memory_reserved(self.device)
             budget = int(total * args.gpu_memory_utilization) - peak - max(non_torch, 0)
@@ -183,7 +212,8 @@ class Worker:
             self.runner.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         on_cuda = self.device.type == "cuda"
-        if on_cuda and not self.args.enforce_eager and self.platform.ops.triton and self.runner.has_kv_cache:
+        if (on_cuda and not self.args.enforce_eager and self.platform.ops.triton and self.runner.has_kv_cache
+                and self.runner.cross is None):  # cross-attention runs eagerly
             self.runner.capture_cuda_graphs(self.max_num_seqs, self.model_config.max_model_len)
         self.startup.mark("kv cache")
 
@@ -239,7 +269,7 @@ def _step(new=(), cached=()):
     """A scheduler step as plain data (the fields the model runner reads), for the warm-up:
     new = (req id, prompt ids, blocks, tokens now, params); cached = (req id, computed, tokens)."""
     from types import SimpleNamespace as NS
-    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(),
+    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(), grammar=None,
               scheduled_cached_reqs=NS(req_ids=[], resumed_from_preemption=[], new_block_ids=[],
                                        num_computed_tokens=[]))
     for rid, ids, blocks, n, params in new:
