@@ -9,7 +9,8 @@
 #   bash benchmarks/gpu_session.sh vision       # V1 images/s: transformers, offline, serve (issue 12)
 #   bash benchmarks/gpu_session.sh structured   # W1 half under a JSON schema vs free (issue 14;
 #                                               # first `bash benchmarks/gpu_structured.sh prepare` here)
-# VISION_SHAPE=tiny VISION_IMAGES=8 runs the vision case small (a smoke run on a CPU).
+# VISION_SHAPE=tiny VISION_IMAGES=8 runs the vision case small (a smoke run on a CPU);
+# SHAPE=tiny-llama W1_ARGS="--num-prompts 8 --input-len-range 16 64 --output-len 16" the sampling case.
 # Everything is written under $OUT (the device tool brings it back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,15 +40,16 @@ case "${1:-tests}" in
     # issue 11, about 4 minutes on an H200: the sampling kernels against their twins on the GPU,
     # then W1 (512 requests, Qwen3-0.6B shape, random weights) greedy vs temperature/top_p vs
     # + top_k + repetition_penalty vs logprobs=5 in one engine, interleaved 3 times (medians and
-    # ratios in w1_sampling.json), then the sampler alone on 512 rows of the real vocabulary.
+    # ratios in w1_sampling.json, rewritten after each run), then the sampler alone on 512 rows
+    # of the real vocabulary.
     # SHAPE and W1_ARGS (extra flags, e.g. a small --num-prompts) let it run on a CPU at tiny size.
     shape=${SHAPE:-qwen3-0.6b}
     timeout 90 python3 -m pytest -q tests/test_gpu_sampling.py -p no:cacheprovider 2>&1 \
       | tee "$OUT/test_gpu_sampling.txt" | tail -3
-    timeout 330 python3 benchmarks/w1_sampling_vs_greedy.py --model-shape "$shape" --repeats 3 \
+    timeout 300 python3 benchmarks/w1_sampling_vs_greedy.py --model-shape "$shape" --repeats 3 \
       --disable-tqdm --output-json "$OUT/w1_sampling.json" ${W1_ARGS:-} 2>&1 \
       | tee "$OUT/w1_sampling.txt" | grep -v "^INFO" | tail -12
-    timeout 60 python3 benchmarks/w1_sampling_vs_greedy.py --model-shape "$shape" --sampler-only \
+    timeout 45 python3 benchmarks/w1_sampling_vs_greedy.py --model-shape "$shape" --sampler-only \
       --repeats 10 --output-json "$OUT/sampler_only.json" ${W1_ARGS:-} 2>&1 | tail -9 ;;
   vision)
     # Qwen2.5-VL-3B shape, random bf16 weights, 512 images of 448x448; figures land in

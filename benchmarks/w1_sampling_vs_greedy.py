@@ -100,6 +100,9 @@ def end_to_end(target, prompts, args, sampling_params, sync) -> list[dict]:
                          "output_tok_per_s": n_out / dt, "overlap": core.overlap,
                          "steps": {k: v[0] for k, v in core.step_timing.items()}})
             print(f"{name}: {n_out / dt:.1f} output tok/s ({dt:.1f} s)", file=sys.stderr, flush=True)
+            if args.output_json:  # a run cut short keeps the runs it finished
+                with open(args.output_json, "w") as fh:
+                    json.dump({"model": target.label, "partial": True, "runs": runs}, fh, indent=1)
             gc.collect()
     return runs
 
