@@ -91,7 +91,9 @@ class AsyncLLMEngine:
                 except Exception as e:
                     self._deliver(arg.request_id, e)
             elif kind == "abort":
-                self.engine.abort_request(arg)
+                out = self.engine.abort_request(arg)
+                if out is not None:  # a consumer still waiting (server shutdown) ends on it
+                    self._deliver(arg, out)
 
     def _loop(self) -> None:
         eng = self.engine

@@ -16,6 +16,11 @@ import uvicorn
 logger = logging.getLogger("pagoda.server")
 
 
+# After --shutdown-timeout the app ends the streams still running (finish_reason "abort", then
+# [DONE]); uvicorn waits this much longer for those last events before it cancels anything.
+STREAM_END_GRACE_S = 5.0
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, telling the app the moment a shutdown signal arrives, so new
     completions get 503 while in-flight ones finish (uvicorn stops accepting connections)."""
@@ -63,8 +68,9 @@ def run_server(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_log_requests,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                            timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=10)
-    server = _DrainingServer(config, on_signal=lambda: setattr(app.state.server, "draining", True))
+                            timeout_graceful_shutdown=args.shutdown_timeout + STREAM_END_GRACE_S,
+                            timeout_keep_alive=10, limit_concurrency=args.max_connections)
+    server = _DrainingServer(config, on_signal=app.state.start_draining)
     # uvicorn re-raises the signal it handled once it has shut down; a drained shutdown is a
     # normal exit, so make that re-raise a no-op and return 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

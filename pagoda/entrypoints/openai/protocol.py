@@ -1,16 +1,20 @@
 """Pydantic models of the OpenAI wire format (plus vLLM's extra request fields).
 
 Requests ignore unknown fields, as vLLM does, so clients written for newer OpenAI APIs keep
-working; wrong types and NaN/Infinity are rejected (400). Value ranges that the engine checks
-(temperature, top_p, penalties, ...) are left to ``SamplingParams`` so the messages come from
-one place; the bounds here only keep values inside what the engine can represent.
+working; wrong types and NaN/Infinity are rejected (400): numbers and booleans are strict (no
+`true` as 1, no "1.5" as a number), and text may not hold lone surrogates (JSON allows
+"\\ud800"; the tokenizer and UTF-8 do not). Value ranges that the engine checks (temperature,
+top_p, penalties, ...) are left to ``SamplingParams`` so the messages come from one place; the
+bounds here only keep values inside what the engine can represent.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic_core import PydanticCustomError
 
 # torch.Generator.manual_seed accepts this range
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -21,8 +25,41 @@ INT32_MAX = (1 << 31) - 1
 Int = Annotated[int, Strict()]
 Count = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 TokenId = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
+Float = Annotated[float, Strict()]  # an integer is fine, a boolean or a string is not
+Bool = Annotated[bool, Strict()]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str) -> str:
+    m = _SURROGATE.search(value)
+    if m:
+        raise PydanticCustomError("invalid_text", "not valid Unicode text: a lone surrogate "
+                                  "({char}) at character {at}", {"char": ascii(m.group())[1:-1],
+                                                                 "at": m.start()})
+    return value
+
+
+def _check_json_text(value: Any) -> Any:
+    """Every string (keys included) in a free-form JSON value, checked like Text."""
+    stack = [value]
+    while stack:  # iterative: nesting is only bounded by the JSON parser
+        v = stack.pop()
+        if isinstance(v, str):
+            _check_text(v)
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_check_text)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(_check_json_text)]
 # OpenAI's own limits
 MAX_N = 128
+MAX_PROMPTS = 2048  # prompts of one completion request, inputs of one embedding request
 MAX_TOP_LOGPROBS = 20
 LOGIT_BIAS_RANGE = 100.0
 
@@ -51,47 +88,47 @@ class ErrorResponse(ResponseModel):
 # -------------------------------------------------------------------------------------- requests
 
 class StreamOptions(OpenAIModel):
-    include_usage: Optional[bool] = False
-    continuous_usage_stats: Optional[bool] = False
+    include_usage: Optional[Bool] = False
+    continuous_usage_stats: Optional[Bool] = False
 
 
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completion requests; names follow OpenAI, then vLLM."""
     model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
     n: Int = Field(1, ge=1, le=MAX_N)
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
+    temperature: Optional[Float] = None
+    top_p: Optional[Float] = None
+    presence_penalty: Optional[Float] = 0.0
+    frequency_penalty: Optional[Float] = 0.0
+    logit_bias: Optional[dict[str, Float]] = None
     seed: Optional[Int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
+    stop: Optional[Union[Text, list[Text]]] = None
+    stream: Optional[Bool] = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # vLLM extras
     top_k: Optional[Int] = Field(None, ge=-1, le=INT32_MAX, description="-1 or 0: off.")
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    min_p: Optional[Float] = None
+    repetition_penalty: Optional[Float] = None
     min_tokens: Count = 0
-    ignore_eos: bool = False
+    ignore_eos: Bool = False
     stop_token_ids: Optional[list[TokenId]] = None
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: Bool = True
+    spaces_between_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
 
 
 class TextPart(OpenAIModel):
-    type: str = "text"
-    text: Optional[str] = None
+    type: Text = "text"
+    text: Optional[Text] = None
 
 
 class ChatMessage(OpenAIModel):
-    role: str
-    content: Optional[Union[str, list[TextPart]]] = None
-    name: Optional[str] = None
-    tool_call_id: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
+    role: Text
+    content: Optional[Union[Text, list[TextPart]]] = None
+    name: Optional[Text] = None
+    tool_call_id: Optional[Text] = None
+    tool_calls: Optional[list[JSONObject]] = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -99,47 +136,47 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Optional[Count] = Field(None, description="Deprecated by OpenAI in favour of "
                                       "max_completion_tokens; both are accepted.")
     max_completion_tokens: Optional[Count] = None
-    logprobs: Optional[bool] = False
+    logprobs: Optional[Bool] = False
     top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="Passed to the chat template; "
+    tools: Optional[list[JSONObject]] = Field(None, description="Passed to the chat template; "
                                                   "calls are parsed with --enable-auto-tool-choice.")
-    tool_choice: Optional[Union[str, dict[str, Any]]] = Field(
+    tool_choice: Optional[Union[Text, JSONObject]] = Field(
         None, description="none or auto (named / required need guided decoding: 400).")
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    chat_template: Optional[Text] = None
+    chat_template_kwargs: Optional[JSONObject] = None
 
 
-PromptType = Union[str, list[str], list[TokenId], list[list[TokenId]]]
+PromptType = Union[Text, list[Text], list[TokenId], list[list[TokenId]]]
 
 
 class CompletionRequest(SamplingFields):
     prompt: PromptType
     max_tokens: Optional[Count] = 16
-    echo: Optional[bool] = False
+    echo: Optional[Bool] = False
     logprobs: Optional[Int] = Field(None, ge=0, le=INT32_MAX)
-    suffix: Optional[str] = Field(None, description="Not supported: a request that sets it gets a 400.")
+    suffix: Optional[Text] = Field(None, description="Not supported: a request that sets it gets a 400.")
     best_of: Optional[Int] = Field(None, ge=1, le=MAX_N, description="Only best_of == n is supported.")
 
 
 class TokenizeCompletionRequest(OpenAIModel):
     model: Optional[str] = None
-    prompt: str
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
+    prompt: Text
+    add_special_tokens: Bool = True
+    return_token_strs: Bool = False
 
 
 class TokenizeChatRequest(OpenAIModel):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(..., min_length=1)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
-    return_token_strs: bool = False
-    tools: Optional[list[dict[str, Any]]] = None
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    add_special_tokens: Bool = False
+    return_token_strs: Bool = False
+    tools: Optional[list[JSONObject]] = None
+    chat_template: Optional[Text] = None
+    chat_template_kwargs: Optional[JSONObject] = None
 
 
 TokenizeRequest = Union[TokenizeCompletionRequest, TokenizeChatRequest]
@@ -158,9 +195,9 @@ class EmbeddingRequest(OpenAIModel):
         "float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
     dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX, description="Only the model's own embedding size is "
                                       "accepted (no truncated, Matryoshka-style vectors).")
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # vLLM extra
-    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens "
+    add_special_tokens: Bool = Field(True, description="Add the tokenizer's special tokens "
                                      "([CLS] ... [SEP] for BERT) to text inputs.")
 
 

@@ -2,10 +2,11 @@
 SamplingParams, starting an engine request, and following its outputs until it ends.
 
 Prompts are tokenized here (not in the engine) so ``usage`` reports exactly the tokenizer's
-counts, and on a dedicated single thread so long prompts never stall the event loop (one thread
-also keeps the Rust tokenizer from being borrowed twice at once). Chat templates render in a
-pool of their own, under a time budget (pagoda.inputs.chat_template), so one slow template
-never holds up another request's tokenizing or rendering.
+counts, in a pool of tokenizer threads (pagoda.inputs.tokenizer_pool) so long prompts never
+stall the event loop or each other; a prompt longer than any that could fit in max_model_len is
+refused by its length before it is tokenized. Chat templates render in a pool of their own,
+under a time budget (pagoda.inputs.chat_template), so one slow template never holds up another
+request's tokenizing or rendering.
 """
 from __future__ import annotations
 
@@ -16,19 +17,23 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from starlette.requests import Request
 
+from pagoda.engine.detokenizer import stop_matcher
 from pagoda.inputs.chat_template import Budget, render_chat
+from pagoda.inputs.tokenizer_pool import TokenizerPool, longest_token_chars
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams
 
 from .errors import OpenAIError, model_not_found
 from .logprobs import TokenText
-from .protocol import LOGIT_BIAS_RANGE, ChatMessage, SamplingFields
+from .middleware import Admission
+from .protocol import LOGIT_BIAS_RANGE, MAX_PROMPTS, ChatMessage, SamplingFields
 from .streams import unless_disconnected
 from .tool_parsers import get_tool_parser
 
@@ -48,6 +53,28 @@ def bad_request(e: ValueError) -> OpenAIError:
     message = str(e)
     m = re.match(r"([a-z_]+)(:| must| is)", message)
     return OpenAIError(message, param=m.group(1) if m else None)
+
+
+@dataclass
+class RequestLimits:
+    """What one request may ask for (server flags); stop strings cost the engine per token."""
+    max_stop_strings: int = 64
+    max_stop_string_length: int = 1024
+
+
+# A prompt of more characters than max_model_len x (the longest token's characters) x this
+# cannot fit; the margin covers tokenizers that drop characters (BERT drops whitespace).
+PROMPT_CHARS_MARGIN = 4
+
+
+def _build_stop_matcher(_tokenizer, stops: tuple[str, ...]) -> None:
+    stop_matcher(stops)  # cached: the engine's detokenizers pick it up
+
+
+def check_count(count: int, param: str, what: str) -> None:
+    if count > MAX_PROMPTS:
+        raise OpenAIError(f"{param}: {count} {what}, but at most {MAX_PROMPTS} are allowed in one "
+                          "request (as OpenAI's API).", param=param)
 
 
 def random_id(prefix: str) -> str:
@@ -76,8 +103,9 @@ def _message_dict(m: ChatMessage, index: int) -> dict:
 class OpenAIServing:
     def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
                  log_requests: bool = True, tool_call_parser: Optional[str] = None,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, limits: Optional[RequestLimits] = None):
         self.engine = engine
+        self.limits = limits or RequestLimits()
         self.trust_request_chat_template = trust_request_chat_template
         # set by --enable-auto-tool-choice --tool-call-parser NAME
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
@@ -92,13 +120,26 @@ class OpenAIServing:
         self.log_requests = log_requests
         self.vocab_limit = len(self.tokenizer) if self.tokenizer is not None else self.vocab_size
         self.token_text = TokenText(self.tokenizer)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagoda-tokenizer")
+        self._pool = TokenizerPool(self.tokenizer) if self.tokenizer is not None else None
+        self.max_prompt_chars = (self.max_model_len * longest_token_chars(self.tokenizer)
+                                 * PROMPT_CHARS_MARGIN if self.tokenizer is not None else None)
         self._render_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pagoda-render")
         self._background: set[asyncio.Task] = set()
+        self._live: set[str] = set()  # engine requests being followed
+        self.closing = False  # set when the shutdown timeout is up: no new engine requests
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
         self._render_pool.shutdown(wait=False, cancel_futures=True)
+
+    def end_all(self) -> None:
+        """Abort every engine request in flight (the shutdown timeout is up): each stream ends
+        with finish_reason "abort" and ``[DONE]``, each plain response with what it has, instead
+        of being cut mid-body when uvicorn gives up on it."""
+        self.closing = True
+        for rid in list(self._live):
+            self.abort_soon(rid)
 
     # ------------------------------------------------------------------------------ checks
     def check_model(self, name: Optional[str]) -> None:
@@ -109,33 +150,58 @@ class OpenAIServing:
         if not self.engine.is_healthy():
             raise OpenAIError("The engine is not running; the server is restarting or broken.", 503,
                               code="engine_dead", headers={"Retry-After": "5"})
+        if self.closing:
+            raise OpenAIError("The server is shutting down; retry on another replica.", 503,
+                              code="shutting_down", headers={"Retry-After": "5"})
+
+    @staticmethod
+    def admit(raw: Request, sequences: int, param: str) -> None:
+        """Count a request that runs several sequences (prompts x n) toward
+        --max-concurrent-requests: 429 when they do not fit now, 400 when they never would."""
+        admission: Optional[Admission] = raw.scope.get("state", {}).get("admission")
+        if admission is not None:
+            admission.need(sequences, param)
 
     # -------------------------------------------------------------------------- tokenizing
     async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Run tokenizer work on the tokenizer thread; ValueError-like failures become a 400."""
+        """``fn(tokenizer, ...)`` on a tokenizer thread; ValueError-like failures become a 400."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+            return await self._pool.run(fn, *args, **kwargs)
         except ValueError as e:  # UnicodeError included
             raise bad_request(e) from e
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("prompt: text needs a tokenizer (started with --skip-tokenizer-init); "
-                             "send token ids")
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text too long to fit in max_model_len in any case."""
+        limit = self.max_prompt_chars
+        if limit is not None and chars > limit:
+            raise OpenAIError(f"{param}: {chars} characters cannot fit in max_model_len "
+                              f"{self.max_model_len} tokens (this server tokenizes at most {limit} "
+                              "characters of one prompt).", param=param)
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self.off_loop(self._encode, text, add_special_tokens)
+    @staticmethod
+    def _encode(tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        except TypeError as e:  # what the Rust tokenizer raises on text it cannot take
+            raise ValueError(f"{param}: the text cannot be tokenized ({e})") from None
+
+    async def encode(self, text: str, add_special_tokens: bool = True,
+                     param: str = "prompt") -> list[int]:
+        if self.tokenizer is None:
+            raise OpenAIError(f"{param}: text needs a tokenizer (started with "
+                              "--skip-tokenizer-init); send token ids", param=param)
+        self.check_prompt_chars(len(text), param)
+        return await self.off_loop(self._encode, text, add_special_tokens, param)
 
     async def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return await self.off_loop(self.tokenizer.decode, token_ids)
+        return await self.off_loop(lambda tok, ids: tok.decode(ids), token_ids)
 
     async def token_strs(self, token_ids: list[int]) -> list[str]:
         if self.tokenizer is None:
             return [f"token_id:{t}" for t in token_ids]
-        return await self.off_loop(self.tokenizer.convert_ids_to_tokens, token_ids)
+        return await self.off_loop(lambda tok, ids: tok.convert_ids_to_tokens(ids), token_ids)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         limit = self.vocab_limit
@@ -162,11 +228,13 @@ class OpenAIServing:
                               "(the operator can allow them with --trust-request-chat-template).",
                               param="chat_template")
         msgs = [_message_dict(m, i) for i, m in enumerate(messages)]
+        self.check_prompt_chars(sum(len(m["content"]) for m in msgs if isinstance(m["content"], str)),
+                                "messages")
         text = await self.render(msgs, add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message,
                                  chat_template=chat_template or self.chat_template, tools=tools,
                                  **kwargs)
-        return await self.encode(text, add_special_tokens)
+        return await self.encode(text, add_special_tokens, param="messages")
 
     async def render(self, messages: list[dict], **kw) -> str:
         """Render a chat template in the render pool. If the awaiting request goes away (client
@@ -183,6 +251,21 @@ class OpenAIServing:
             raise bad_request(e) from e
 
     # -------------------------------------------------------------------------- sampling
+    def check_stop(self, stop: Optional[list[str]], stop_ids: Optional[list[int]]) -> None:
+        """Stop strings and ids are checked on every generated token: bound how many, how long."""
+        lim = self.limits
+        for name, items in (("stop", stop), ("stop_token_ids", stop_ids)):
+            if items and len(items) > lim.max_stop_strings:
+                raise OpenAIError(f"{name}: {len(items)} given, but at most {lim.max_stop_strings} "
+                                  "are allowed (--max-stop-strings).", param=name)
+        longest = max(map(len, stop), default=0) if stop else 0
+        if longest > lim.max_stop_string_length:
+            raise OpenAIError(f"stop: a stop string of {longest} characters, but at most "
+                              f"{lim.max_stop_string_length} are allowed (--max-stop-string-length).",
+                              param="stop")
+        if stop_ids:
+            self.check_token_ids(stop_ids, "stop_token_ids")
+
     def sampling_params(self, req: SamplingFields, *, max_tokens: Optional[int], prompt_len: int,
                         logprobs: Optional[int] = None,
                         prompt_logprobs: Optional[int] = None) -> SamplingParams:
@@ -204,6 +287,10 @@ class OpenAIServing:
                                       f"[-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}].", param="logit_bias")
                 bias[tid] = value
 
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        stop_ids = sorted(set(req.stop_token_ids)) if req.stop_token_ids else None
+        self.check_stop(stop, stop_ids)
+
         def given(value, default):
             return default if value is None else value
         try:
@@ -213,8 +300,8 @@ class OpenAIServing:
                 presence_penalty=given(req.presence_penalty, 0.0),
                 frequency_penalty=given(req.frequency_penalty, 0.0),
                 repetition_penalty=given(req.repetition_penalty, 1.0), seed=req.seed,
-                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
-                stop_token_ids=req.stop_token_ids,
+                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop,
+                stop_token_ids=stop_ids,
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
                 skip_special_tokens=req.skip_special_tokens,
@@ -228,10 +315,14 @@ class OpenAIServing:
         """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
         engine validates before its first yield) rather than an error inside a 200 stream."""
         self.check_engine()
+        if params.stop and self._pool is not None:  # built here, not on the engine thread
+            await self.off_loop(_build_stop_matcher, tuple(params.stop))
+        self._live.add(request_id)
         if self.log_requests:
             logger.info("request %s (X-Request-Id %s): %d prompt tokens, %s", request_id,
                         raw.scope.get("state", {}).get("request_id"), len(prompt_ids), params)
         gen = self.engine.generate(prompt_ids, params, request_id)
+        first = None
         try:
             first = await unless_disconnected(raw, gen.__anext__())
         except ValueError as e:
@@ -241,6 +332,9 @@ class OpenAIServing:
         except BaseException:
             self.abort_soon(request_id)
             raise
+        finally:
+            if first is None:
+                self._live.discard(request_id)
         return first, gen
 
     async def start_all(self, raw: Request, prompts: list[list[int]], params: list[SamplingParams],
@@ -251,6 +345,7 @@ class OpenAIServing:
         if errors:
             for s, rid in zip(started, request_ids):
                 if not isinstance(s, BaseException):
+                    self._live.discard(rid)
                     self.abort_soon(rid)
             raise errors[0]
         return started  # type: ignore[return-value]
@@ -282,6 +377,7 @@ class OpenAIServing:
                     finished = last.finished
                     yield last
         finally:
+            self._live.discard(request_id)
             if not finished:
                 tracker.finish(last, reason="abort")
                 self.abort_soon(request_id)

@@ -40,6 +40,7 @@ class ServingChat:
         s.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        s.admit(raw, req.n, "n")
         prompt_ids = await unless_disconnected(raw, s.chat_prompt_ids(
             req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template,
             req.chat_template_kwargs, req.tools))

@@ -17,7 +17,7 @@ from pagoda.engine.async_embedding_engine import AsyncEmbeddingEngine
 
 from .errors import OpenAIError
 from .protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
-from .serving_base import OpenAIServing, bad_request, random_id
+from .serving_base import OpenAIServing, bad_request, check_count, random_id
 from .streams import json_response, unless_disconnected
 
 GENERATION_ONLY = ("The model `{name}` is a generative model: it does not serve /v1/embeddings. "
@@ -42,13 +42,15 @@ class ServingEmbedding:
             items = [items]
         if not items:
             raise OpenAIError("input must not be empty.", param="input")
+        check_count(len(items), "input", "inputs")
         inputs = []
         for i, item in enumerate(items):
             if not item:
                 raise OpenAIError(f"input: item {i} is empty; every input needs at least one "
                                   "character or token.", param="input")
             if isinstance(item, str):
-                inputs.append(await self.s.encode(item, add_special_tokens=req.add_special_tokens))
+                inputs.append(await self.s.encode(item, add_special_tokens=req.add_special_tokens,
+                                                  param="input"))
             else:
                 self.s.check_token_ids(item, "input")
                 inputs.append(list(item))
