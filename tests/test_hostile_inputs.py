@@ -73,6 +73,13 @@ def stream_chat(server, body=VICTIM) -> tuple[list[dict], float]:
     return [json.loads(d) for d in data[:-1]], time.monotonic() - t0
 
 
+def alone(server) -> tuple[str, float]:
+    """The victim's answer and time with nothing hostile in flight (a failing bound reports it:
+    on a shared machine the victim alone can be slow)."""
+    r, took = chat(server)
+    return text_of(r), took
+
+
 def text_of(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
@@ -367,12 +374,13 @@ def test_metrics_labels_hold_no_client_text(server):
 # -------------------------------------------------------------------- defect 6: stop strings
 
 def test_stop_string_limits(server):
-    reference = text_of(chat(server)[0])
+    reference, base = alone(server)
     with cf.ThreadPoolExecutor(2) as pool:
         huge = {"prompt": "hi", "max_tokens": 2, "stop": ["x" * 2000] * 2000}  # the issue's 4 MB
         bad = pool.submit(post, server, "/v1/completions", huge)
         r, took = chat(server)
-        assert text_of(r) == reference and took < 2.0
+        assert text_of(r) == reference
+        assert took < 2.0, f"a chat took {took:.2f}s beside 4 MB of stop strings (alone: {base:.2f}s)"
         err = error_of(bad.result(), 400)
     assert err["param"] == "stop" and "--max-stop-strings" in err["message"]
     err = error_of(post(server, "/v1/completions", {"prompt": "hi", "stop": ["y" * 1025]}), 400)
@@ -390,7 +398,7 @@ def test_stop_strings_at_the_cap_do_not_slow_others(server):
               "ignore_eos": True}
     full = post(server, "/v1/completions", prompt).json()["choices"][0]["text"]
     stop = full[20:26]
-    reference = text_of(chat(server)[0])
+    reference, base = alone(server)
     long_stream = {"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
                    "stop": noise + ["zzzzqqqq" * 128], "stream": True}
     with cf.ThreadPoolExecutor(2) as pool:
@@ -400,7 +408,8 @@ def test_stop_strings_at_the_cap_do_not_slow_others(server):
         for _ in range(3):
             r, took = chat(server)
             assert text_of(r) == reference
-            assert took < 2.0, f"a chat took {took:.2f}s beside a request with 64 KB of stop strings"
+            assert took < 2.0, (f"a chat took {took:.2f}s beside a request with 64 KB of stop "
+                                f"strings (alone: {base:.2f}s)")
         cut = post(server, "/v1/completions", {**prompt, "stop": noise + [stop]}).json()["choices"][0]
         assert running.result().status_code == 200
     assert cut["finish_reason"] == "stop" and cut["stop_reason"] == stop
@@ -419,7 +428,8 @@ def test_huge_prompt_is_refused_before_tokenizing(server):
             t1 = time.monotonic()
             r = post(server, "/tokenize", {"prompt": "hi", "add_special_tokens": False})
             assert r.status_code == 200 and r.json()["count"] == 1
-            assert time.monotonic() - t1 < 2.0, "a 1-token /tokenize waited behind a 10 MB prompt"
+            waited = time.monotonic() - t1
+            assert waited < 2.0, f"a 1-token /tokenize waited {waited:.2f}s behind a 10 MB prompt"
             tokenized += 1
         err = error_of(bad.result(), 400)
         took = time.monotonic() - t0
@@ -477,12 +487,13 @@ def test_admission_counts_sequences_and_tokenize(server):
 
 
 def test_prompt_arrays_are_capped(server):
-    reference = text_of(chat(server)[0])
+    reference, base = alone(server)
     with cf.ThreadPoolExecutor(2) as pool:
         bad = pool.submit(post, server, "/v1/completions",
                           {"prompt": ["Hello there"] * 500, "n": 4})  # the issue's 2,000 sequences
         r, took = chat(server)
-        assert text_of(r) == reference and took < 2.0
+        assert text_of(r) == reference
+        assert took < 2.0, f"a chat took {took:.2f}s beside 500 prompts x 4 (alone: {base:.2f}s)"
         err = error_of(bad.result(), 400)
     assert err["param"] == "prompt" and "2000 sequences" in err["message"]
     err = error_of(post(server, "/v1/completions", {"prompt": ["a"] * 2049, "max_tokens": 1}), 400)
