@@ -77,22 +77,34 @@ def test_silu_and_mul_matches_reference():
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (16, 2)])
-def test_paged_decode_attention_matches_reference(heads, kv_heads):
+@pytest.mark.parametrize("window,cap", [(None, None), (1, None), (5, None), (16, None), (17, 3.0),
+                                        (100, None), (None, 3.0)])
+def test_paged_decode_attention_matches_reference(heads, kv_heads, window, cap):
+    """Windows below, at and across block boundaries and beyond every sequence; blocks wholly
+    before every query's window point at a NaN block (freed or reused), which must not be read."""
     g = torch.Generator().manual_seed(heads)
-    nb, bs, D = 48, 16, 64
-    kv = torch.randn(2, nb, bs, kv_heads, D, generator=g)
+    nb, bs, D = 64, 16, 64
+    kv = torch.randn(2, nb + 1, bs, kv_heads, D, generator=g)
+    kv[:, nb] = float("nan")
     # decodes at block boundaries (1, 16, 17, 32) mixed with a prefill chunk and a prefix hit
-    qlens, lens = [1, 5, 1, 1, 1, 3], [37, 20, 16, 1, 17, 32]
+    qlens, lens = [1, 5, 1, 1, 1, 3, 1], [37, 20, 16, 1, 17, 32, 120]
     qsl = [0]
     for n in qlens:
         qsl.append(qsl[-1] + n)
     perm = torch.randperm(nb, generator=g).to(torch.int32)
     bt = torch.stack([perm[i * 8:(i + 1) * 8] for i in range(len(lens))])
+    if window is not None:
+        for r, (ql, n) in enumerate(zip(qlens, lens)):
+            bt[r, :max(0, n - ql - window + 1) // bs] = nb
     q = torch.randn(qsl[-1], heads, D, generator=g)
     args = (q, kv, torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt, 0.125)
-    ref = paged_attention_torch(*args, qsl, lens, {})
-    out = paged_attention_cpu(*args, qsl, lens, {})
+    kw = dict(sliding_window=window, logits_soft_cap=cap)
+    ref = paged_attention_torch(*args, qsl, lens, {}, **kw)
+    out = paged_attention_cpu(*args, qsl, lens, {}, **kw)
+    assert not ref.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    if window is not None and window < 100 or cap is not None:  # the options change the result
+        assert not torch.allclose(out, paged_attention_torch(*args, qsl, lens, {}), atol=1e-3)
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
@@ -100,11 +112,12 @@ def test_kernels_can_be_switched_off(monkeypatch):
     assert cpu_build._build("cpu_fused") is None
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "mistral"])
 def test_fused_decode_layers_match_per_op_path(kind, request):
     """--quantization int8 on the CPU: decode steps through one C call per layer give the same
-    tokens and logprobs as the per-op module path on the same weights (Qwen3's q/k norm and
-    Qwen2's qkv bias included), for a batch whose requests have different lengths."""
+    tokens and logprobs as the per-op module path on the same weights (Qwen3's q/k norm,
+    Qwen2's qkv bias and Mistral's sliding window included), for a batch whose requests have
+    different lengths."""
     from pagoda import LLM, SamplingParams
     from conftest import random_prompts
     llm = LLM(request.getfixturevalue(f"tiny_{kind}_dir"), quantization="int8", max_model_len=512,
@@ -112,11 +125,20 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 3, 40, 49152, seed=4)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
     fused = llm.generate(prompts, sp, use_tqdm=False)
-    assert llm.engine.runner.cpu_decoder is not None
-    llm.engine.runner.cpu_decoder = None
+    runner = llm.llm_engine.core.worker.runner
+    assert runner.cpu_decoder is not None
+    runner.cpu_decoder = None
     per_op = llm.generate(prompts, sp, use_tqdm=False)
     for a, b in zip(fused, per_op):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
             for tok, lp in la.items():
                 assert abs(lp.logprob - lb[tok].logprob) < 1e-4
+
+
+def test_fused_decode_declines_gemma3(tiny_gemma3_dir):
+    """Gemma 3's layers ((1 + w) norms around attention and MLP, GELU) are not the C layer's:
+    its int8 decode steps stay on the per-op path."""
+    from pagoda import LLM
+    llm = LLM(tiny_gemma3_dir, quantization="int8", max_model_len=256, num_gpu_blocks_override=64)
+    assert llm.llm_engine.core.worker.runner.kv_caches and llm.llm_engine.core.worker.runner.cpu_decoder is None

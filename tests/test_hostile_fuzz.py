@@ -9,7 +9,9 @@ same cases). No response may be a 5xx or a malformed error, and a victim chat ru
 them all the time must keep its exact greedy output.
 
 The server runs with --max-model-len 64 and the bodies ask for one token, so that no accepted
-request generates for long (the run takes a few minutes on a 2-core CPU).
+request generates for long (the run takes a few minutes on a 2-core CPU). The pooling request
+models (/pooling, /classify, /score, /rerank, /v1/embeddings) meet the same catalogue on a tiny
+cross-encoder, beside a victim /score whose scores must not move.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pydantic import BaseModel
 
 from pagoda.entrypoints.openai import protocol as P
 from server_utils import PagodaServer
+from tiny_pooling import build_encoder
 
 pytestmark = pytest.mark.slow
 
@@ -47,6 +50,15 @@ ENDPOINTS = {  # request model -> (path, a valid body to mutate)
     P.DetokenizeRequest: ("/detokenize", {"tokens": [1, 2]}),
     P.EmbeddingRequest: ("/v1/embeddings", {"input": "Hi"}),  # 400 here: a generative model
 }
+POOLING_ENDPOINTS = {  # on a cross-encoder (one label): all but /v1/embeddings serve
+    P.PoolingRequest: ("/pooling", {"input": "Hi"}),
+    P.ClassificationRequest: ("/classify", {"input": "Hi"}),
+    P.ScoreRequest: ("/score", {"text_1": "Hi", "text_2": ["a", "b"]}),
+    P.RerankRequest: ("/rerank", {"query": "Hi", "documents": ["a", "b"]}),
+    P.EmbeddingRequest: ("/v1/embeddings", {"input": "Hi"}),
+}
+SCORE_VICTIM = {"text_1": "what keeps the kv cache small",
+                "text_2": ["bananas are yellow", "paged attention stores the kv cache in blocks"]}
 KEY_SLOT = "<key>"  # a path step into a free-form object (logit_bias, tools, kwargs)
 
 HUGE_INT = [-(1 << 63) - 1, -1, 0, 1 << 31, 1 << 63, 1 << 64]
@@ -88,6 +100,7 @@ def fields_of(model: type[BaseModel], prefix: tuple = ()) -> list[tuple]:
 
 
 CASES = [(model, path) for model in ENDPOINTS for path in fields_of(model)]
+POOLING_CASES = [(model, path) for model in POOLING_ENDPOINTS for path in fields_of(model)]
 
 
 def _container(path: tuple, i: int):
@@ -97,7 +110,8 @@ def _container(path: tuple, i: int):
         return {}
     return {"messages": [dict(MESSAGE)], "content": [{"type": "text", "text": "Hi"}],
             "prompt": [[1]] if deeper else ["Hi"], "input": [[1]] if deeper else ["Hi"],
-            "stop": ["Hi"], "stop_token_ids": [1], "tokens": [1]}.get(name, [{}])
+            "stop": ["Hi"], "stop_token_ids": [1], "tokens": [1], "text_1": ["Hi"],
+            "text_2": ["Hi"], "documents": ["Hi"]}.get(name, [{}])
 
 
 def put(body: dict, path: tuple, value) -> dict:
@@ -126,14 +140,24 @@ def server():
         yield s
 
 
+@pytest.fixture(scope="module")
+def pooling_server(tmp_path_factory):
+    path = build_encoder("bert", str(tmp_path_factory.mktemp("fuzz-reranker")), num_labels=1, seed=1)
+    with PagodaServer([path, *ARGS]) as s:
+        yield s
+
+
 class Victim(threading.Thread):
     """A normal client beside the fuzz: greedy chats (plain and streamed), outputs recorded."""
 
-    def __init__(self, server, reference: str):
+    def __init__(self, server, reference):
         super().__init__(daemon=True)
         self.server, self.reference = server, reference
         self.stop = threading.Event()
         self.runs, self.failures = 0, []
+
+    def same(self, got) -> bool:
+        return got == self.reference
 
     def one(self, client: httpx.Client, stream: bool) -> str:
         for _ in range(60):  # 429 (a fuzz request may hold every slot) says: retry
@@ -162,11 +186,30 @@ class Victim(threading.Thread):
             while not self.stop.is_set():
                 try:
                     got = self.one(client, stream=self.runs % 2 == 1)
-                    if got != self.reference:
+                    if not self.same(got):
                         self.failures.append(f"output changed: {got!r}")
                 except Exception as e:  # noqa: BLE001 - reported by the test
                     self.failures.append(repr(e))
                 self.runs += 1
+
+
+class ScoreVictim(Victim):
+    """/score beside the pooling fuzz: the same scores (up to float rounding: the batch it
+    lands in changes the order of additions, not the result)."""
+
+    def one(self, client: httpx.Client, stream: bool) -> list[float]:
+        for _ in range(60):
+            r = client.post("/score", json=SCORE_VICTIM)
+            if r.status_code == 429:
+                time.sleep(float(r.headers["retry-after"]) / 4)
+                continue
+            assert r.status_code == 200, r.text
+            return [d["score"] for d in r.json()["data"]]
+        raise AssertionError("the victim was refused (429) for a minute")
+
+    def same(self, got) -> bool:
+        return len(got) == len(self.reference) and all(abs(a - b) < 1e-5
+                                                       for a, b in zip(got, self.reference))
 
 
 def check_response(r: httpx.Response, what: str) -> None:
@@ -196,15 +239,14 @@ def _values_for(path: tuple) -> list:
     return values
 
 
-def test_every_field_with_the_catalogue(server):
-    assert len(CASES) > 100  # the walk found the nested fields too
-    victim = Victim(server, _reference(server))
+def run_catalogue(server, cases, endpoints, victim: Victim) -> dict[int, int]:
+    """Every case with every catalogue value, the victim running beside; the statuses seen."""
     victim.start()
     statuses: dict[int, int] = {}
     try:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=120) as client:
-            for model, path in CASES:
-                endpoint, base = ENDPOINTS[model]
+            for model, path in cases:
+                endpoint, base = endpoints[model]
                 for value in _values_for(path):
                     r = send(client, endpoint, put(base, path, value))
                     check_response(r, f"{model.__name__} {path} = {str(value)[:60]}")
@@ -214,7 +256,23 @@ def test_every_field_with_the_catalogue(server):
         victim.join(120)
     assert not victim.failures, victim.failures[:5]
     assert victim.runs >= 3
+    return statuses
+
+
+def test_every_field_with_the_catalogue(server):
+    assert len(CASES) > 100  # the walk found the nested fields too
+    statuses = run_catalogue(server, CASES, ENDPOINTS, Victim(server, _reference(server)))
     assert statuses.get(200, 0) > 50 and statuses.get(400, 0) > 500, statuses
+
+
+def test_pooling_fields_with_the_catalogue(pooling_server):
+    assert len(POOLING_CASES) > 40
+    r = httpx.post(pooling_server.url + "/score", json=SCORE_VICTIM, headers=AUTH, timeout=120)
+    assert r.status_code == 200, r.text
+    reference = [d["score"] for d in r.json()["data"]]
+    statuses = run_catalogue(pooling_server, POOLING_CASES, POOLING_ENDPOINTS,
+                             ScoreVictim(pooling_server, reference))
+    assert statuses.get(200, 0) > 50 and statuses.get(400, 0) > 300, statuses
 
 
 # hypothesis: random hostile values in one to three fields at once

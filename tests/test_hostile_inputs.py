@@ -56,6 +56,12 @@ def post(server, path: str, body, timeout: float = 120) -> httpx.Response:
     return httpx.post(server.url + path, json=body, headers=AUTH, timeout=timeout)
 
 
+def post_json_text(server, path: str, body) -> httpx.Response:
+    """Like post, with lone surrogates sent as JSON escapes (valid JSON, not valid UTF-8)."""
+    return httpx.post(server.url + path, content=json.dumps(body), timeout=120,
+                      headers={**AUTH, "Content-Type": "application/json"})
+
+
 def chat(server, body=VICTIM) -> tuple[httpx.Response, float]:
     t0 = time.monotonic()
     r = post(server, "/v1/chat/completions", body)
@@ -498,6 +504,73 @@ def test_prompt_arrays_are_capped(server):
     assert err["param"] == "prompt" and "2000 sequences" in err["message"]
     err = error_of(post(server, "/v1/completions", {"prompt": ["a"] * 2049, "max_tokens": 1}), 400)
     assert err["param"] == "prompt" and "at most 2048" in err["message"]  # (embeddings: test_embeddings)
+
+
+@pytest.fixture(scope="module")
+def pooling_server(tmp_path_factory):
+    """A tiny cross-encoder (one label): /classify, /pooling, /score and /rerank do real work."""
+    from tiny_pooling import build_encoder
+    path = build_encoder("bert", str(tmp_path_factory.mktemp("reranker")), num_labels=1, seed=1)
+    with PagodaServer([path, "--served-model-name", "reranker", *BASE_ARGS[:2],
+                       "--max-concurrent-requests", "16", "--max-model-len", "128"]) as s:
+        yield s
+
+
+SCORE = {"text_1": "what keeps the kv cache small",
+         "text_2": ["bananas are yellow", "paged attention stores the kv cache in blocks"]}
+
+
+def scores(server) -> tuple[list[float], float]:
+    t0 = time.monotonic()
+    r = post(server, "/score", SCORE)
+    assert r.status_code == 200, r.text
+    return [d["score"] for d in r.json()["data"]], time.monotonic() - t0
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/classify", {"input": ["a"] * 2049}, "input"),
+    ("/pooling", {"input": [[1]] * 2049}, "input"),
+    ("/score", {"text_1": "q", "text_2": ["d"] * 2049}, "text_2"),
+    ("/rerank", {"query": "q", "documents": ["d"] * 2049}, "documents"),
+])
+def test_pooling_lists_are_capped(pooling_server, path, body, param):
+    err = error_of(post(pooling_server, path, body), 400)
+    assert err["param"] == param and "at most 2048" in err["message"], err
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/classify", {"input": ["a"] * 17}, "input"),
+    ("/score", {"text_1": "q", "text_2": ["d"] * 17}, "text_2"),
+    ("/rerank", {"query": "q", "documents": ["d"] * 17}, "documents"),
+])
+def test_pooling_inputs_count_toward_admission(pooling_server, path, body, param):
+    """Each input (each pair) is one engine request: 17 of them never fit in 16 sequences."""
+    err = error_of(post(pooling_server, path, body), 400)
+    assert err["param"] == param and "17 sequences" in err["message"], err
+    ok = post(pooling_server, path, {k: v[:16] if isinstance(v, list) else v for k, v in body.items()})
+    assert ok.status_code == 200, ok.text
+
+
+def test_pooling_text_is_bounded_and_checked(pooling_server):
+    """Huge text is refused before tokenizing (the pair encoding too), lone surrogates are 400s
+    naming the field, and a victim /score beside them keeps its scores and its speed."""
+    reference, base = scores(pooling_server)
+    big = "hello " * (8_000_000 // 6)
+    cases = [("/score", {"text_1": big, "text_2": "d"}, "text_1", "cannot fit"),
+             ("/score", {"text_1": "q", "text_2": ["d", big]}, "text_2", "cannot fit"),
+             ("/rerank", {"query": "q", "documents": [big]}, "documents", "cannot fit"),
+             ("/classify", {"input": big}, "input", "cannot fit"),
+             ("/score", {"text_1": "\ud800", "text_2": "d"}, "text_1", "surrogate"),
+             ("/rerank", {"query": "q", "documents": [{"text": "\udfff"}]}, "documents.0", "surrogate"),
+             ("/classify", {"input": ["ok", "a\ud83d"]}, "input", "surrogate")]
+    with cf.ThreadPoolExecutor(2) as pool:
+        bad = [pool.submit(post_json_text, pooling_server, path, body) for path, body, _, _ in cases]
+        got, took = scores(pooling_server)
+        assert all(abs(a - b) < 1e-5 for a, b in zip(got, reference)), (got, reference)
+        assert took < 2.0, f"a /score took {took:.2f}s beside huge texts (alone: {base:.2f}s)"
+        for f, (_, _, param, needle) in zip(bad, cases):
+            err = error_of(f.result(), 400)
+            assert (err["param"] or "").startswith(param) and needle in err["message"], err
 
 
 # ---------------------------------------------------------- defect 10: slow request bodies

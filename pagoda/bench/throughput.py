@@ -73,7 +73,7 @@ def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[
         outs = llm.generate(prompts, params, use_tqdm=progress)
         sync(target.device)
         dt = time.perf_counter() - t0
-        quant = llm.engine.quantization
+        quant = llm.llm_engine.core.worker.quantization
     finally:
         shutdown = getattr(llm, "shutdown", None)
         if shutdown:

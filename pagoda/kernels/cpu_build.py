@@ -1,7 +1,9 @@
 """Compile and load pagoda's small C kernels for the CPU (cpu_*.c beside this file).
 
-Each is built with the system C compiler on first use (about a second) into PAGODA_CACHE_DIR,
-keyed by the source's hash, and called through ctypes, which releases the GIL during the call.
+Each is built with the system C compiler (0.1-0.6 s each) into PAGODA_CACHE_DIR, keyed by the
+sources' hash, and called through ctypes, which releases the GIL during the call. The engine
+starts every build at once in the background (`build_in_background`) so a first start compiles
+them while the model loads; `load` waits for its own, or builds it if none was started.
 torch's libgomp is already loaded when this runs, so the kernels' OpenMP shares torch's thread
 pool. Where there is no x86 AVX2 or no compiler, `load` returns None and callers fall back to
 their torch reference.
@@ -16,6 +18,9 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
+from concurrent.futures import Future
 from typing import Optional
 
 import torch
@@ -23,6 +28,9 @@ import torch
 logger = logging.getLogger("pagoda")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _loaded: dict[str, Optional[ctypes.CDLL]] = {}
+_building: dict[str, Future] = {}   # name -> path of the built library (or None)
+_times = {"build": None, "waited": 0.0, "compiled": 0}
+_lock = threading.Lock()
 
 
 def _cache_dir() -> str:
@@ -30,7 +38,8 @@ def _cache_dir() -> str:
     return os.path.join(root, "kernels")
 
 
-def _build(name: str) -> Optional[ctypes.CDLL]:
+def _build(name: str) -> Optional[str]:
+    """Path of the compiled library for cpu_<x>.c (compiled now unless cached), or None."""
     if os.environ.get("PAGODA_CPU_KERNELS", "1") == "0":
         return None
     if platform.machine() not in ("x86_64", "AMD64") or \
@@ -61,13 +70,59 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
                            (r.stderr.strip().splitlines() or [r.returncode])[-1])
             return None
         os.replace(tmp, path)  # atomic: a concurrent builder never loads a half-written file
-    return ctypes.CDLL(path)
+        with _lock:
+            _times["compiled"] += 1
+    return path
+
+
+def build_in_background() -> None:
+    """Start building every cpu_*.c beside this file, all at once, each gcc in its own thread
+    (the compiler runs outside the GIL). Idempotent; `load` waits for the one it needs."""
+    with _lock:
+        names = [f[:-2] for f in sorted(os.listdir(_HERE)) if f.startswith("cpu_") and f.endswith(".c")]
+        todo = [n for n in names if n not in _building and n not in _loaded]
+        if not todo:
+            return
+        t0, left = time.perf_counter(), [len(todo)]
+
+        def run(name: str, fut: Future) -> None:
+            try:
+                fut.set_result(_build(name))
+            except Exception as e:  # noqa: BLE001 - reported by load(), which falls back to torch
+                fut.set_exception(e)
+            with _lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    _times["build"] = time.perf_counter() - t0
+        for name in todo:
+            _building[name] = Future()
+            threading.Thread(target=run, args=(name, _building[name]), daemon=True,
+                             name=f"pagoda-build-{name}").start()
+
+
+def build_times() -> Optional[dict]:
+    """How many background builds compiled (0: all were cached), their wall seconds (None while
+    some still run), and the seconds callers waited for them; None when none were started."""
+    if not _building:
+        return None
+    return {"compiled": _times["compiled"], "seconds": _times["build"], "waited": _times["waited"]}
 
 
 def load(name: str, signatures: dict[str, list]) -> Optional[ctypes.CDLL]:
     """The compiled library `name` (cpu_<x>.c) with argtypes set, or None; built once per process."""
     if name not in _loaded:
-        lib = _build(name)
+        fut = _building.get(name)
+        if fut is not None:
+            t0 = time.perf_counter()
+            try:
+                path = fut.result()
+            except Exception as e:  # noqa: BLE001
+                logger.warning("%s: build failed (%s); using the torch path", name, e)
+                path = None
+            _times["waited"] += time.perf_counter() - t0
+        else:
+            path = _build(name)
+        lib = ctypes.CDLL(path) if path is not None else None
         if lib is not None:
             for fn, argtypes in signatures.items():
                 getattr(lib, fn).argtypes = argtypes

@@ -4,7 +4,7 @@ Outermost first, as ``server.build_app`` stacks them:
   RequestContext  X-Request-Id in and out, HTTP metrics by route template, and the 500 for any
                   exception below it (well-formed JSON, the connection stays usable)
   (CORS)          Starlette's, when --allowed-origins is set
-  APIKey          401 without the key, on every route but /health and /ping
+  APIKey          401 without the key, on every route but /health, /ping and the chat page's files
   BodySizeLimit   413 past --max-request-body-size, 408 past --request-body-timeout
   Admission       429 past --max-concurrent-requests (counted in sequences), 503 while draining
 """
@@ -29,9 +29,12 @@ from .errors import OpenAIError, error_response, from_exception
 
 logger = logging.getLogger("pagoda.server")
 
+# model work: admission control (--max-concurrent-requests, draining) and the /load count
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
+                              "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                              "/invocations"})
 # Requests that take an admission slot: the ones that make the engine or the tokenizer work.
-ADMITTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings",
-                            "/tokenize", "/detokenize"})
+ADMITTED_PATHS = GENERATION_PATHS | {"/tokenize", "/detokenize"}
 OPEN_PATHS = frozenset({"/health", "/ping"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 # Metric labels never hold client text: other methods and unmatched paths share one value.
@@ -44,6 +47,8 @@ class ServerState:
     """Mutable server-wide state, shared by the middlewares and the lifespan."""
     draining: bool = False
     active_sequences: int = 0  # of admitted requests in flight (a request runs prompts x n)
+    active_generations: int = 0  # requests in flight on GENERATION_PATHS
+    track_load: bool = False     # --enable-server-load-tracking: /load reports active_generations
 
 
 class Admission:
@@ -142,9 +147,12 @@ class RequestContextMiddleware:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str):
+    """``open_paths``: exact paths served without the key (no prefixes: nothing below them)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
         self.expected = api_key.encode()
+        self.open_paths = open_paths
 
     def _accepts(self, header: str) -> bool:
         scheme, _, key = header.strip().partition(" ")
@@ -154,7 +162,7 @@ class APIKeyMiddleware:
                 and secrets.compare_digest(key.strip().encode("latin-1"), self.expected))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS:
+        if scope["type"] == "http" and route_path(scope) not in self.open_paths:
             given = Headers(scope=scope).get("authorization", "")
             if not self._accepts(given):
                 msg = ("Missing API key: send 'Authorization: Bearer <key>'." if not given
@@ -243,7 +251,10 @@ class AdmissionMiddleware:
             return await from_exception(too_many(self.limit))(scope, receive, send)
         admission = Admission(st, self.limit)
         scope.setdefault("state", {})["admission"] = admission
+        generation = route_path(scope) in GENERATION_PATHS
+        st.active_generations += generation
         try:
             await self.app(scope, receive, send)
         finally:
             admission.release()
+            st.active_generations -= generation

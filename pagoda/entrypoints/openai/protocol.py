@@ -116,6 +116,9 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
+    return_token_ids: Bool = Field(False, description="vLLM's extra: each choice (and each "
+                                   "streamed chunk) carries its token_ids; the response its "
+                                   "prompt_token_ids. Chunks are sent for every new token then.")
 
 
 class TextPart(OpenAIModel):
@@ -149,6 +152,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 PromptType = Union[Text, list[Text], list[TokenId], list[list[TokenId]]]
+# -1 (the model's max_model_len) or k >= 1 (keep the last k tokens); 0 and other negatives are 400s
+TruncatePromptTokens = Annotated[int, Strict(), Field(ge=-1, le=INT32_MAX)]
 
 
 class CompletionRequest(SamplingFields):
@@ -193,12 +198,72 @@ class EmbeddingRequest(OpenAIModel):
                               "or a list of token-id lists; one embedding per item.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
-    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX, description="Only the model's own embedding size is "
-                                      "accepted (no truncated, Matryoshka-style vectors).")
+    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX, description="Matryoshka models "
+                                      "(config `matryoshka_dimensions` / `is_matryoshka`): keep the "
+                                      "first `dimensions` values, then normalize; other models accept "
+                                      "only their own size.")
     user: Optional[Text] = None
-    # vLLM extra
+    # vLLM extras
     add_special_tokens: Bool = Field(True, description="Add the tokenizer's special tokens "
                                      "([CLS] ... [SEP] for BERT) to text inputs.")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = Field(
+        None, description="Keep the last k tokens of each input; -1: the model's max_model_len.")
+
+
+class PoolingRequest(OpenAIModel):
+    """vLLM's /pooling: the pooler's output per input (an embedding model's pooled vector,
+    a classifier's logits)."""
+    model: Optional[str] = None
+    input: PromptType
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX)
+    normalize: Optional[Bool] = Field(None, description="Embedding models: L2-normalize (default: "
+                                      "the model's own setting).")
+    activation: Optional[Bool] = Field(None, description="Classifiers: probabilities instead of "
+                                       "logits (default false).")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    add_special_tokens: Bool = True
+    user: Optional[Text] = None
+
+
+class ClassificationRequest(OpenAIModel):
+    model: Optional[str] = None
+    input: PromptType
+    activation: Optional[Bool] = Field(None, description="false: raw logits instead of "
+                                       "probabilities.")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    add_special_tokens: Bool = True
+    user: Optional[Text] = None
+
+
+Texts = Union[Text, list[Text]]
+
+
+class ScoreRequest(OpenAIModel):
+    """vLLM's /score: text_1 against each text_2 (1 -> 1, 1 -> N) or pairwise (N -> N)."""
+    model: Optional[str] = None
+    text_1: Texts
+    text_2: Texts
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    activation: Optional[Bool] = Field(None, description="Cross-encoders: false gives the raw logit "
+                                       "instead of its sigmoid.")
+    user: Optional[Text] = None
+
+
+class RerankDocument(OpenAIModel):
+    text: Text
+
+
+class RerankRequest(OpenAIModel):
+    """Jina's and Cohere's rerank request."""
+    model: Optional[str] = None
+    query: Text
+    documents: list[Union[Text, RerankDocument]] = Field(..., min_length=1)
+    top_n: Optional[Int] = Field(None, ge=0, le=INT32_MAX, description="How many results; 0 or "
+                                 "omitted: all documents.")
+    return_documents: Bool = Field(True, description="Include each result's document text.")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    user: Optional[Text] = None
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -240,6 +305,7 @@ class ChatCompletionChoice(ResponseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
 
 
 def _now() -> int:
@@ -273,6 +339,7 @@ class ChatStreamChoice(ResponseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
 
 
 class ChatCompletionChunk(ResponseModel):
@@ -297,6 +364,8 @@ class CompletionChoice(ResponseModel):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
+    prompt_token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(ResponseModel):
@@ -327,6 +396,71 @@ class EmbeddingResponse(ResponseModel):
     model: str
     data: list[EmbeddingData]
     usage: EmbeddingUsage
+
+
+class PoolingListResponse(ResponseModel):
+    """What /pooling, /classify and /score answer: a list of per-input results and the usage."""
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    usage: UsageInfo
+
+
+class PoolingData(ResponseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: Union[list[float], str]
+
+
+class PoolingResponse(PoolingListResponse):
+    data: list[PoolingData]
+
+
+class ClassificationData(ResponseModel):
+    index: int
+    label: Optional[str] = None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(PoolingListResponse):
+    data: list[ClassificationData]
+
+
+class ScoreData(ResponseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(PoolingListResponse):
+    data: list[ScoreData]
+
+
+class RerankResultDocument(ResponseModel):
+    text: str
+
+
+class RerankResult(ResponseModel):
+    index: int
+    document: Optional[RerankResultDocument] = Field(None, exclude_if=lambda v: v is None)
+    relevance_score: float
+
+
+class RerankUsage(ResponseModel):
+    total_tokens: int
+
+
+class RerankResponse(ResponseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+class ServerLoadResponse(ResponseModel):
+    server_load: int
 
 
 class ModelCard(ResponseModel):
