@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from pagoda.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from pagoda.engine import detokenizer
+from pagoda.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher, stop_matcher
 
 
 def first_stop(stops, before: str, chunk: str):
@@ -82,3 +83,18 @@ def test_detokenizer_cuts_at_the_first_stop(tokenizer):
     assert hit == "little girl" and text == rest[:rest.rindex("little girl")]
     hit, _, streamed = run(tokenizer, ["no such text"])
     assert hit is None and len(streamed) > 100
+
+
+def test_a_matcher_built_ahead_is_found_while_it_is_held(tokenizer):
+    """The server builds a request's automaton on a tokenizer thread and holds it until the
+    request's detokenizers are made: however many other stop lists are built meanwhile (one per
+    request in flight), they find that one and build nothing on the event loop."""
+    held = [stop_matcher((f"stop {i}", f"end {i}")) for i in range(20)]
+    for i, m in enumerate(held):
+        d = IncrementalDetokenizer(tokenizer, [1], True, [f"stop {i}", f"end {i}"], False)
+        assert d.matcher is m
+    d = IncrementalDetokenizer(tokenizer, [1], True, ["stop 0", "end 0"], False)
+    del held, d
+    import gc
+    gc.collect()
+    assert ("stop 0", "end 0") not in detokenizer._matchers  # nothing keeps automatons forever

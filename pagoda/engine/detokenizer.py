@@ -13,7 +13,7 @@ slowed every request in the batch ~10x with 2,000 stop strings of 2,000 characte
 """
 from __future__ import annotations
 
-from functools import lru_cache
+import weakref
 from typing import Optional
 
 from tokenizers.decoders import DecodeStream
@@ -75,12 +75,18 @@ class StopStringMatcher:
         return state, None
 
 
-@lru_cache(maxsize=4)
+_matchers: "weakref.WeakValueDictionary[tuple[str, ...], StopStringMatcher]" = weakref.WeakValueDictionary()
+
+
 def stop_matcher(stops: tuple[str, ...]) -> StopStringMatcher:
-    """One automaton per distinct stop list: the n sequences of a request share theirs, and a
-    server can build it ahead, off the engine thread (64 stop strings of 1,024 characters take
-    ~50 ms to build)."""
-    return StopStringMatcher(stops)
+    """One automaton per distinct stop list, kept while anything holds it: the n sequences of a
+    request share theirs, and a server builds it ahead on a tokenizer thread and holds it until
+    the request's detokenizers have taken it (64 random stop strings of 1,024 characters take
+    0.1-0.6 s to build: never on the event loop, whatever the number of requests in flight)."""
+    matcher = _matchers.get(stops)
+    if matcher is None:
+        matcher = _matchers[stops] = StopStringMatcher(stops)
+    return matcher
 
 
 class IncrementalDetokenizer:

@@ -24,7 +24,7 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 from starlette.requests import Request
 
 from pagoda.engine.async_llm import EngineDeadError, RequestFailedError
-from pagoda.engine.detokenizer import stop_matcher
+from pagoda.engine.detokenizer import StopStringMatcher, stop_matcher
 from pagoda.inputs.chat_template import Budget, render_chat
 from pagoda.inputs.tokenizer_pool import TokenizerPool, longest_token_chars
 from pagoda.metrics import RequestTracker, ServerMetrics
@@ -69,8 +69,8 @@ class RequestLimits:
 PROMPT_CHARS_MARGIN = 4
 
 
-def _build_stop_matcher(_tokenizer, stops: tuple[str, ...]) -> None:
-    stop_matcher(stops)  # cached: the engine's detokenizers pick it up
+def _build_stop_matcher(_tokenizer, stops: tuple[str, ...]) -> StopStringMatcher:
+    return stop_matcher(stops)  # found by the detokenizers while the caller holds it
 
 
 def check_count(count: int, param: str, what: str) -> None:
@@ -331,8 +331,9 @@ class OpenAIServing:
         """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
         engine validates before its first yield) rather than an error inside a 200 stream."""
         self.check_engine()
-        if params.stop and self._pool is not None:  # built here, not on the engine thread
-            await self.off_loop(_build_stop_matcher, tuple(params.stop))
+        matcher = None  # held until the first output: the request's detokenizers have it then
+        if params.stop and self._pool is not None:  # built here, not on the event loop
+            matcher = await self.off_loop(_build_stop_matcher, tuple(params.stop))
         self._live.add(request_id)
         if self.log_requests:
             logger.info("request %s (X-Request-Id %s): %d prompt tokens, %s", request_id,
@@ -353,6 +354,7 @@ class OpenAIServing:
         finally:
             if first is None:
                 self._live.discard(request_id)
+        del matcher  # the request's detokenizers hold it from here
         return first, gen
 
     async def start_all(self, raw: Request, prompts: list[list[int]], params: list[SamplingParams],
