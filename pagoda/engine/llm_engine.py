@@ -93,13 +93,12 @@ class LLMEngine:
             if len(self.engine_cores) > 1 and not core.has_work():
                 continue
             out = core.step()
-            res, to_abort = self.output_processor.process_outputs(out.outputs, out.timestamp)
+            res, to_abort = self.output_processor.process_outputs(
+                out.outputs, out.timestamp, final_only=not self.stream_outputs)
             for o in out.outputs:
                 if o.finished:
                     self._engine_of.pop(o.request_id, None)
             self._abort(to_abort)
             self.last_stats = out.scheduler_stats
             results += res
-        if self.stream_outputs:
-            return results
-        return [r for r in results if r.finished]
+        return results

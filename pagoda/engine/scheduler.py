@@ -29,8 +29,10 @@ from pagoda.worker.outputs import ModelRunnerOutput
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, structured_output=None):
         self.kv = kv_cache_manager
+        # pagoda.structured_output.StructuredOutputManager: grammar readiness and matchers
+        self.structured_output = structured_output
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -77,6 +79,8 @@ class Scheduler:
             del self._known[req.request_id]
             self._finished_since_sent.add(req.request_id)
         self._preempted_since_sent.discard(req.request_id)
+        if self.structured_output is not None:  # structured outputs: drop its matcher
+            self.structured_output.remove(req.request_id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -124,10 +128,15 @@ class Scheduler:
                 num[req] = n
                 budget -= n
                 i += 1
+        so = self.structured_output
+        compiling: list[Request] = []  # structured outputs: grammar not compiled yet, not admitted
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token still in flight: back next step
+            if so is not None and not so.is_ready(req.request_id):
+                compiling.append(self.waiting.popleft())
+                continue
             # prompt logprobs need logits for every prompt position: no prefix reuse for them
             cached = [] if (req.needs_prompt_logprobs or not kv.num_blocks) else kv.find_cached_prefix(req)
             n = req.num_tokens - req.num_computed_tokens - len(cached) * bsz
@@ -147,6 +156,7 @@ class Scheduler:
             self.running.append(req)
             num[req] = n
             budget -= n
+        self.waiting.extendleft(reversed(compiling))
         return self._output(num)
 
     def _output(self, num: dict[Request, int]) -> SchedulerOutput:
@@ -176,7 +186,9 @@ class Scheduler:
         """The step is on the device: count its tokens as computed; each request that samples a
         token gets a placeholder until `update_from_output` brings its value."""
         for rid, n in sched.num_scheduled_tokens.items():
-            req = self.requests[rid]
+            req = self.requests.get(rid)
+            if req is None:  # finished while the step launched (structured outputs' deferred fill)
+                continue
             req.num_computed_tokens += n
             if req.num_computed_tokens >= req.num_tokens and not req.is_pooling:
                 req.num_pending += 1
@@ -185,6 +197,7 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Resolve a launched step: new tokens, stop checks, finished requests, outputs."""
         outputs: dict[str, EngineCoreOutput] = {}
+        so_reqs = self.structured_output.requests if self.structured_output is not None else None
 
         def out_for(req: Request) -> EngineCoreOutput:
             o = outputs.get(req.request_id)
@@ -212,6 +225,8 @@ class Scheduler:
             tok = result.sampled_token_ids[k]
             req.num_pending -= 1
             req.all_token_ids.append(tok)
+            if so_reqs and rid in so_reqs:  # structured outputs: advance the request's matcher
+                self.structured_output.accept(rid, tok)
             self.generation_tokens_total += 1
             o = out_for(req)
             o.new_token_ids.append(tok)

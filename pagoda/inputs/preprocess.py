@@ -2,10 +2,11 @@
 
 Everything a request can get wrong is checked here, in the front end, before the request
 reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
-prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a pooling task
-or `dimensions` the model does not serve. A request with n > 1 samples becomes n engine-core
-requests (ids "<id>#<i>") of one sample each. A pooling prompt is cut to its last
-`truncate_prompt_tokens` tokens (vLLM's rule) before the length check.
+prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a structured-
+outputs schema or grammar that does not parse, a pooling task or `dimensions` the model does not
+serve. A request with n > 1 samples becomes n engine-core requests (ids "<id>#<i>") of one sample
+each. A pooling prompt is cut to its last `truncate_prompt_tokens` tokens (vLLM's rule) before the
+length check.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pagoda.config import ModelConfig
 from pagoda.engine.messages import EngineCoreRequest
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_output.grammar import validate_structured_outputs
 
 PromptType = Union[str, list[int], dict]
 
@@ -128,6 +130,8 @@ class InputProcessor:
             if v is not None and v > self.max_logprobs:
                 raise ValueError(f"{name}: {v} requested, but at most --max-logprobs "
                                  f"{self.max_logprobs} are allowed")
+        if params.structured_outputs is not None:  # a schema/grammar that does not parse: caller's error
+            validate_structured_outputs(params.structured_outputs)
         return params.clone(eos_token_ids=mc.eos_token_ids,
                             max_tokens=params.max_tokens or mc.max_model_len - prompt_len)
 

@@ -25,6 +25,7 @@ import torch
 
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
 from pagoda.layers.pooler import Pooler
+from pagoda.sample.grammar_bitmask import apply_token_bitmask
 from pagoda.sample.metadata import SamplingMetadata
 from pagoda.sample.sampler import Sampler, needs_token_history, prompt_logprobs_rows, to_device
 from pagoda.worker import kv_cache as kvc
@@ -104,6 +105,7 @@ class ModelRunner:
         # and the engine has read step k's ids back before it launches step k+2
         self._out_bufs: list[torch.Tensor] = []
         self._launches = 0
+        self.grammar = None  # the step's structured-outputs bitmask (SchedulerOutput.grammar)
 
     @property
     def has_kv_cache(self) -> bool:
@@ -256,6 +258,7 @@ class ModelRunner:
     def launch(self, sched) -> PendingStep:
         """Queue one step on the device and return without waiting for it."""
         failed: dict[str, str] = {}
+        self.grammar = sched.grammar  # structured outputs: applied just before the sampler
         self._update_states(sched, failed)
         req_ids = [r for r in sched.num_scheduled_tokens if r not in failed]
         if not req_ids:
@@ -404,6 +407,7 @@ class ModelRunner:
         if plp:  # sampling rows are the ones not claimed by prompt logprobs
             taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
             sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
+        sl = apply_token_bitmask(sl, self.grammar, sample_ids)  # structured outputs' rows only
         res = self.sampler(sl, self._sampling_metadata(sample_ids))
         out.req_ids = sample_ids
         out.logprobs = res.logprobs

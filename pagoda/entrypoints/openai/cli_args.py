@@ -13,6 +13,9 @@ from typing import Any
 
 from pagoda.config import EngineArgs, Flag, add_flags, load_config_file, parse_bytes
 
+from .reasoning_parsers import REASONING_PARSERS
+from .tool_parsers import TOOL_CALL_PARSERS
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -89,7 +92,16 @@ SERVER_FLAGS: list[Flag] = [
     Flag("enable-auto-tool-choice", None, False, "Parse tool calls out of chat outputs (requests "
          "with `tools`; tool_choice auto) with --tool-call-parser.", group="Chat", boolean=True),
     Flag("tool-call-parser", str, None, "Format of the model's tool calls: hermes (Qwen2.5, Qwen3, "
-         "Hermes).", group="Chat", choices=("hermes",)),
+         "Hermes), llama3_json (Llama 3.1/3.2 JSON), mistral, pythonic (Llama 3.2/4), qwen3_coder "
+         "(Qwen3-Coder's XML).", group="Chat", choices=TOOL_CALL_PARSERS),
+    Flag("reasoning-parser", str, None, "Split the model's <think>...</think> into the message's "
+         "reasoning_content (streamed as delta.reasoning_content): qwen3 or deepseek_r1.",
+         group="Chat", choices=REASONING_PARSERS),
+    Flag("responses-store-size", int, 1000, "Responses API: the most responses kept in memory for "
+         "GET /v1/responses/{id} and previous_response_id (the least recently used go first).",
+         group="Chat"),
+    Flag("responses-store-ttl", float, 3600.0, "Responses API: seconds a stored response is kept "
+         "after its last use.", group="Chat"),
     Flag("disable-log-requests", None, False, "Do not log each request (nor uvicorn's access log).",
          group="Logging", boolean=True),
     Flag("disable-log-stats", None, False, "Do not log the periodic throughput / KV-cache line.",
@@ -219,6 +231,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key: must not be empty")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
+    if args.responses_store_size < 0:
+        raise ValueError(f"--responses-store-size: must be >= 0, got {args.responses_store_size}")
+    if args.responses_store_ttl <= 0:
+        raise ValueError(f"--responses-store-ttl: must be > 0 seconds, got {args.responses_store_ttl}")
     args.chat_template = _load_chat_template(args.chat_template)
     return args

@@ -32,7 +32,7 @@ logger = logging.getLogger("pagoda.server")
 # model work: admission control (--max-concurrent-requests, draining) and the /load count
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
                               "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
-                              "/invocations"})
+                              "/invocations", "/v1/responses"})
 # Requests that take an admission slot: the ones that make the engine or the tokenizer work.
 ADMITTED_PATHS = GENERATION_PATHS | {"/tokenize", "/detokenize"}
 OPEN_PATHS = frozenset({"/health", "/ping"})

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,8 +29,10 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Classifica
                        ClassificationResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse,
                        ErrorResponse, ModelCard, ModelList, PoolingRequest, PoolingResponse,
-                       RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ServerLoadResponse,
-                       TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
+                       RerankRequest, RerankResponse, ResponseObject, ResponsesRequest, ScoreRequest,
+                       ScoreResponse, ServerLoadResponse, TokenizeChatRequest,
+                       TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
+from .responses_store import ResponseStore
 from .serving_base import OpenAIServing, RequestLimits
 from .serving_chat import ServingChat
 from .serving_classification import ServingClassification
@@ -38,6 +40,7 @@ from .serving_completion import ServingCompletion
 from .serving_embedding import ServingEmbedding
 from .serving_models import ServingModels
 from .serving_pooling import ServingPooling
+from .serving_responses import ServingResponses
 from .serving_score import ServingScore
 from .serving_tokenize import ServingTokenize
 from .streams import ClientDisconnected
@@ -48,6 +51,10 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 4
 _STREAM = {"text/event-stream": {"schema": {"type": "string"},
                                  "description": "with \"stream\": true: server-sent events, "
                                                 "ending with `data: [DONE]`"}}
+_EVENTS = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "with stream=true: typed server-sent events "
+                                                "(`event: response.output_text.delta`, ...), each "
+                                                "with a sequence_number"}}
 
 
 def _is_model_tag(part) -> bool:
@@ -116,8 +123,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     # Any other exception: a 500 from RequestContextMiddleware (see there why not a handler here).
 
 
-def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState) -> None:
-    chat, completion = ServingChat(serving), ServingCompletion(serving)
+def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState,
+                responses: ServingResponses) -> None:
+    chat, completion = responses.chat, ServingCompletion(serving)
     models, tokenize = ServingModels(serving), ServingTokenize(serving)
     embedding = ServingEmbedding(serving)
     pooling, classification = ServingPooling(serving), ServingClassification(serving)
@@ -142,6 +150,23 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
     async def create_completion(request: CompletionRequest, raw: Request):
         require_generative(request.model)
         return await completion.create(request, raw)
+
+    @app.post("/v1/responses", response_model=ResponseObject, tags=["OpenAI"],
+              responses={200: {"content": _EVENTS}, **_ERRORS})
+    async def create_response(request: ResponsesRequest, raw: Request):
+        require_generative(request.model)
+        return await responses.create(request, raw)
+
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["OpenAI"],
+             responses={200: {"content": _EVENTS}, **_ERRORS})
+    async def retrieve_response(response_id: str, stream: bool = False,
+                                starting_after: Optional[int] = None):
+        return await responses.retrieve(response_id, stream, starting_after)
+
+    @app.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, tags=["OpenAI"],
+              responses=_ERRORS)
+    async def cancel_response(response_id: str):
+        return await responses.cancel(response_id)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["OpenAI"], responses=_ERRORS)
     async def create_embedding(request: EmbeddingRequest, raw: Request):
@@ -260,7 +285,11 @@ def build_app(engine: Any, args: Any) -> FastAPI:
                                                                 False),
                             tool_call_parser=(getattr(args, "tool_call_parser", None)
                                               if getattr(args, "enable_auto_tool_choice", False)
-                                              else None))
+                                              else None),
+                            reasoning_parser=getattr(args, "reasoning_parser", None))
+    responses = ServingResponses(serving, ServingChat(serving),
+                                 ResponseStore(getattr(args, "responses_store_size", 1000),
+                                               getattr(args, "responses_store_ttl", 3600.0)))
 
     loop: asyncio.AbstractEventLoop | None = None
 
@@ -288,6 +317,7 @@ def build_app(engine: Any, args: Any) -> FastAPI:
             if stats_task:
                 stats_task.cancel()
             await engine.shutdown(drain_timeout_s=args.shutdown_timeout)
+            responses.close()
             serving.close()
 
     docs = not args.disable_fastapi_docs
@@ -301,7 +331,7 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     app.state.serving = serving
     app.state.metrics = metrics
     _install_error_handlers(app)
-    _add_routes(app, serving, metrics, state)
+    _add_routes(app, serving, metrics, state, responses)
     frontend = not args.disable_frontend
     if frontend:
         add_frontend_routes(app)

@@ -30,12 +30,13 @@ from pagoda.inputs.tokenizer_pool import TokenizerPool, longest_token_chars
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
 from .errors import OpenAIError, model_not_found
 from .logprobs import TokenText
 from .middleware import Admission
 from .protocol import LOGIT_BIAS_RANGE, MAX_PROMPTS, ChatMessage, SamplingFields
+from .reasoning_parsers import get_reasoning_parser
 from .streams import unless_disconnected
 from .tool_parsers import get_tool_parser
 
@@ -112,12 +113,15 @@ def _message_dict(m: ChatMessage, index: int) -> dict:
 class OpenAIServing:
     def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
                  log_requests: bool = True, tool_call_parser: Optional[str] = None,
-                 trust_request_chat_template: bool = False, limits: Optional[RequestLimits] = None):
+                 trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
+                 limits: Optional[RequestLimits] = None):
         self.engine = engine
         self.limits = limits or RequestLimits()
         self.trust_request_chat_template = trust_request_chat_template
         # set by --enable-auto-tool-choice --tool-call-parser NAME
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
+        # --reasoning-parser NAME: <think> ... </think> -> reasoning_content
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
         self.tokenizer = engine.tokenizer
         mc = engine.model_config
         self.served_model_names: list[str] = list(mc.served_model_names)
@@ -164,9 +168,12 @@ class OpenAIServing:
                               code="shutting_down", headers={"Retry-After": "5"})
 
     @staticmethod
-    def admit(raw: Request, sequences: int, param: str) -> None:
+    def admit(raw: Optional[Request], sequences: int, param: str) -> None:
         """Count a request that runs several sequences (prompts x n) toward
-        --max-concurrent-requests: 429 when they do not fit now, 400 when they never would."""
+        --max-concurrent-requests: 429 when they do not fit now, 400 when they never would.
+        `raw` None: a background response, no longer an HTTP request to count."""
+        if raw is None:
+            return
         admission: Optional[Admission] = raw.scope.get("state", {}).get("admission")
         if admission is not None:
             admission.need(sequences, param)
@@ -283,8 +290,8 @@ class OpenAIServing:
             self.check_token_ids(stop_ids, "stop_token_ids")
 
     def sampling_params(self, req: SamplingFields, *, max_tokens: Optional[int], prompt_len: int,
-                        logprobs: Optional[int] = None,
-                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                        logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
+                        structured_outputs: Optional[StructuredOutputsParams] = None) -> SamplingParams:
         if max_tokens is None:  # as much as the context allows; the engine names the lengths if none
             max_tokens = max(self.max_model_len - prompt_len, 1)
         bias = None
@@ -321,15 +328,17 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
                 skip_special_tokens=req.skip_special_tokens,
-                spaces_between_special_tokens=req.spaces_between_special_tokens)
+                spaces_between_special_tokens=req.spaces_between_special_tokens,
+                structured_outputs=structured_outputs)
         except ValueError as e:
             raise bad_request(e) from e
 
     # ---------------------------------------------------------------------------- running
-    async def start(self, raw: Request, prompt_ids: list[int], params: SamplingParams,
+    async def start(self, raw: Optional[Request], prompt_ids: list[int], params: SamplingParams,
                     request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
-        engine validates before its first yield) rather than an error inside a 200 stream."""
+        engine validates before its first yield) rather than an error inside a 200 stream.
+        `raw` None: no client to watch (a background response)."""
         self.check_engine()
         matcher = None  # held until the first output: the request's detokenizers have it then
         if params.stop and self._pool is not None:  # built here, not on the event loop
@@ -337,11 +346,12 @@ class OpenAIServing:
         self._live.add(request_id)
         if self.log_requests:
             logger.info("request %s (X-Request-Id %s): %d prompt tokens, %s", request_id,
-                        raw.scope.get("state", {}).get("request_id"), len(prompt_ids), params)
+                        raw.scope.get("state", {}).get("request_id") if raw is not None else None,
+                        len(prompt_ids), params)
         gen = self.engine.generate(prompt_ids, params, request_id)
         first = None
         try:
-            first = await unless_disconnected(raw, gen.__anext__())
+            first = await (unless_disconnected(raw, gen.__anext__()) if raw is not None else gen.__anext__())
         except ValueError as e:
             raise bad_request(e) from e
         except (EngineDeadError, RequestFailedError) as e:

@@ -20,6 +20,7 @@ from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving_base import OpenAIServing, check_count, random_id
 from .serving_chat import usage_of
+from .structured_outputs import from_request, validated
 from .streams import SSE_DONE, SSEResponse, json_response, merge, sse, sse_error
 
 
@@ -78,9 +79,11 @@ class ServingCompletion:
         s.admit(raw, len(items) * req.n, "prompt" if len(items) > 1 else "n")
         prompts = await self._prompts(req, items)
         want_prompt_lp = req.echo and req.logprobs is not None
+        constraint = await validated(from_request(req))  # response_format / guided_*: 400 if bad
         params = [s.sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(p.ids),
                                     logprobs=req.logprobs,
-                                    prompt_logprobs=req.logprobs if want_prompt_lp else None)
+                                    prompt_logprobs=req.logprobs if want_prompt_lp else None,
+                                    structured_outputs=constraint)
                   for p in prompts]
         request_id = random_id("cmpl")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
