@@ -49,6 +49,7 @@ ENDPOINTS = {  # request model -> (path, a valid body to mutate)
     P.TokenizeChatRequest: ("/tokenize", {"messages": [MESSAGE]}),
     P.DetokenizeRequest: ("/detokenize", {"tokens": [1, 2]}),
     P.EmbeddingRequest: ("/v1/embeddings", {"input": "Hi"}),  # 400 here: a generative model
+    P.ResponsesRequest: ("/v1/responses", {"input": "Hi", "max_output_tokens": 1}),
 }
 POOLING_ENDPOINTS = {  # on a cross-encoder (one label): all but /v1/embeddings serve
     P.PoolingRequest: ("/pooling", {"input": "Hi"}),

@@ -210,10 +210,26 @@ def test_out_of_range_integers_are_400_and_neighbours_unharmed(server, field, va
     ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"9223372036854775808": 1}},
      "logit_bias"),
     ("/detokenize", {"tokens": [2**63]}, "tokens"),
+    # free-form JSON (schemas, tools) travels to the engine core: its integers must fit the wire
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "guided_json": {"": -(1 << 63) - 1}},
+     "guided_json"),
+    ("/v1/chat/completions", {**VICTIM, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "n", "schema": {"type": "integer", "minimum": 1 << 64}}}}, "response_format"),
+    ("/v1/chat/completions", {**VICTIM, "structured_outputs": {"json": {"maximum": -(1 << 70)}}},
+     "structured_outputs"),
+    ("/v1/chat/completions", {**VICTIM, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "integer", "maximum": 1 << 64}}}]}, "tools"),
 ])
 def test_out_of_range_integers_elsewhere_are_400(server, path, body, param):
     err = error_of(post(server, path, body), 400)
     assert (err["param"] or "").startswith(param), err
+
+
+def test_a_schema_given_as_text_with_huge_integers_is_not_a_500(server):
+    schema = '{"type": "integer", "minimum": 18446744073709551616}'
+    r = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, "guided_json": schema})
+    assert r.status_code in (200, 400), r.text
+    assert text_of(chat(server)[0])  # and the server still answers
 
 
 # ------------------------------------------------------------------------- raw HTTP helpers

@@ -40,13 +40,22 @@ def _check_text(value: str) -> str:
     return value
 
 
+JSON_INT_MIN, JSON_INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgspec carries to the engine core
+
+
 def _check_json_text(value: Any) -> Any:
-    """Every string (keys included) in a free-form JSON value, checked like Text."""
+    """Every string (keys included) in a free-form JSON value, checked like Text, and every
+    integer inside what the engine core's wire format holds (a JSON schema with a minimum of
+    -2**63 - 1 once failed its request with a 500 when it was sent to the engine core)."""
     stack = [value]
     while stack:  # iterative: nesting is only bounded by the JSON parser
         v = stack.pop()
         if isinstance(v, str):
             _check_text(v)
+        elif isinstance(v, int) and not isinstance(v, bool) and not JSON_INT_MIN <= v <= JSON_INT_MAX:
+            raise PydanticCustomError("invalid_number", "an integer of {digits} digits is outside "
+                                      "the range this server carries ([-2**63, 2**64 - 1])",
+                                      {"digits": len(str(abs(v)))})
         elif isinstance(v, dict):
             stack.extend(v.keys())
             stack.extend(v.values())
