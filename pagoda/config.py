@@ -402,6 +402,7 @@ class ModelConfig:
     # embed: sizes the model was trained to be truncated to (Matryoshka); [] = any size, None = none
     matryoshka_dimensions: Optional[list[int]] = None
     uses_token_type_ids: bool = False  # BERT-style segment ids (text pairs of cross-encoders)
+    is_encoder_decoder: bool = False   # Whisper: each request brings audio for its encoder
     # resolved by the engine core once it owns the device
     dtype: str = ""
     device: str = ""

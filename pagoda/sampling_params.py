@@ -102,6 +102,8 @@ class SamplingParams:
     guided_decoding: Optional[StructuredOutputsParams] = field(default=None, repr=False)  # vLLM's old name
     # filled in by the engine (generation_config.json / tokenizer)
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # Whisper (generation_config.json's begin_suppress_tokens): never the first output token
+    begin_suppress_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -137,14 +137,20 @@ class Scheduler:
             if so is not None and not so.is_ready(req.request_id):
                 compiling.append(self.waiting.popleft())
                 continue
-            # prompt logprobs need logits for every prompt position: no prefix reuse for them
-            cached = [] if (req.needs_prompt_logprobs or not kv.num_blocks) else kv.find_cached_prefix(req)
+            # prompt logprobs need logits for every prompt position: no prefix reuse for them;
+            # nor for a decoder reading audio (its KV depends on the audio, not only the tokens)
+            cached = ([] if (req.needs_prompt_logprobs or not kv.num_blocks or req.has_encoder_input)
+                      else kv.find_cached_prefix(req))
             n = req.num_tokens - req.num_computed_tokens - len(cached) * bsz
+            # the encoder runs in the step that first sends the request: its positions are paid here
+            enc = req.num_encoder_tokens if req.encoder_features is not None else 0
+            if enc and enc + n > budget and num:
+                break  # wait for a step with room for the encoder (alone, if it is that long)
             if req.is_pooling and not kv.num_blocks:  # an encoder (no KV cache to resume from)
                 if n > budget and num:
                     break  # read whole: wait for a step with room (alone, if it is that long)
             else:
-                n = min(n, budget)
+                n = min(n, max(budget - enc, 1))
             if kv.num_blocks and not kv.allocate(req, n, cached):
                 break
             self.waiting.popleft()
@@ -155,7 +161,7 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num[req] = n
-            budget -= n
+            budget -= n + enc
         self.waiting.extendleft(reversed(compiling))
         return self._output(num)
 
@@ -171,7 +177,9 @@ class Scheduler:
             if sent is None:
                 out.scheduled_new_reqs.append(NewRequestData(
                     rid, req.prompt_token_ids, req.sampling_params, req.pooling_params,
-                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids))
+                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids,
+                    req.encoder_features))
+                req.encoder_features = None  # the worker keeps what the encoder makes of them
             else:
                 resumed = rid in self._preempted_since_sent
                 self._preempted_since_sent.discard(rid)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
@@ -23,6 +25,9 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int       # prefix-cache hits: already in the KV cache
     token_type_ids: Optional[list[int]] = None
+    # encoder-decoder models: the audio's log-mel features [mel bins, frames], sent once (the
+    # worker keeps what the encoder makes of them for the request's life)
+    encoder_features: Optional[np.ndarray] = None
 
 
 @dataclass

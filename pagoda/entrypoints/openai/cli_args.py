@@ -66,6 +66,9 @@ SERVER_FLAGS: list[Flag] = [
          "request (each generated token is checked against them); more gets 400.", group="Server"),
     Flag("max-stop-string-length", int, 1024, "Longest stop string, in characters; longer gets "
          "400.", group="Server"),
+    Flag("max-audio-file-size", parse_bytes, 25 << 20, "Largest audio file accepted by "
+         "/v1/audio/transcriptions and /v1/audio/translations (OpenAI's limit: 25 MB); larger "
+         "gets 413.", group="Server"),
     Flag("shutdown-timeout", float, 30.0, "Seconds in-flight requests may take to finish after "
          "SIGTERM/SIGINT before they are aborted.", group="Server"),
     Flag("api-server-count", int, 1, "API server processes in front of one engine core, all on "
@@ -218,6 +221,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
+    if args.max_audio_file_size is None or args.max_audio_file_size < 1:
+        raise ValueError(f"--max-audio-file-size: must be > 0, got {args.max_audio_file_size}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: must be >= 0, got {args.shutdown_timeout}")
     if args.log_stats_interval <= 0:

@@ -5,7 +5,8 @@ Outermost first, as ``server.build_app`` stacks them:
                   exception below it (well-formed JSON, the connection stays usable)
   (CORS)          Starlette's, when --allowed-origins is set
   APIKey          401 without the key, on every route but /health, /ping and the chat page's files
-  BodySizeLimit   413 past --max-request-body-size, 408 past --request-body-timeout
+  BodySizeLimit   413 past --max-request-body-size (audio uploads: past --max-audio-file-size),
+                  408 past --request-body-timeout
   Admission       429 past --max-concurrent-requests (counted in sequences), 503 while draining
 """
 from __future__ import annotations
@@ -32,7 +33,11 @@ logger = logging.getLogger("pagoda.server")
 # model work: admission control (--max-concurrent-requests, draining) and the /load count
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
                               "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
-                              "/invocations", "/v1/responses"})
+                              "/invocations", "/v1/responses", "/v1/audio/transcriptions",
+                              "/v1/audio/translations"})
+AUDIO_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
+# an audio upload's body is its file plus the form's other fields and multipart framing
+AUDIO_FORM_OVERHEAD = 1 << 20
 # Requests that take an admission slot: the ones that make the engine or the tokenizer work.
 ADMITTED_PATHS = GENERATION_PATHS | {"/tokenize", "/detokenize"}
 OPEN_PATHS = frozenset({"/health", "/ping"})
@@ -182,28 +187,35 @@ class BodySizeLimitMiddleware:
     is closed instead of being held forever.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: Optional[float] = None,
-                 drain_limit: int = 64 << 20):
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_limit: int = 64 << 20,
+                 max_audio_bytes: int = 25 << 20, timeout_s: Optional[float] = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.max_audio_bytes = max_audio_bytes
         self.timeout_s = timeout_s
-        self.drain_limit = max(drain_limit, max_bytes)
+        self.drain_limit = max(drain_limit, max_bytes, max_audio_bytes + AUDIO_FORM_OVERHEAD)
 
     def _timed_out(self) -> ASGIApp:
         return error_response(f"The request body did not arrive within {self.timeout_s:g} s "
                               "(--request-body-timeout).", 408, code="request_timeout",
                               headers={"Connection": "close"})
 
-    def _too_large(self) -> ASGIApp:
+    def _too_large(self, audio: bool) -> ASGIApp:
+        if audio:
+            return error_response(f"The audio file is too large: the limit is {self.max_audio_bytes} "
+                                  "bytes (--max-audio-file-size).", 413, param="file",
+                                  code="request_too_large")
         return error_response(f"Request body too large: the limit is {self.max_bytes} bytes "
                               "(--max-request-body-size).", 413, code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        audio = route_path(scope) in AUDIO_PATHS
+        limit = self.max_audio_bytes + AUDIO_FORM_OVERHEAD if audio else self.max_bytes
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.drain_limit:
-            return await self._too_large()(scope, receive, send)
+            return await self._too_large(audio)(scope, receive, send)
         chunks, size = [], 0
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -213,7 +225,7 @@ class BodySizeLimitMiddleware:
                         return
                     body = message.get("body", b"")
                     size += len(body)
-                    if size <= self.max_bytes:
+                    if size <= limit:
                         chunks.append(body)
                     elif size > self.drain_limit:
                         break
@@ -221,8 +233,8 @@ class BodySizeLimitMiddleware:
                         break
         except TimeoutError:
             return await self._timed_out()(scope, receive, send)
-        if size > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
+        if size > limit:
+            return await self._too_large(audio)(scope, receive, send)
         body, replayed = b"".join(chunks), False
 
         async def replay() -> Message:

@@ -43,6 +43,7 @@ from .serving_pooling import ServingPooling
 from .serving_responses import ServingResponses
 from .serving_score import ServingScore
 from .serving_tokenize import ServingTokenize
+from .serving_transcription import OPENAPI_FORM, ServingTranscription
 from .streams import ClientDisconnected
 
 logger = logging.getLogger("pagoda.server")
@@ -124,12 +125,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState,
-                responses: ServingResponses) -> None:
+                responses: ServingResponses, max_audio_bytes: int = 25 << 20) -> None:
     chat, completion = responses.chat, ServingCompletion(serving)
     models, tokenize = ServingModels(serving), ServingTokenize(serving)
     embedding = ServingEmbedding(serving)
     pooling, classification = ServingPooling(serving), ServingClassification(serving)
     scoring = ServingScore(serving)
+    transcription = ServingTranscription(serving, max_audio_bytes)
     engine = serving.engine
 
     def require_generative(model: str | None) -> None:
@@ -138,6 +140,10 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
             raise OpenAIError(f"The model `{serving.model_name}` is a pooling model: it serves "
                               f"{', '.join(serving.pooling_routes())} only.", param="model",
                               code="unsupported")
+        if engine.model_config.is_encoder_decoder:
+            raise OpenAIError(f"The model `{serving.model_name}` is a speech model: it serves "
+                              "/v1/audio/transcriptions and /v1/audio/translations only.",
+                              param="model", code="unsupported")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["OpenAI"],
               responses={200: {"content": _STREAM}, **_ERRORS})
@@ -195,6 +201,21 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
                           tags=["Pooling"], responses=_ERRORS,
                           operation_id=f"rerank_{path.strip('/').replace('/', '_')}",
                           summary="Rerank documents by relevance to a query")
+
+    audio_doc = dict(methods=["POST"], tags=["OpenAI"], response_class=Response, openapi_extra=OPENAPI_FORM,
+                     responses={200: {"description": "json / verbose_json: a JSON object; text, srt, "
+                                      "vtt: text; stream: server-sent events"}, **_ERRORS})
+
+    async def create_transcription(raw: Request):
+        return await transcription.create(raw, translate=False)
+
+    async def create_translation(raw: Request):
+        return await transcription.create(raw, translate=True)
+
+    app.add_api_route("/v1/audio/transcriptions", create_transcription, summary="Transcribe audio",
+                      **audio_doc)
+    app.add_api_route("/v1/audio/translations", create_translation,
+                      summary="Translate audio into English text", **audio_doc)
 
     # SageMaker: one route for every kind of request, told apart by the body's shape (vLLM's rule)
     invocation_routes = [
@@ -331,7 +352,8 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     app.state.serving = serving
     app.state.metrics = metrics
     _install_error_handlers(app)
-    _add_routes(app, serving, metrics, state, responses)
+    max_audio = getattr(args, "max_audio_file_size", 25 << 20)
+    _add_routes(app, serving, metrics, state, responses, max_audio)
     frontend = not args.disable_frontend
     if frontend:
         add_frontend_routes(app)
@@ -339,7 +361,7 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     # add_middleware wraps: the last one added runs first
     app.add_middleware(AdmissionMiddleware, state=state, limit=args.max_concurrent_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size,
-                       timeout_s=args.request_body_timeout)
+                       max_audio_bytes=max_audio, timeout_s=args.request_body_timeout)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key,
                            open_paths=OPEN_PATHS | FRONTEND_PATHS if frontend else OPEN_PATHS)
