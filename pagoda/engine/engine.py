@@ -134,12 +134,8 @@ class LLMEngine:
             torch.set_default_dtype(prev)
         self._load_weights(model, src, hf_config)
         self.quantization = self._pick_quantization(src)
-        if self.quantization == "int8":
-            from pagoda.layers.embedding import LMHead
-            from pagoda.layers.linear import Linear
-            for m in model.modules():
-                if isinstance(m, (Linear, LMHead)):
-                    m.quantize_int8()
+        from pagoda.layers.quantization import quantize_model
+        quantize_model(model, self.quantization)
         model.eval()
         self.model = model
 

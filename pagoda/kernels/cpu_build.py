@@ -1,10 +1,15 @@
 """Compile and load pagoda's small C kernels for the CPU (cpu_*.c beside this file).
 
 Each is built with the system C compiler on first use (about a second) into PAGODA_CACHE_DIR,
-keyed by the source's hash, and called through ctypes, which releases the GIL during the call.
-torch's libgomp is already loaded when this runs, so the kernels' OpenMP shares torch's thread
-pool. Where there is no x86 AVX2 or no compiler, `load` returns None and callers fall back to
-their torch reference.
+keyed by the source's hash and the instruction set, and called through ctypes, which releases the
+GIL during the call. torch's libgomp is already loaded when this runs, so the kernels' OpenMP
+shares torch's thread pool. Where there is no x86 AVX2 or no compiler, `load` returns None and
+callers fall back to their torch reference.
+
+Instruction sets: every kernel is built for the best one the CPU has (`best_isa`: AVX-512 where
+torch's cpuinfo reports it, else AVX2 + FMA), one .so per set, so a kernel written for AVX-512
+(cpu_gguf.c) gets its wide registers and the others at least their auto-vectorised loops.
+PAGODA_CPU_ISA=avx2 forces the narrower build; tests load each variant the machine runs.
 """
 from __future__ import annotations
 
@@ -22,7 +27,33 @@ import torch
 
 logger = logging.getLogger("pagoda")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_loaded: dict[str, Optional[ctypes.CDLL]] = {}
+_loaded: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
+
+# instruction set -> compiler flags (F16C converts GGUF's half-precision scales)
+ISA_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
+}
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets of ISA_FLAGS this CPU runs, narrowest first (empty off x86 / below AVX2)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    cap = torch.backends.cpu.get_cpu_capability()  # cpuinfo: "AVX512" needs F, BW, VL and DQ
+    return {"AVX2": ["avx2"], "AVX512": ["avx2", "avx512"]}.get(cap, [])
+
+
+def best_isa() -> Optional[str]:
+    isas = supported_isas()
+    forced = os.environ.get("PAGODA_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in isas:
+            logger.warning("PAGODA_CPU_ISA=%s: this CPU runs %s; using %s", forced,
+                           ", ".join(isas) or "neither", isas[-1] if isas else "the torch path")
+        else:
+            return forced
+    return isas[-1] if isas else None
 
 
 def _cache_dir() -> str:
@@ -30,11 +61,11 @@ def _cache_dir() -> str:
     return os.path.join(root, "kernels")
 
 
-def _build(name: str) -> Optional[ctypes.CDLL]:
+def _build(name: str, isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
     if os.environ.get("PAGODA_CPU_KERNELS", "1") == "0":
         return None
-    if platform.machine() not in ("x86_64", "AMD64") or \
-            torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+    isa = isa or best_isa()
+    if isa is None or isa not in supported_isas():
         logger.info("%s: needs x86 AVX2; using the torch path", name)
         return None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -44,16 +75,17 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
     src_path = os.path.join(_HERE, f"{name}.c")
     h = hashlib.sha256(cc.encode())
     for f in sorted(os.listdir(_HERE)):  # a kernel may #include another one
-        if f.startswith("cpu_") and f.endswith(".c"):
+        if f.startswith("cpu_") and f.endswith((".c", ".h")):
             with open(os.path.join(_HERE, f), "rb") as fh:
                 h.update(f.encode() + fh.read())
+    h.update(" ".join(ISA_FLAGS[isa]).encode())
     key = h.hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"{name}-{key}.so")
+    path = os.path.join(_cache_dir(), f"{name}-{isa}-{key}.so")
     if not os.path.exists(path):
         os.makedirs(_cache_dir(), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
         os.close(fd)
-        cmd = [cc, "-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-o", tmp, src_path]
+        cmd = [cc, "-O3", *ISA_FLAGS[isa], "-fopenmp", "-shared", "-fPIC", "-o", tmp, src_path]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             os.unlink(tmp)
@@ -64,13 +96,16 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
     return ctypes.CDLL(path)
 
 
-def load(name: str, signatures: dict[str, list]) -> Optional[ctypes.CDLL]:
-    """The compiled library `name` (cpu_<x>.c) with argtypes set, or None; built once per process."""
-    if name not in _loaded:
-        lib = _build(name)
+def load(name: str, signatures: dict[str, list], isa: Optional[str] = None,
+         restypes: Optional[dict[str, object]] = None) -> Optional[ctypes.CDLL]:
+    """The compiled library `name` (cpu_<x>.c) for `isa` (default: best_isa()) with argtypes set,
+    or None; built once per process and instruction set."""
+    isa = isa or best_isa()
+    if (name, isa) not in _loaded:
+        lib = _build(name, isa)
         if lib is not None:
             for fn, argtypes in signatures.items():
                 getattr(lib, fn).argtypes = argtypes
-                getattr(lib, fn).restype = None
-        _loaded[name] = lib
-    return _loaded[name]
+                getattr(lib, fn).restype = (restypes or {}).get(fn)
+        _loaded[(name, isa)] = lib
+    return _loaded[(name, isa)]

@@ -11,16 +11,10 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "cpu_simd.h"
+
 #define GROUP 32
 #define NB 8  /* weight rows per block: they stay in L1 while token tiles stream past */
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 /* One weight row against MT tokens. MT is a literal at every call site, so the accumulators stay
  * in registers (a runtime count spills them to the stack). Each token gets A independent

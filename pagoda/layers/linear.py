@@ -1,13 +1,16 @@
 """Linear layers. Merged projections (q|k|v, gate|up) load their shards from the checkpoint's
 separate tensors.
 
-With --quantization int8 weights are stored as int8 (4x fewer bytes than fp32 per decode step,
-which is what a decode step on the CPU is bound by):
-- on the CPU, 8 bits in groups of 32 along K with a scale and minimum each (exact for a GGUF's
-  Q4_0/Q4_1/Q8_0 blocks) and float32 activations, through our AVX2 kernel
-  (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8 is about as fast but scales activations per
-  tensor, and greedy outputs then diverged from float32 at the first token on most C1 prompts;
-- on CUDA, per output channel and weight-only (torch's int8 weight-only kernel).
+Weight formats (`quantize(method)`, after loading), each cutting the bytes a decode step reads,
+which is what a decode step on the CPU is bound by:
+- a GGUF's own blocks (Q4_0 ... Q6_K), kept packed on the CPU when the checkpoint tensors carry
+  them (`tensor.gguf`, set by the GGUF loader) and multiplied with directly
+  (layers/quantization/gguf.py); `int4` puts float weights in that format (Q4_1);
+- int8 otherwise: on the CPU 8 bits in groups of 32 along K with a scale and minimum each and
+  float32 activations, through our AVX2 kernel (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8
+  is about as fast but scales activations per tensor, and greedy outputs then diverged from
+  float32 at the first token on most C1 prompts; on CUDA, per output channel and weight-only
+  (torch's int8 weight-only kernel).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from pagoda.kernels import cpu_int8
+from pagoda.layers.quantization import gguf as gguf_format
 
 
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +72,8 @@ class Linear(nn.Module):
         # output rows of each shard of a merged projection, in order
         self.shard_sizes = shard_sizes or [out_features]
         self.int8: Int8Matmul | None = None
+        self.gguf: gguf_format.GGUFLinearMethod | None = None  # packed GGUF blocks (CPU)
+        self._gguf = gguf_format.GGUFLinearMethod(self.shard_sizes, in_features)
 
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor):
         start = sum(self.shard_sizes[:shard])
@@ -79,14 +85,29 @@ class Linear(nn.Module):
             raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs shard {shard} of "
                              f"{tuple(target.shape)}")
         target.data[start:start + size].copy_(tensor)
+        if param == "weight" and getattr(tensor, "gguf", None) is not None:
+            self._gguf.load(shard, tensor.gguf)
 
-    def quantize_int8(self):
-        if not int8_supported(self.weight):
+    def quantize(self, method: str):
+        """Put the loaded weight in the format of --quantization `method` (int8 | int4): the
+        checkpoint's GGUF blocks when it has them, else int4 -> Q4_1 blocks, int8 -> int8."""
+        bias = self.bias.data if self.bias is not None else None
+        packed = gguf_format.pack(method, self.weight, self._gguf, gguf_format.Q4_1)
+        self._gguf = None
+        if packed is not None:
+            self.gguf = packed.process(bias)
+        elif int8_supported(self.weight):
+            self.int8 = Int8Matmul(self.weight.data, bias)
+        else:
             return  # stays float (logged once by the kernel loader)
-        self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None)
         self.weight = None
 
+    def quantize_int8(self):
+        self.quantize("int8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gguf is not None:
+            return self.gguf(x)
         if self.int8 is not None:
             return self.int8(x)
         return F.linear(x, self.weight, self.bias)

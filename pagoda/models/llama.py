@@ -152,6 +152,8 @@ class LlamaForCausalLM(nn.Module):
                     raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs "
                                      f"model {tuple(p.shape)}")
                 p.data.copy_(tensor)
+                if getattr(tensor, "gguf", None) is not None:  # packed blocks, for layers that keep them
+                    p.gguf = tensor.gguf
                 loaded.add(name)
         return loaded
 

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("pagoda.loader")
@@ -203,8 +204,12 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def iter_gguf(path: str, config) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named float tensors. A quantized matrix also carries its raw blocks as `tensor.gguf`
+    (layers/quantization/gguf.py's GGUFBlocks, rows permuted as the floats are) for layers that
+    keep them packed; other consumers just see the floats."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
+    from pagoda.layers.quantization.gguf import GGUFBlocks
     reader = GGUFReader(path)
     arch = str(reader.fields["general.architecture"].contents())
     permuted = arch == "llama"  # llama.cpp permutes q/k only for its llama architecture
@@ -218,8 +223,16 @@ def iter_gguf(path: str, config) -> Iterator[tuple[str, torch.Tensor]]:
                              f"gguf package cannot dequantize") from e
         w = torch.from_numpy(arr.astype("float32", copy=False).copy())
         name = gguf_to_hf_name(t.name)
+        blocks = None
+        if w.dim() == 2 and t.tensor_type.name not in ("F32", "F16", "BF16"):
+            blocks = GGUFBlocks(t.data, int(t.tensor_type), tuple(w.shape))
         if permuted and (".q_proj." in name or ".k_proj." in name):
-            w = unpermute_qk(w, n_head if ".q_proj." in name else n_kv)
+            heads = n_head if ".q_proj." in name else n_kv
+            w = unpermute_qk(w, heads)
+            if blocks is not None:  # blocks run along K: a row permutation moves whole rows
+                blocks.data = unpermute_qk(torch.from_numpy(np.array(blocks.data)), heads)
+        if blocks is not None:
+            w.gguf = blocks
         yield name, w
 
 
