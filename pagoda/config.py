@@ -101,10 +101,11 @@ ENGINE_FLAGS: list[Flag] = [
     Flag("download-dir", str, None, "Where hub downloads are cached (default: HF_HOME's hub cache)."),
     Flag("dtype", str, "auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
          choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")),
-    Flag("quantization", str, None, "Weight quantization. int8: int8 weights (CPU: groups of 32 "
-         "with int8 activations, our AVX2 kernel; CUDA: weight-only per channel). none: weights in "
-         "--dtype. Default: int8 for a quantized GGUF on the CPU, else none.",
-         aliases=("-q",), choices=("int8", "none")),
+    Flag("quantization", str, None, "Weight quantization. int8: 8-bit weights (CPU: a GGUF's own "
+         "4/5/6/8-bit blocks where the file has them, else groups of 32 with a scale and min; CUDA: "
+         "weight-only per channel). int4 (CPU only): float weights packed as 4-bit Q4_1 blocks. "
+         "Activations stay float. none: weights in --dtype. Default: int8 for a quantized GGUF on "
+         "the CPU, else none.", aliases=("-q",), choices=("int8", "int4", "none")),
     Flag("max-model-len", int, None, "Longest prompt + output per request (default: the model's "
          "max_position_embeddings).", aliases=("session-len",)),
     Flag("load-format", str, "auto", "auto = read the checkpoint; dummy = random weights of the "
@@ -113,6 +114,9 @@ ENGINE_FLAGS: list[Flag] = [
          "carry no text.", boolean=True),
     Flag("seed", int, 0, "Seed for requests that give none."),
     Flag("device", str, "auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES)."),
+    Flag("threads", int, None, "CPU threads for the model (torch and pagoda's C kernels). Default: "
+         "OMP_NUM_THREADS if set, else one per physical core this process may use.",
+         aliases=("-t",)),
     Flag("max-logprobs", int, 20, "Largest logprobs / top_logprobs a request may ask for."),
     Flag("served-model-name", str, None, "Name(s) the API answers to (default: the model argument). "
          "The first is reported in responses.", nargs="+"),
@@ -162,6 +166,7 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None
     max_logprobs: int = 20
     served_model_name: Optional[list[str]] = None
     block_size: int = 16
@@ -210,8 +215,12 @@ class EngineArgs:
         if self.tensor_parallel_size != 1:
             bad("tensor-parallel-size", f"{self.tensor_parallel_size} is not supported yet; pagoda "
                 "runs on one device (use 1)")
-        if self.quantization not in (None, "int8", "none"):
-            bad("quantization", f"unknown method {self.quantization!r}; supported: int8, none")
+        if self.quantization not in (None, "int8", "int4", "none"):
+            bad("quantization", f"unknown method {self.quantization!r}; supported: int8, int4, none")
+        if self.quantization == "int4" and self.device.startswith("cuda"):
+            bad("quantization", "int4 runs on the CPU only so far; use int8 or none on CUDA")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be >= 1, got {self.threads}")
         if self.load_format not in ("auto", "dummy"):
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):

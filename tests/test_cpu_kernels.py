@@ -106,7 +106,7 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     tokens and logprobs as the per-op module path on the same weights (Qwen3's q/k norm and
     Qwen2's qkv bias included), for a batch whose requests have different lengths."""
     from pagoda import LLM, SamplingParams
-    from conftest import random_prompts
+    from conftest import assert_same_outputs, random_prompts
     llm = LLM(request.getfixturevalue(f"tiny_{kind}_dir"), quantization="int8", max_model_len=512,
               num_gpu_blocks_override=256)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 3, 40, 49152, seed=4)]
@@ -115,8 +115,4 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     assert llm.engine.runner.cpu_decoder is not None
     llm.engine.runner.cpu_decoder = None
     per_op = llm.generate(prompts, sp, use_tqdm=False)
-    for a, b in zip(fused, per_op):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            for tok, lp in la.items():
-                assert abs(lp.logprob - lb[tok].logprob) < 1e-4
+    assert_same_outputs(fused, per_op)

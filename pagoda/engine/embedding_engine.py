@@ -42,10 +42,13 @@ class EmbeddingEngine:
 
         t0 = time.time()
         self.args = args
-        if args.quantization == "int8":
-            raise ValueError("--quantization: int8 is not supported for embedding models")
+        if args.quantization in ("int8", "int4"):
+            raise ValueError(f"--quantization: {args.quantization} is not supported for embedding models")
         self.device = _pick_device(args.device)
         self.dtype = _pick_dtype(args.dtype, self.device)
+        if self.device.type == "cpu":
+            from pagoda.platforms.cpu import set_threads
+            set_threads(args.threads)
         src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
         if src.gguf_file:
             raise ValueError("--model: GGUF embedding models are not supported; pass an HF directory")

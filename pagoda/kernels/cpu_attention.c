@@ -10,6 +10,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_threads.h"
+
 void pagoda_paged_decode(const float *q, int64_t q_stride, const int64_t *tok, const int64_t *req,
                          int64_t nd,
                          const float *kv, int64_t nb, int64_t bs, int64_t kvh, int64_t D,
@@ -18,7 +20,7 @@ void pagoda_paged_decode(const float *q, int64_t q_stride, const int64_t *tok, c
     const int64_t G = H / kvh;
     const int64_t row = kvh * D;                 /* floats per cache slot */
     const float *vbase = kv + nb * bs * row;
-    #pragma omp parallel for schedule(dynamic, 1)
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(NTHREADS)
     for (int64_t task = 0; task < nd * kvh; task++) {
         const int64_t i = task / kvh, h = task % kvh;
         const int64_t n = seq_lens[req[i]];

@@ -28,6 +28,7 @@ import torch
 logger = logging.getLogger("pagoda")
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _loaded: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
+_threads = 0  # set_threads' count; 0: OpenMP's default
 
 # instruction set -> compiler flags (F16C converts GGUF's half-precision scales)
 ISA_FLAGS = {
@@ -107,5 +108,19 @@ def load(name: str, signatures: dict[str, list], isa: Optional[str] = None,
             for fn, argtypes in signatures.items():
                 getattr(lib, fn).argtypes = argtypes
                 getattr(lib, fn).restype = (restypes or {}).get(fn)
+        if lib is not None:
+            lib.pagoda_set_threads.argtypes = [ctypes.c_int]
+            lib.pagoda_set_threads(_threads)
         _loaded[(name, isa)] = lib
     return _loaded[(name, isa)]
+
+
+def set_threads(n: int) -> None:
+    """Threads for torch's CPU ops and every OpenMP region of these kernels (each library keeps
+    its own count: OpenMP's is per calling thread, and the engine steps on its own thread)."""
+    global _threads
+    _threads = n
+    torch.set_num_threads(n)
+    for lib in _loaded.values():
+        if lib is not None:
+            lib.pagoda_set_threads(n)

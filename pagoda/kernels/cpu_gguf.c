@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "cpu_simd.h"
+#include "cpu_threads.h"
 
 /* ggml type ids (gguf.GGMLQuantizationType) */
 enum { GT_F32 = 0, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 = 8,
@@ -243,7 +244,7 @@ static void widen(int64_t type, const uint8_t *w, int64_t rb, int64_t n, int64_t
 /* The dequantized rows (the kernel's own widening), for tests and float fallbacks. */
 void pagoda_gguf_dequant(const uint8_t *w, int64_t type, int64_t n, int64_t K, float *out) {
     const int64_t rb = K / pagoda_gguf_block_weights(type) * pagoda_gguf_block_bytes(type);
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(NTHREADS)
     for (int64_t r = 0; r < n; r++) widen(type, w + r * rb, rb, 1, K, out + r * K);
 }
 
@@ -302,7 +303,7 @@ void pagoda_gguf_gemm(const float *x, int64_t M, int64_t K, const GgufPart *part
     if (nparts > 8) return;
     for (int64_t p = 0; p < nparts; p++) start[p + 1] = start[p] + (parts[p].n + NR - 1) / NR;
     const int64_t tiles = start[nparts];
-    #pragma omp parallel
+    #pragma omp parallel num_threads(NTHREADS)
     {
         float out[NR * MR];
         float *scr = M > MR ? aligned_alloc(64, ((NR * K * sizeof(float)) + 63) / 64 * 64) : NULL;

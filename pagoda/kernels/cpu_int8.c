@@ -12,6 +12,7 @@
 #include <stdint.h>
 
 #include "cpu_simd.h"
+#include "cpu_threads.h"
 
 #define GROUP 32
 #define NB 8  /* weight rows per block: they stay in L1 while token tiles stream past */
@@ -51,7 +52,7 @@ static inline __attribute__((always_inline)) void row_tile(
 void pagoda_w8_gemm(const float *x, int64_t M, const uint8_t *qw, const float *sw,
                     const float *mw, int64_t N, int64_t K, const float *bias, float *y) {
     const int64_t G = K / GROUP;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(NTHREADS)
     for (int64_t nb = 0; nb < (N + NB - 1) / NB; nb++) {
         const int64_t n0 = nb * NB, n1 = n0 + NB < N ? n0 + NB : N;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {
