@@ -76,13 +76,18 @@ def test_silu_and_mul_matches_reference():
     torch.testing.assert_close(cpu_fused.silu_and_mul_cpu(x), silu_and_mul_torch(x))
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (16, 2)])
-def test_paged_decode_attention_matches_reference(heads, kv_heads):
+@pytest.mark.parametrize("isa", cpu_build.supported_isas())
+@pytest.mark.parametrize("heads,kv_heads,D", [(4, 4, 64), (9, 3, 64), (16, 2, 128), (6, 2, 80)])
+def test_paged_decode_attention_matches_reference(heads, kv_heads, D, isa, monkeypatch):
+    """Each instruction set's build; head sizes that are and are not a multiple of the register
+    width; contexts shorter than, equal to and longer than one block of positions."""
+    monkeypatch.setenv("PAGODA_CPU_ISA", isa)
     g = torch.Generator().manual_seed(heads)
-    nb, bs, D = 48, 16, 64
+    nb, bs = 64, 16
     kv = torch.randn(2, nb, bs, kv_heads, D, generator=g)
-    # decodes at block boundaries (1, 16, 17, 32) mixed with a prefill chunk and a prefix hit
-    qlens, lens = [1, 5, 1, 1, 1, 3], [37, 20, 16, 1, 17, 32]
+    # decodes at block boundaries (1, 16, 17, 32) and a long one (5+ position blocks) mixed with
+    # a prefill chunk and a prefix hit
+    qlens, lens = [1, 5, 1, 1, 1, 3, 1], [37, 20, 16, 1, 17, 32, 121]
     qsl = [0]
     for n in qlens:
         qsl.append(qsl[-1] + n)

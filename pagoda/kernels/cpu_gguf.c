@@ -28,56 +28,14 @@ enum { GT_F32 = 0, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 =
 
 #define MR 8     /* most tokens per register tile */
 #define MC 64    /* tokens per chunk of a long batch */
-#define PF 4096   /* bytes ahead each weight row is prefetched */
+#ifndef PF
+#define PF 4096  /* bytes ahead each weight row is prefetched */
+#endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define VL 16
-typedef __m512 vf;
-typedef __m512i vi;
-#define NR 2
-#define vzero() _mm512_setzero_ps()
-#define vset1(a) _mm512_set1_ps(a)
-#define vload(p) _mm512_loadu_ps(p)
-#define vstore(p, a) _mm512_storeu_ps(p, a)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define vmul(a, b) _mm512_mul_ps(a, b)
-#define vcvt(a) _mm512_cvtepi32_ps(a)
-#define iset1(a) _mm512_set1_epi32(a)
-#define iand(a, b) _mm512_and_si512(a, b)
-#define ior(a, b) _mm512_or_si512(a, b)
-#define isub(a, b) _mm512_sub_epi32(a, b)
-#define iadd(a, b) _mm512_add_epi32(a, b)
-#define vadd(a, b) _mm512_add_ps(a, b)
-#define isrlv(a, b) _mm512_srlv_epi32(a, b)
-#define islli(a, n) _mm512_slli_epi32(a, n)
-#define iiota() _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-#define iu8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
-#define ii8(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
-static inline float vsum(vf a) { return _mm512_reduce_add_ps(a); }
+#if VL == 16
+#define NR 2  /* weight rows per register tile */
 #else
-#define VL 8
-typedef __m256 vf;
-typedef __m256i vi;
 #define NR 1
-#define vzero() _mm256_setzero_ps()
-#define vset1(a) _mm256_set1_ps(a)
-#define vload(p) _mm256_loadu_ps(p)
-#define vstore(p, a) _mm256_storeu_ps(p, a)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define vmul(a, b) _mm256_mul_ps(a, b)
-#define vcvt(a) _mm256_cvtepi32_ps(a)
-#define iset1(a) _mm256_set1_epi32(a)
-#define iand(a, b) _mm256_and_si256(a, b)
-#define ior(a, b) _mm256_or_si256(a, b)
-#define isub(a, b) _mm256_sub_epi32(a, b)
-#define iadd(a, b) _mm256_add_epi32(a, b)
-#define vadd(a, b) _mm256_add_ps(a, b)
-#define isrlv(a, b) _mm256_srlv_epi32(a, b)
-#define islli(a, n) _mm256_slli_epi32(a, n)
-#define iiota() _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
-#define iu8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
-#define ii8(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
-static inline float vsum(vf v) { return hsum8(v); }
 #endif
 #define NV (32 / VL)  /* registers per 32 weights */
 
