@@ -9,10 +9,13 @@
  * llama.cpp's 8-bit activation blocks changed greedy outputs of the bundled model at the 5th token
  * (measured; see pagoda/layers/quantization/gguf.py), and pagoda promises float32 fidelity.
  *
- * Decode (M <= 8): one pass over the weights, tiles of NR rows x M tokens in registers.
- * Batches and prefill chunks (M > 8): each thread widens NR rows into an L1 scratch once and
- * runs token tiles of 8 over it, over chunks of MC tokens (so x stays in L2), reading each
- * weight once per chunk. Work is split over row tiles, across all parts of a merged projection.
+ * Decode (M <= 8): one pass over the weights, tiles of NR rows x M tokens in registers; the
+ * 4-bit types look their 16 levels up in a register (AVX-512 vpermps) instead of converting.
+ * Batches and prefill chunks (M > 8): each thread widens NRS rows into an L1 scratch once and
+ * runs tiles of NRS rows x MRS tokens over it (x read once per NRS rows, from L2), over chunks
+ * of MC tokens, so each weight is read and widened once per chunk; measured on one Zen 5 core
+ * this runs at ~170 GFLOP/s against ~80 for tiles shaped like the decode ones. Work is split
+ * over row tiles, across all parts of a merged projection.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -27,16 +30,27 @@ enum { GT_F32 = 0, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 =
        GT_Q4_K = 12, GT_Q5_K = 13, GT_Q6_K = 14 };
 
 #define MR 8     /* most tokens per register tile */
+#ifndef MC
 #define MC 64    /* tokens per chunk of a long batch */
+#endif
 #ifndef PF
 #define PF 4096  /* bytes ahead each weight row is prefetched */
 #endif
 
 #if VL == 16
 #define NR 2  /* weight rows per register tile */
+#ifndef NRS
+#define NRS 4 /* ... and per tile of widened rows, which takes MRS tokens */
+#define MRS 6
+#endif
 #else
 #define NR 1
+#ifndef NRS
+#define NRS 3
+#define MRS 4
 #endif
+#endif
+#define TR (NRS > NR ? NRS : NR)
 #define NV (32 / VL)  /* registers per 32 weights */
 
 static inline float f16(const uint8_t *p) {
@@ -44,6 +58,17 @@ static inline float f16(const uint8_t *p) {
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
 }
+
+/* Two adjacent half floats (a block's d and m) as lanes 0 and 1. */
+static inline __m128 f16x2(const uint8_t *p) {
+    uint32_t u;
+    memcpy(&u, p, 4);
+    return _mm_cvtph_ps(_mm_cvtsi32_si128((int)u));
+}
+
+#if VL == 16
+#define FIOTA _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#endif
 
 /* Q4_K / Q5_K: the 6-bit scale and min of sub-block j (of 8) from the 12 packed bytes. */
 static inline void scale_min_k4(int j, const uint8_t *q, int *sc, int *m) {
@@ -84,26 +109,49 @@ static inline __attribute__((always_inline)) void decode(const int type, const u
         for (int v = 0; v < NV; v++) w[v] = vload(r + v * VL);
     } else if (type == GT_Q4_0 || type == GT_Q4_1 || type == GT_Q5_0 || type == GT_Q5_1) {
         /* 32 weights: low nibbles of the 16 bytes, then their high nibbles */
+        const int q5 = type == GT_Q5_0 || type == GT_Q5_1;
         const int bb = type == GT_Q4_0 ? 18 : type == GT_Q4_1 ? 20 : type == GT_Q5_0 ? 22 : 24;
         const uint8_t *b = row + c * bb;
         const int qs = type == GT_Q4_0 ? 2 : type == GT_Q4_1 ? 4 : type == GT_Q5_0 ? 6 : 8;
-        const float d = f16(b);
-        vf vd = vset1(d), vm;
-        if (type == GT_Q4_0) vm = vset1(-8.f * d);
-        else if (type == GT_Q5_0) vm = vset1(-16.f * d);
-        else vm = vset1(f16(b + 2));
+        vf vd, vm;
+        if (type == GT_Q4_1 || type == GT_Q5_1) {  /* d and m: one load, one conversion */
+            const __m128 dm = f16x2(b);
+            vd = vbcast0(dm);
+            vm = vbcast1(dm);
+        } else {
+            const float d = f16(b);
+            vd = vset1(d);
+            vm = vset1((type == GT_Q4_0 ? -8.f : -16.f) * d);
+        }
         uint32_t qh = 0;
-        if (type == GT_Q5_0 || type == GT_Q5_1) memcpy(&qh, b + (type == GT_Q5_0 ? 2 : 4), 4);
+        if (q5) memcpy(&qh, b + (type == GT_Q5_0 ? 2 : 4), 4);
+        const vi raw = iu8(b + qs);
+#if VL == 16
+        /* the block's levels d * q + m as registers, looked up by each weight's bits */
+        const vf lv = vfma(FIOTA, vd, vm);
+        const vf hv = q5 ? vfma(vadd(FIOTA, vset1(16.f)), vd, vm) : lv;
+        for (int v = 0; v < NV; v++) {
+            vi q = v ? _mm512_srli_epi32(raw, 4) : raw;  /* the lookup reads the low 4 bits */
+            if (q5) {
+                const vi h = iand(isrlv(iset1((int)qh), iadd(iiota(), iset1(16 * v))), iset1(1));
+                w[v] = _mm512_permutex2var_ps(lv, ior(iand(q, nib), islli(h, 4)), hv);
+            } else {
+                w[v] = _mm512_permutexvar_ps(q, lv);
+            }
+        }
+#else
         for (int v = 0; v < NV; v++) {
             const int j0 = v * VL;  /* first weight of this register */
-            vi q = iu8(b + qs + (j0 & 15));
-            q = iand(isrlv(q, iset1(j0 >= 16 ? 4 : 0)), nib);
-            if (type == GT_Q5_0 || type == GT_Q5_1) {
+            vi q = (j0 & 15) ? iu8(b + qs + 8) : raw;
+            if (j0 >= 16) q = _mm256_srli_epi32(q, 4);
+            q = iand(q, nib);
+            if (q5) {
                 const vi h = iand(isrlv(iset1((int)qh), iadd(iiota(), iset1(j0))), iset1(1));
                 q = ior(q, islli(h, 4));
             }
             w[v] = vfma(vcvt(q), vd, vm);
         }
+#endif
     } else if (type == GT_Q8_0) {
         const uint8_t *b = row + c * 34;
         const vf vd = vset1(f16(b));
@@ -114,9 +162,24 @@ static inline __attribute__((always_inline)) void decode(const int type, const u
         const int j = (int)(c & 7);
         int sc, m;
         scale_min_k4(j, b + 4, &sc, &m);
-        const vf vd = vset1(f16(b) * (float)sc), vm = vset1(-f16(b + 2) * (float)m);
+        const __m128 dm = f16x2(b);
+        const vf vd = vbcast0(_mm_mul_ss(dm, _mm_set_ss((float)sc)));
+        const vf vm = vbcast0(_mm_mul_ss(_mm_movehdup_ps(dm), _mm_set_ss(-(float)m)));
         const uint8_t *ql = b + (type == GT_Q4_K ? 16 : 48) + 32 * (j >> 1);
         const vi sh = iset1(4 * (j & 1));
+#if VL == 16
+        const vf lv = vfma(FIOTA, vd, vm);
+        const vf hv = type == GT_Q5_K ? vfma(vadd(FIOTA, vset1(16.f)), vd, vm) : lv;
+        for (int v = 0; v < NV; v++) {
+            const vi q = isrlv(iu8(ql + v * VL), sh);  /* the lookup reads the low 4 bits */
+            if (type == GT_Q5_K) {
+                const vi h = iand(isrlv(iu8(b + 16 + v * VL), iset1(j)), iset1(1));
+                w[v] = _mm512_permutex2var_ps(lv, ior(iand(q, nib), islli(h, 4)), hv);
+            } else {
+                w[v] = _mm512_permutexvar_ps(q, lv);
+            }
+        }
+#else
         for (int v = 0; v < NV; v++) {
             vi q = iand(isrlv(iu8(ql + v * VL), sh), nib);
             if (type == GT_Q5_K) {
@@ -125,6 +188,7 @@ static inline __attribute__((always_inline)) void decode(const int type, const u
             }
             w[v] = vfma(vcvt(q), vd, vm);
         }
+#endif
     } else if (type == GT_Q6_K) {
         const uint8_t *b = row + (c >> 3) * 210;
         const int j = (int)(c & 7), n = j >> 2, part = j & 3;
@@ -146,16 +210,28 @@ static inline __attribute__((always_inline)) void decode(const int type, const u
 static inline __attribute__((always_inline)) void tile(
         const int type, const int NRT, const int MT, const uint8_t *w0, int64_t rb,
         const float *x, int64_t ldx, int64_t C, float *out) {
-    const int A = NRT * MT >= 8 ? 1 : NV;
-    vf acc[NR][MR][NV];  /* fixed sizes: a variable-length array would live on the stack */
+    const int A = NRT * MT >= 8 || type == GT_F32 ? 1 : NV;
+    vf acc[TR][MR > MRS ? MR : MRS][NV];  /* fixed sizes: a variable-length array would live on the stack */
     for (int r = 0; r < NRT; r++)
         for (int t = 0; t < MT; t++)
             for (int a = 0; a < A; a++) acc[r][t][a] = vzero();
+    if (type == GT_F32) {  /* widened rows: one register of each row at a time */
+        for (int64_t k = 0; k < C * 32; k += VL) {
+            vf w[TR];
+            for (int r = 0; r < NRT; r++) w[r] = vload((const float *)(w0 + r * rb) + k);
+            for (int t = 0; t < MT; t++) {
+                const vf xv = vload(x + t * ldx + k);
+                for (int r = 0; r < NRT; r++) acc[r][t][0] = vfma(w[r], xv, acc[r][t][0]);
+            }
+        }
+        for (int r = 0; r < NRT; r++)
+            for (int t = 0; t < MT; t++) out[r * MT + t] = vsum(acc[r][t][0]);
+        return;
+    }
     const int64_t step = C ? (rb ? rb : 1) / C : 0;  /* ~bytes per 32 weights, for prefetching */
     for (int64_t c = 0; c < C; c++) {
-        vf w[NR][NV];
-        if (type != GT_F32)
-            for (int r = 0; r < NRT; r++) _mm_prefetch((const char *)w0 + r * rb + c * step + PF, _MM_HINT_T0);
+        vf w[TR][NV];
+        for (int r = 0; r < NRT; r++) _mm_prefetch((const char *)w0 + r * rb + c * step + PF, _MM_HINT_T0);
         for (int r = 0; r < NRT; r++) decode(type, w0 + r * rb, c, w[r]);
         for (int t = 0; t < MT; t++) {
             const float *xt = x + t * ldx + c * 32;
@@ -223,10 +299,32 @@ static inline __attribute__((always_inline)) void tile_mt(const int type, int mt
     }
 }
 
+/* NRS widened rows x mt tokens (mt <= MRS) */
+static void tile_widened(int mt, const float *w0, int64_t K, const float *x, float *out) {
+    const uint8_t *w = (const uint8_t *)w0;
+    switch (mt) {
+#if MRS > 7
+        case 8: tile(GT_F32, NRS, 8, w, K * 4, x, K, K / 32, out); break;
+#endif
+#if MRS > 6
+        case 7: tile(GT_F32, NRS, 7, w, K * 4, x, K, K / 32, out); break;
+#endif
+#if MRS > 5
+        case 6: tile(GT_F32, NRS, 6, w, K * 4, x, K, K / 32, out); break;
+#endif
+#if MRS > 4
+        case 5: tile(GT_F32, NRS, 5, w, K * 4, x, K, K / 32, out); break;
+#endif
+        case 4: tile(GT_F32, NRS, 4, w, K * 4, x, K, K / 32, out); break;
+        case 3: tile(GT_F32, NRS, 3, w, K * 4, x, K, K / 32, out); break;
+        case 2: tile(GT_F32, NRS, 2, w, K * 4, x, K, K / 32, out); break;
+        default: tile(GT_F32, NRS, 1, w, K * 4, x, K, K / 32, out); break;
+    }
+}
+
 static void tile_any(int64_t type, int mt, const uint8_t *w0, int64_t rb, const float *x,
                      int64_t K, float *out) {
     switch (type) {
-        case GT_F32: tile_mt(GT_F32, mt, w0, rb, x, K, out); break;
         case GT_Q4_0: tile_mt(GT_Q4_0, mt, w0, rb, x, K, out); break;
         case GT_Q4_1: tile_mt(GT_Q4_1, mt, w0, rb, x, K, out); break;
         case GT_Q5_0: tile_mt(GT_Q5_0, mt, w0, rb, x, K, out); break;
@@ -259,12 +357,13 @@ void pagoda_gguf_gemm(const float *x, int64_t M, int64_t K, const GgufPart *part
                       const float *bias, float *y, int64_t N) {
     int64_t start[9] = {0};
     if (nparts > 8) return;
-    for (int64_t p = 0; p < nparts; p++) start[p + 1] = start[p] + (parts[p].n + NR - 1) / NR;
+    const int R = M > MR ? NRS : NR;  /* rows per tile */
+    for (int64_t p = 0; p < nparts; p++) start[p + 1] = start[p] + (parts[p].n + R - 1) / R;
     const int64_t tiles = start[nparts];
     #pragma omp parallel num_threads(NTHREADS)
     {
-        float out[NR * MR];
-        float *scr = M > MR ? aligned_alloc(64, ((NR * K * sizeof(float)) + 63) / 64 * 64) : NULL;
+        float out[TR * MR];
+        float *scr = M > MR ? aligned_alloc(64, ((NRS * K * sizeof(float)) + 63) / 64 * 64) : NULL;
         for (int64_t m0 = 0; m0 < M; m0 += MC) {
             const int64_t mc = M - m0 < MC ? M - m0 : MC;
             #pragma omp for schedule(static)
@@ -272,22 +371,25 @@ void pagoda_gguf_gemm(const float *x, int64_t M, int64_t K, const GgufPart *part
                 int64_t p = 0;
                 while (i >= start[p + 1]) p++;
                 const GgufPart *P = parts + p;
-                const int64_t n0 = (i - start[p]) * NR;
-                const int nr = P->n - n0 < NR ? (int)(P->n - n0) : NR;
+                const int64_t n0 = (i - start[p]) * R;
+                const int nr = P->n - n0 < R ? (int)(P->n - n0) : R;
                 const uint8_t *w0 = P->data + n0 * P->row_bytes;
                 float *yc = y + P->col0;
                 const float *bc = bias ? bias + P->col0 : NULL;
-                /* a short last tile (NR is 1 or 2) reads its one row twice and drops the copy */
-                const int64_t rb = nr == NR ? P->row_bytes : 0;
-                if (mc <= MR) {
-                    tile_any(P->type, (int)mc, w0, rb, x + m0 * K, K, out);
-                    put(yc, N, m0, (int)mc, n0, nr, out, bc);
-                } else {
+                if (mc <= MR) {  /* one token tile: widen in registers, NR rows at a time */
+                    for (int r0 = 0; r0 < nr; r0 += NR) {
+                        const int nrr = nr - r0 < NR ? nr - r0 : NR;
+                        /* a short last tile (NR is 1 or 2) reads its row twice, drops the copy */
+                        tile_any(P->type, (int)mc, w0 + r0 * P->row_bytes,
+                                 nrr == NR ? P->row_bytes : 0, x + m0 * K, K, out);
+                        put(yc, N, m0, (int)mc, n0 + r0, nrr, out, bc);
+                    }
+                } else {  /* several: widen once into L1, then run them over it */
                     widen(P->type, w0, P->row_bytes, nr, K, scr);
-                    for (int64_t t0 = 0; t0 < mc; t0 += MR) {
-                        const int mt = mc - t0 < MR ? (int)(mc - t0) : MR;
-                        tile_any(GT_F32, mt, (const uint8_t *)scr, nr == NR ? K * 4 : 0,
-                                 x + (m0 + t0) * K, K, out);
+                    if (nr < NRS) memset(scr + nr * K, 0, sizeof(float) * (NRS - nr) * K);
+                    for (int64_t t0 = 0; t0 < mc; t0 += MRS) {
+                        const int mt = mc - t0 < MRS ? (int)(mc - t0) : MRS;
+                        tile_widened(mt, scr, K, x + (m0 + t0) * K, out);
                         put(yc, N, m0 + t0, mt, n0, nr, out, bc);
                     }
                 }

@@ -44,6 +44,8 @@ typedef __m512i vi;
 #define iiota() _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 #define iu8(p) _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p)))
 #define ii8(p) _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p)))
+#define vbcast0(x) _mm512_broadcastss_ps(x)                  /* lane 0 of a __m128, everywhere */
+#define vbcast1(x) _mm512_broadcastss_ps(_mm_movehdup_ps(x))  /* lane 1 */
 #define vsub(a, b) _mm512_sub_ps(a, b)
 #define vmax(a, b) _mm512_max_ps(a, b)
 #define vround(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
@@ -82,6 +84,8 @@ typedef __m256i vi;
 #define iiota() _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
 #define iu8(p) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
 #define ii8(p) _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p)))
+#define vbcast0(x) _mm256_broadcastss_ps(x)
+#define vbcast1(x) _mm256_broadcastss_ps(_mm_movehdup_ps(x))
 #define vsub(a, b) _mm256_sub_ps(a, b)
 #define vmax(a, b) _mm256_max_ps(a, b)
 #define vround(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
