@@ -282,57 +282,39 @@ void pagoda_gguf_dequant(const uint8_t *w, int64_t type, int64_t n, int64_t K, f
     for (int64_t r = 0; r < n; r++) widen(type, w + r * rb, rb, 1, K, out + r * K);
 }
 
-/* One NR x mt tile of `type`, mt a literal in every branch. */
-static inline __attribute__((always_inline)) void tile_mt(const int type, int mt, const uint8_t *w0,
-                                                          int64_t rb, const float *x, int64_t K,
-                                                          float *out) {
+/* One NRT x mt tile of `type`, mt a literal in every branch. */
+static inline __attribute__((always_inline)) void tile_mt(const int type, const int NRT, int mt,
+                                                          const uint8_t *w0, int64_t rb,
+                                                          const float *x, int64_t K, float *out) {
     const int64_t C = K / 32;
     switch (mt) {
-        case 8: tile(type, NR, 8, w0, rb, x, K, C, out); break;
-        case 7: tile(type, NR, 7, w0, rb, x, K, C, out); break;
-        case 6: tile(type, NR, 6, w0, rb, x, K, C, out); break;
-        case 5: tile(type, NR, 5, w0, rb, x, K, C, out); break;
-        case 4: tile(type, NR, 4, w0, rb, x, K, C, out); break;
-        case 3: tile(type, NR, 3, w0, rb, x, K, C, out); break;
-        case 2: tile(type, NR, 2, w0, rb, x, K, C, out); break;
-        default: tile(type, NR, 1, w0, rb, x, K, C, out); break;
+        case 8: tile(type, NRT, 8, w0, rb, x, K, C, out); break;
+        case 7: tile(type, NRT, 7, w0, rb, x, K, C, out); break;
+        case 6: tile(type, NRT, 6, w0, rb, x, K, C, out); break;
+        case 5: tile(type, NRT, 5, w0, rb, x, K, C, out); break;
+        case 4: tile(type, NRT, 4, w0, rb, x, K, C, out); break;
+        case 3: tile(type, NRT, 3, w0, rb, x, K, C, out); break;
+        case 2: tile(type, NRT, 2, w0, rb, x, K, C, out); break;
+        default: tile(type, NRT, 1, w0, rb, x, K, C, out); break;
     }
 }
 
 /* NRS widened rows x mt tokens (mt <= MRS) */
 static void tile_widened(int mt, const float *w0, int64_t K, const float *x, float *out) {
-    const uint8_t *w = (const uint8_t *)w0;
-    switch (mt) {
-#if MRS > 7
-        case 8: tile(GT_F32, NRS, 8, w, K * 4, x, K, K / 32, out); break;
-#endif
-#if MRS > 6
-        case 7: tile(GT_F32, NRS, 7, w, K * 4, x, K, K / 32, out); break;
-#endif
-#if MRS > 5
-        case 6: tile(GT_F32, NRS, 6, w, K * 4, x, K, K / 32, out); break;
-#endif
-#if MRS > 4
-        case 5: tile(GT_F32, NRS, 5, w, K * 4, x, K, K / 32, out); break;
-#endif
-        case 4: tile(GT_F32, NRS, 4, w, K * 4, x, K, K / 32, out); break;
-        case 3: tile(GT_F32, NRS, 3, w, K * 4, x, K, K / 32, out); break;
-        case 2: tile(GT_F32, NRS, 2, w, K * 4, x, K, K / 32, out); break;
-        default: tile(GT_F32, NRS, 1, w, K * 4, x, K, K / 32, out); break;
-    }
+    tile_mt(GT_F32, NRS, mt, (const uint8_t *)w0, K * 4, x, K, out);
 }
 
 static void tile_any(int64_t type, int mt, const uint8_t *w0, int64_t rb, const float *x,
                      int64_t K, float *out) {
     switch (type) {
-        case GT_Q4_0: tile_mt(GT_Q4_0, mt, w0, rb, x, K, out); break;
-        case GT_Q4_1: tile_mt(GT_Q4_1, mt, w0, rb, x, K, out); break;
-        case GT_Q5_0: tile_mt(GT_Q5_0, mt, w0, rb, x, K, out); break;
-        case GT_Q5_1: tile_mt(GT_Q5_1, mt, w0, rb, x, K, out); break;
-        case GT_Q8_0: tile_mt(GT_Q8_0, mt, w0, rb, x, K, out); break;
-        case GT_Q4_K: tile_mt(GT_Q4_K, mt, w0, rb, x, K, out); break;
-        case GT_Q5_K: tile_mt(GT_Q5_K, mt, w0, rb, x, K, out); break;
-        case GT_Q6_K: tile_mt(GT_Q6_K, mt, w0, rb, x, K, out); break;
+        case GT_Q4_0: tile_mt(GT_Q4_0, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q4_1: tile_mt(GT_Q4_1, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q5_0: tile_mt(GT_Q5_0, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q5_1: tile_mt(GT_Q5_1, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q8_0: tile_mt(GT_Q8_0, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q4_K: tile_mt(GT_Q4_K, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q5_K: tile_mt(GT_Q5_K, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q6_K: tile_mt(GT_Q6_K, NR, mt, w0, rb, x, K, out); break;
         default: break;
     }
 }
