@@ -180,7 +180,7 @@ def test_int4_is_refused_on_cuda():
 
 
 def test_physical_cores_count_smt_siblings_once(monkeypatch):
-    from pagoda.platforms import cpu
+    from pagoda.worker import cpu_threads as cpu
     siblings = {0: "0,4", 4: "0,4", 1: "1,5", 5: "1,5", 2: "2", 3: "3"}
     monkeypatch.setattr(cpu, "_allowed_cpus", lambda: {0, 1, 2, 4, 5})
     monkeypatch.setattr(cpu, "_core_of", lambda c: siblings[c])
@@ -200,7 +200,7 @@ def test_threads_reach_torch_and_the_kernels_on_any_thread():
     import ctypes
     import threading
     from pagoda.config import EngineArgs
-    from pagoda.platforms import cpu
+    from pagoda.worker import cpu_threads as cpu
     with pytest.raises(ValueError, match=r"^--threads: must be >= 1"):
         EngineArgs(threads=0)
     lib = cpu_build.load("cpu_gguf", {})

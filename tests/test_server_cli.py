@@ -113,6 +113,8 @@ def test_chat_template_file_or_inline(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["serve", "--port", "0"], "--port"),
     (["serve", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+    (["serve", "--threads", "0"], "--threads"),
+    (["serve", "--quantization", "int4", "--device", "cuda"], "--quantization"),
 ])
 def test_cli_errors_are_one_line(argv, flag):
     out = run_cli(*argv)

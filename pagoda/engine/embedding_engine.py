@@ -47,7 +47,7 @@ class EmbeddingEngine:
         self.device = _pick_device(args.device)
         self.dtype = _pick_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
-            from pagoda.platforms.cpu import set_threads
+            from pagoda.worker.cpu_threads import set_threads
             set_threads(args.threads)
         src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
         if src.gguf_file:

@@ -34,7 +34,8 @@ enum { GT_F32 = 0, GT_Q4_0 = 2, GT_Q4_1 = 3, GT_Q5_0 = 6, GT_Q5_1 = 7, GT_Q8_0 =
 #define MC 64    /* tokens per chunk of a long batch */
 #endif
 #ifndef PF
-#define PF 4096  /* bytes ahead each weight row is prefetched */
+#define PF 8192  /* bytes ahead each weight row is prefetched: at one token, less left the
+                  * kernel waiting on memory (measured 4096: ~10% slower, 1024: ~40%) */
 #endif
 
 #if VL == 16

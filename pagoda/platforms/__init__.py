@@ -1,1 +1,0 @@
-"""What pagoda needs to know about the machine it runs on, chosen once per engine."""
