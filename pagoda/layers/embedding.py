@@ -42,7 +42,11 @@ class LMHead(nn.Module):
         if not self.tied:
             self.weight = None
 
-    def quantize_int8(self):
+    def drop_gguf(self):
+        if getattr(self.weight, "gguf", None) is not None:
+            self.weight.gguf = None
+
+    def quantize_int8(self):  # the name engines before quantize_model() call
         self.quantize("int8")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

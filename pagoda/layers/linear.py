@@ -102,7 +102,13 @@ class Linear(nn.Module):
             return  # stays float (logged once by the kernel loader)
         self.weight = None
 
-    def quantize_int8(self):
+    def drop_gguf(self):
+        """Keep the float weight only (--quantization none)."""
+        self._gguf = None
+        if self.weight is not None and getattr(self.weight, "gguf", None) is not None:
+            self.weight.gguf = None
+
+    def quantize_int8(self):  # the name engines before quantize_model() call
         self.quantize("int8")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -94,19 +94,9 @@ class GGUFLinearMethod:
         self.blocks = []
         return self
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.data.numel() for p in self.parts)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = cpu_gguf.gguf_matmul(x.reshape(-1, shape[-1]), self.c_parts, self.k, self.n, self.bias)
-        return y.to(x.dtype).reshape(*shape[:-1], self.n)
-
-    def reference(self, x: torch.Tensor) -> torch.Tensor:
-        """The torch twin of __call__ (multiplies by gguf.quants.dequantize of the same rows)."""
-        shape = x.shape
-        y = cpu_gguf.gguf_matmul_torch(x.reshape(-1, shape[-1]), self.parts, self.n, self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.n)
 
 
