@@ -283,39 +283,39 @@ void pagoda_gguf_dequant(const uint8_t *w, int64_t type, int64_t n, int64_t K, f
     for (int64_t r = 0; r < n; r++) widen(type, w + r * rb, rb, 1, K, out + r * K);
 }
 
-/* One NRT x mt tile of `type`, mt a literal in every branch. */
-static inline __attribute__((always_inline)) void tile_mt(const int type, const int NRT, int mt,
+/* One NRT x mt tile of `type` (mt <= MAXT), mt a literal in every branch; branches above MAXT
+ * fold away before they cost compile time. */
+static inline __attribute__((always_inline)) void tile_mt(const int type, const int NRT,
+                                                          const int MAXT, int mt,
                                                           const uint8_t *w0, int64_t rb,
                                                           const float *x, int64_t K, float *out) {
     const int64_t C = K / 32;
-    switch (mt) {
-        case 8: tile(type, NRT, 8, w0, rb, x, K, C, out); break;
-        case 7: tile(type, NRT, 7, w0, rb, x, K, C, out); break;
-        case 6: tile(type, NRT, 6, w0, rb, x, K, C, out); break;
-        case 5: tile(type, NRT, 5, w0, rb, x, K, C, out); break;
-        case 4: tile(type, NRT, 4, w0, rb, x, K, C, out); break;
-        case 3: tile(type, NRT, 3, w0, rb, x, K, C, out); break;
-        case 2: tile(type, NRT, 2, w0, rb, x, K, C, out); break;
-        default: tile(type, NRT, 1, w0, rb, x, K, C, out); break;
-    }
+    if (MAXT >= 8 && mt == 8) tile(type, NRT, 8, w0, rb, x, K, C, out);
+    else if (MAXT >= 7 && mt == 7) tile(type, NRT, 7, w0, rb, x, K, C, out);
+    else if (MAXT >= 6 && mt == 6) tile(type, NRT, 6, w0, rb, x, K, C, out);
+    else if (MAXT >= 5 && mt == 5) tile(type, NRT, 5, w0, rb, x, K, C, out);
+    else if (mt == 4) tile(type, NRT, 4, w0, rb, x, K, C, out);
+    else if (mt == 3) tile(type, NRT, 3, w0, rb, x, K, C, out);
+    else if (mt == 2) tile(type, NRT, 2, w0, rb, x, K, C, out);
+    else tile(type, NRT, 1, w0, rb, x, K, C, out);
 }
 
 /* NRS widened rows x mt tokens (mt <= MRS) */
 static void tile_widened(int mt, const float *w0, int64_t K, const float *x, float *out) {
-    tile_mt(GT_F32, NRS, mt, (const uint8_t *)w0, K * 4, x, K, out);
+    tile_mt(GT_F32, NRS, MRS, mt, (const uint8_t *)w0, K * 4, x, K, out);
 }
 
 static void tile_any(int64_t type, int mt, const uint8_t *w0, int64_t rb, const float *x,
                      int64_t K, float *out) {
     switch (type) {
-        case GT_Q4_0: tile_mt(GT_Q4_0, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q4_1: tile_mt(GT_Q4_1, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q5_0: tile_mt(GT_Q5_0, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q5_1: tile_mt(GT_Q5_1, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q8_0: tile_mt(GT_Q8_0, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q4_K: tile_mt(GT_Q4_K, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q5_K: tile_mt(GT_Q5_K, NR, mt, w0, rb, x, K, out); break;
-        case GT_Q6_K: tile_mt(GT_Q6_K, NR, mt, w0, rb, x, K, out); break;
+        case GT_Q4_0: tile_mt(GT_Q4_0, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q4_1: tile_mt(GT_Q4_1, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q5_0: tile_mt(GT_Q5_0, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q5_1: tile_mt(GT_Q5_1, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q8_0: tile_mt(GT_Q8_0, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q4_K: tile_mt(GT_Q4_K, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q5_K: tile_mt(GT_Q5_K, NR, MR, mt, w0, rb, x, K, out); break;
+        case GT_Q6_K: tile_mt(GT_Q6_K, NR, MR, mt, w0, rb, x, K, out); break;
         default: break;
     }
 }

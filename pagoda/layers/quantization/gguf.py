@@ -1,6 +1,6 @@
 """GGUF blocks as a weight format of Linear and LMHead on the CPU: the file's Q4_0/Q4_1/Q5_0/
 Q5_1/Q8_0/Q4_K/Q5_K/Q6_K rows are kept as they are and multiplied with directly
-(pagoda/kernels/cpu_gguf.c), so a decode step reads the file's 4.5-6.6 bits a weight instead of
+(pagoda/kernels/cpu_gguf.c), so a decode step reads the file's 4.5-8.5 bits a weight instead of
 the 8-bit groups' 10. `--quantization int4` puts a float checkpoint in the same format (Q4_1).
 
 Steps, as for every weight format of a layer: create (`GGUFLinearMethod(shard_sizes, k)`), load
