@@ -28,12 +28,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, rms_norm_eps=1e-6)
 
 
-def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0) -> str:
-    """A random-weight HF checkpoint (safetensors + tokenizer) of a tiny model of `kind`.
-    Weights are drawn wide enough that greedy choices are not near-ties."""
+def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **sizes) -> str:
+    """A random-weight HF checkpoint (safetensors + tokenizer) of a tiny model of `kind` (`sizes`
+    override TINY's). Weights are drawn wide enough that greedy choices are not near-ties."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(TINY, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common.update(sizes)
     if kind == "llama":
         cfg = LlamaConfig(**common, max_position_embeddings=4096, tie_word_embeddings=False,
                           rope_theta=50000.0,
@@ -60,11 +61,35 @@ def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0) -> str:
     return path
 
 
+def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0, scale: float = 1.0):
+    """Rows [n, row_bytes] (uint8 tensor) of valid GGUF blocks: the gguf package's quantizer of
+    random normals where it has one (the 32-weight types), else random bytes with small finite
+    half-precision scales (the K types: 256 weights a block)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
+    rng = np.random.default_rng(seed)
+    per, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    if per == 32:
+        w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 2.0, (n, 1)) * scale
+        return torch.from_numpy(quantize(w, GGMLQuantizationType(ggml_type)).copy())
+    b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    d = lambda s: (rng.uniform(1e-3, 2e-2, (n, k // per)) * s).astype(np.float16).view(
+        np.uint8).reshape(n, k // per, 2)
+    if ggml_type in (12, 13):  # Q4_K, Q5_K: d, dmin first (mins a tenth: rows about centred)
+        b[..., 0:2], b[..., 2:4] = d(scale), d(scale / 10)
+    else:  # Q6_K: d last
+        b[..., size - 2:] = d(scale)
+    return torch.from_numpy(b.reshape(n, -1).copy())
+
+
 def build_tiny_gguf(hf_dir: str, path: str, types: dict[str, str]) -> str:
     """The tiny Llama of `hf_dir` written as a llama.cpp GGUF (q/k rows permuted as llama.cpp's
     converter does, the bundled model's tokenizer), each matrix quantized to types[base name]
-    ("Q4_0", "Q4_1", "Q8_0", ...; F32 where not named) by the gguf package. Plain rope (the GGUF
-    carries no llama3 scaling), so it is its own model: compare it with transformers' GGUF loader."""
+    ("Q4_0", "Q4_1", "Q8_0", ...; F32 where not named) by the gguf package; K types, which it
+    cannot quantize, get random blocks of about the checkpoint's scale instead. Plain rope (the
+    GGUF carries no llama3 scaling), so it is its own model: compare it with transformers' GGUF
+    loader."""
     import json
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
@@ -109,7 +134,11 @@ def build_tiny_gguf(hf_dir: str, path: str, types: dict[str, str]) -> str:
             n = heads if base == "attn_q" else kv
             t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
         qtype = types.get(base) if t.ndim == 2 else None
-        if qtype:
+        if qtype and qtype.endswith("_K"):
+            q = GGMLQuantizationType[qtype]
+            blocks = random_blocks(int(q), *t.shape, seed=len(gname), scale=0.01).numpy()
+            w.add_tensor(gname, blocks, raw_dtype=q)
+        elif qtype:
             q = GGMLQuantizationType[qtype]
             w.add_tensor(gname, quantize(t, q), raw_dtype=q)
         else:

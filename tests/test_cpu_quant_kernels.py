@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_outputs, build_tiny_gguf, random_prompts
+from conftest import assert_same_outputs, build_tiny, build_tiny_gguf, random_blocks, random_prompts
 from pagoda.kernels import cpu_build, cpu_gguf
 
 ISAS = cpu_build.supported_isas()
@@ -14,26 +14,6 @@ pytestmark = pytest.mark.skipif(not ISAS or not cpu_gguf.available(),
                                 reason="needs x86 AVX2 and a C compiler")
 
 NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
-
-
-def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0) -> torch.Tensor:
-    """Rows [n, row_bytes] of valid blocks: the gguf package's quantizer where it has one (the
-    32-weight types), else random bytes with finite half-precision scales (the K types)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import quantize
-    rng = np.random.default_rng(seed)
-    per, size = cpu_gguf.BLOCKS[ggml_type]
-    if per == 32:
-        w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 2.0, (n, 1))
-        return torch.from_numpy(quantize(w, GGMLQuantizationType(ggml_type)).copy())
-    b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
-    scales = lambda: (rng.uniform(1e-3, 2e-2, (n, k // per))).astype(np.float16).view(np.uint8)
-    if ggml_type in (12, 13):  # d, dmin first
-        b[..., 0:2] = scales().reshape(n, k // per, 2)
-        b[..., 2:4] = scales().reshape(n, k // per, 2)
-    else:  # Q6_K: d last
-        b[..., 208:210] = scales().reshape(n, k // per, 2)
-    return torch.from_numpy(b.reshape(n, -1).copy())
 
 
 def _k_for(t: int) -> int:
@@ -135,6 +115,34 @@ def test_tiny_gguf_runs_packed_and_matches_transformers(tiny_gguf):
                                               gguf_file=os.path.basename(tiny_gguf),
                                               dtype=torch.float32).eval()
     check_against_hf(None, random_prompts(5, 3, 40, 49152, seed=3), hf_model=hf, llm=llm)
+
+
+@pytest.fixture(scope="module")
+def tiny_k_gguf(tmp_path_factory, smollm_side_dir):
+    """A Q4_K_M-like tiny Llama: K-quant blocks (256 weights), v and down in Q6_K."""
+    d = tmp_path_factory.mktemp("tiny-k-gguf")
+    hf = build_tiny("llama", str(d / "hf"), smollm_side_dir, hidden_size=256, intermediate_size=512)
+    types = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K",
+             "ffn_gate": "Q5_K", "ffn_up": "Q4_K", "ffn_down": "Q6_K", "token_embd": "Q8_0",
+             "output": "Q6_K"}
+    return build_tiny_gguf(hf, str(d / "tiny-k.gguf"), types)
+
+
+def test_k_quant_gguf_runs_packed_and_matches_transformers(tiny_k_gguf):
+    import os
+    from transformers import AutoModelForCausalLM
+    from pagoda import LLM
+    from test_fidelity import check_against_hf
+    llm = LLM(tiny_k_gguf, max_model_len=512, num_gpu_blocks_override=256)
+    model = llm.engine.model
+    assert [p.type for p in model.layers[0].self_attn.qkv_proj.gguf.parts] == [12, 14]
+    assert [p.type for p in model.layers[0].mlp.gate_up_proj.gguf.parts] == [13, 12]
+    assert model.layers[0].mlp.down_proj.gguf.parts[0].type == 14
+    assert llm.engine.runner.cpu_decoder is not None
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(tiny_k_gguf),
+                                              gguf_file=os.path.basename(tiny_k_gguf),
+                                              dtype=torch.float32).eval()
+    check_against_hf(None, random_prompts(4, 3, 40, 49152, seed=6), hf_model=hf, llm=llm)
 
 
 def _replace_by_dequantized(model):
