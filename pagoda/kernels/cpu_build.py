@@ -42,7 +42,9 @@ def supported_isas() -> list[str]:
     if platform.machine() not in ("x86_64", "AMD64"):
         return []
     cap = torch.backends.cpu.get_cpu_capability()  # cpuinfo: "AVX512" needs F, BW, VL and DQ
-    return {"AVX2": ["avx2"], "AVX512": ["avx2", "avx512"]}.get(cap, [])
+    if cap.startswith("AVX512"):
+        return ["avx2", "avx512"]
+    return ["avx2"] if cap == "AVX2" else []
 
 
 def best_isa() -> Optional[str]:
