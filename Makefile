@@ -9,7 +9,7 @@ setup:
 	bash scripts/setup.sh
 
 serve: setup
-	.venv/bin/pagoda serve $(ARGS)
+	$${PAGODA_VENV:-.venv}/bin/pagoda serve $(ARGS)
 
 test:
 	bash scripts/test.sh $(ARGS)

@@ -33,6 +33,14 @@ def bundled_gguf() -> str:
     return bundled_model_path()
 
 
+def llamacpp_server_cmd(python: str, gguf: str, threads: int, port: int) -> list[str]:
+    """llama.cpp's server (llama-cpp-python's) on `gguf`, as every benchmark here starts it."""
+    return [python, "-m", "llama_cpp.server", "--model", gguf, "--n_threads", str(threads),
+            "--n_ctx", "2048",
+            # its default cuts a running stream off when another request arrives; queue them instead
+            "--interrupt_requests", "False", "--host", "127.0.0.1", "--port", str(port)]
+
+
 def bench_serve(url: str, label: str, concurrency: int, out_json: str) -> dict:
     cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "bench", "serve", "--base-url", url,
            "--endpoint", "/v1/chat/completions", "--workload", "synthetic-chat",
@@ -114,12 +122,8 @@ def main() -> int:
         if not os.path.exists(a.llamacpp_python):
             sys.exit(f"--llamacpp-python: {a.llamacpp_python} not found; install llama-cpp-python[server] "
                      "in its own venv (see this file's docstring)")
-        results += run_server("llama.cpp", [a.llamacpp_python, "-m", "llama_cpp.server", "--model", gguf,
-                                            "--n_threads", str(a.threads), "--n_ctx", "2048",
-                                            # its default cuts a running stream off when another
-                                            # request arrives; queue them instead
-                                            "--interrupt_requests", "False",
-                                            "--host", "127.0.0.1", "--port", str(a.llamacpp_port)],
+        results += run_server("llama.cpp", llamacpp_server_cmd(a.llamacpp_python, gguf, a.threads,
+                                                               a.llamacpp_port),
                               a.llamacpp_port, a.out_dir, a.startup_timeout,
                               os.path.join(a.out_dir, "llamacpp_server.log"))
     if not a.skip_pagoda and not a.replot:

@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", help="write the figures as JSON here too")
     a = ap.parse_args()
-    from pagoda.worker.cpu_threads import set_threads
+    from pagoda.worker.threads import set_threads
     from pagoda.worker.loader import bundled_model_path
     set_threads(a.threads)
     path = a.model or bundled_model_path()

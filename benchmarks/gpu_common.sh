@@ -1,4 +1,4 @@
-# Sourced by the device-call scripts (benchmarks/gpu_run*.sh), from the repository root.
+# Sourced by device-call scripts that need the bundled GGUF or the server wheels, from the repository root.
 # The bundled GGUF is carried in two halves (a call carries at most 64 MiB): one call stashes the
 # first half and the server wheels in /tmp, the next call on the same warm machine joins them.
 

@@ -1,20 +1,29 @@
 """pagoda: LLM inference and serving engine (paged KV cache, continuous batching, OpenAI API)."""
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineArgs", "__version__"]
+# name -> module: vLLM's top-level names, imported lazily (`import pagoda` must not pull in torch
+# for the CLI's --help)
+_EXPORTS = {
+    "LLM": "pagoda.llm",
+    "SamplingParams": "pagoda.sampling_params",
+    "BeamSearchParams": "pagoda.beam_search",
+    "PoolingParams": "pagoda.pooling_params",
+    "EngineArgs": "pagoda.config",
+    "AsyncEngineArgs": "pagoda.engine.arg_utils",
+    "AsyncLLMEngine": "pagoda.engine.async_llm_engine",
+    "LLMEngine": "pagoda.engine.llm_engine",
+    "TextPrompt": "pagoda.inputs.data",
+    "TokensPrompt": "pagoda.inputs.data",
+    **{name: "pagoda.outputs" for name in (
+        "RequestOutput", "CompletionOutput", "PoolingRequestOutput", "EmbeddingRequestOutput",
+        "ClassificationRequestOutput", "ScoringRequestOutput")},
+}
+
+__all__ = [*_EXPORTS, "__version__"]
 
 
-def __getattr__(name):  # lazy: `import pagoda` must not pull in torch for the CLI's --help
-    if name == "LLM":
-        from pagoda.llm import LLM
-        return LLM
-    if name == "SamplingParams":
-        from pagoda.sampling_params import SamplingParams
-        return SamplingParams
-    if name in ("RequestOutput", "CompletionOutput"):
-        from pagoda import outputs
-        return getattr(outputs, name)
-    if name == "EngineArgs":
-        from pagoda.config import EngineArgs
-        return EngineArgs
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(name)

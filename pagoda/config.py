@@ -1,8 +1,8 @@
 """EngineArgs: every engine flag, defined once.
 
-Each flag is declared a single time in ``ENGINE_FLAGS``; from there it becomes a field of
-``EngineArgs`` (offline API: ``LLM(max_model_len=...)``), a command-line option with vLLM's
-name (plus LMDeploy's alias where one means the same), and an environment variable
+Each flag is one field of ``EngineArgs`` declared with ``flag(...)``; from there it is a keyword
+of the offline API (``LLM(max_model_len=...)``), a command-line option with vLLM's name (plus
+LMDeploy's alias where one means the same, see ``engine_flags()``), and an environment variable
 ``PAGODA_<NAME>`` that sets its default (Docker images configure the server that way).
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -91,62 +92,21 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[Flag], groups: dict[s
     return groups
 
 
-ENGINE_FLAGS: list[Flag] = [
-    Flag("model", str, None, "Model: a local HF-format directory, a .gguf file, or a Hugging Face hub "
-         "id. Default: the bundled SmolLM2-135M-Instruct."),
-    Flag("tokenizer", str, None, "Tokenizer directory or hub id (default: the model's)."),
-    Flag("revision", str, None, "Hub revision (branch, tag or commit) of the model."),
-    Flag("trust-remote-code", None, False, "Allow custom code from the hub (configs/tokenizers only; "
-         "the model code is pagoda's own).", boolean=True),
-    Flag("download-dir", str, None, "Where hub downloads are cached (default: HF_HOME's hub cache)."),
-    Flag("dtype", str, "auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
-         choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32", "bf16", "fp16")),
-    Flag("quantization", str, None, "Weight quantization. int8: 8-bit weights (CPU: a GGUF's own "
-         "4/5/6/8-bit blocks where the file has them, else groups of 32 with a scale and min; CUDA: "
-         "weight-only per channel). int4 (CPU only): float weights packed as 4-bit Q4_1 blocks. "
-         "Activations stay float. none: weights in --dtype. Default: int8 for a quantized GGUF on "
-         "the CPU, else none.", aliases=("-q",), choices=("int8", "int4", "none")),
-    Flag("max-model-len", int, None, "Longest prompt + output per request (default: the model's "
-         "max_position_embeddings).", aliases=("session-len",)),
-    Flag("load-format", str, "auto", "auto = read the checkpoint; dummy = random weights of the "
-         "model's shape (benchmarks without downloads).", choices=("auto", "dummy")),
-    Flag("skip-tokenizer-init", None, False, "No tokenizer: prompts must be token ids and outputs "
-         "carry no text.", boolean=True),
-    Flag("seed", int, 0, "Seed for requests that give none."),
-    Flag("device", str, "auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES)."),
-    Flag("threads", int, None, "CPU threads for the model (torch and pagoda's C kernels). Default: "
-         "OMP_NUM_THREADS if set, else one per physical core this process may use.",
-         aliases=("-t",)),
-    Flag("max-logprobs", int, 20, "Largest logprobs / top_logprobs a request may ask for."),
-    Flag("served-model-name", str, None, "Name(s) the API answers to (default: the model argument). "
-         "The first is reported in responses.", nargs="+"),
-    # Cache
-    Flag("block-size", int, 16, "Tokens per KV-cache block.", group="KV cache",
-         aliases=("cache-block-seq-len",)),
-    Flag("gpu-memory-utilization", float, 0.9, "Share of GPU memory pagoda may use (weights, "
-         "activations and KV cache). Lower it if startup runs out of memory.", group="KV cache",
-         aliases=("cache-max-entry-count",)),
-    Flag("kv-cache-memory", parse_bytes, None, "KV cache size in bytes (e.g. 2GiB); on CPU the "
-         "default is 1 GiB. Overrides --gpu-memory-utilization for the cache.", group="KV cache"),
-    Flag("num-gpu-blocks-override", int, None, "Exact number of KV-cache blocks (testing).",
-         group="KV cache"),
-    Flag("swap-space", float, 4, "Accepted for vLLM compatibility; pagoda preempts by recompute and "
-         "does not swap to CPU memory.", group="KV cache"),
-    Flag("enable-prefix-caching", None, True, "Reuse KV blocks of shared prompt prefixes.",
-         group="KV cache", boolean=True),
-    # Scheduler
-    Flag("max-num-seqs", int, None, "Most requests in one batch (default 512 on a GPU with 70+ GiB, "
-         "256 on smaller GPUs, 64 on CPU).",
-         group="Scheduler", aliases=("max-batch-size",)),
-    Flag("max-num-batched-tokens", int, None, "Token budget of one step; longer prompts are "
-         "prefilled in chunks (default 8192 on GPU, 2048 on CPU).", group="Scheduler",
-         aliases=("max-prefill-token-num",)),
-    Flag("enforce-eager", None, False, "Disable CUDA graphs.", group="Scheduler", boolean=True),
-    Flag("tensor-parallel-size", int, 1, "GPUs to split the model over (only 1 is supported yet).",
-         group="Scheduler", aliases=("-tp",)),
-    Flag("attention-backend", str, "auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
-         group="Scheduler", choices=("auto", "torch", "triton")),
-]
+def flag(default: Any, help: str, *, group: str = "Model", aliases: tuple[str, ...] = (),
+         choices: tuple[Any, ...] | None = None, type: Callable[[str], Any] | None = None,
+         nargs: str | None = None) -> Any:
+    """A dataclass field of EngineArgs that is also a command-line flag (declared once here)."""
+    return field(default=default, metadata={"flag": dict(help=help, group=group, aliases=aliases,
+                                                         choices=choices, type=type, nargs=nargs)})
+
+
+RUNNERS = ("auto", "generate", "pooling")
+CONVERTS = ("auto", "none", "embed", "classify")
+TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
+# --task X -> (--runner, --convert)
+_TASK_MEANING = {"auto": ("auto", "auto"), "generate": ("generate", "auto"),
+                 "embed": ("pooling", "embed"), "embedding": ("pooling", "embed"),
+                 "classify": ("pooling", "classify"), "score": ("pooling", "auto")}
 
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}
@@ -154,32 +114,92 @@ _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp3
 
 @dataclass
 class EngineArgs:
-    model: Optional[str] = None
-    tokenizer: Optional[str] = None
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    download_dir: Optional[str] = None
-    dtype: str = "auto"
-    quantization: Optional[str] = None
-    max_model_len: Optional[int] = None
-    load_format: str = "auto"
-    skip_tokenizer_init: bool = False
-    seed: int = 0
-    device: str = "auto"
-    threads: Optional[int] = None
-    max_logprobs: int = 20
-    served_model_name: Optional[list[str]] = None
-    block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory: Optional[int] = None
-    num_gpu_blocks_override: Optional[int] = None
-    swap_space: float = 4
-    enable_prefix_caching: bool = True
-    max_num_seqs: Optional[int] = None
-    max_num_batched_tokens: Optional[int] = None
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    attention_backend: str = "auto"
+    """Every engine flag, declared once: a field here is an `LLM(...)` keyword argument, a
+    `pagoda serve` flag (vLLM's name, LMDeploy's as alias) and a PAGODA_<NAME> variable."""
+    model: Optional[str] = flag(None, "Model: a local HF-format directory, a .gguf file, or a Hugging "
+                                "Face hub id. Default: the bundled SmolLM2-135M-Instruct.")
+    tokenizer: Optional[str] = flag(None, "Tokenizer directory or hub id (default: the model's).")
+    revision: Optional[str] = flag(None, "Hub revision (branch, tag or commit) of the model.")
+    trust_remote_code: bool = flag(False, "Allow custom code from the hub (configs/tokenizers only; "
+                                   "the model code is pagoda's own).")
+    download_dir: Optional[str] = flag(None, "Where hub downloads are cached (default: HF_HOME's hub "
+                                       "cache).")
+    dtype: str = flag("auto", "Weight and activation dtype; auto = bfloat16 on GPU, float32 on CPU.",
+                      choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32",
+                               "bf16", "fp16"))
+    quantization: Optional[str] = flag(
+        None, "Weight quantization. gguf (CPU): a GGUF's own 4/5/6/8-bit blocks kept packed and "
+        "multiplied with directly. int8: 8-bit weights (CPU: groups of 32 with a scale and min; "
+        "CUDA: weight-only per channel). int4 (CPU): float weights packed as 4-bit Q4_1 blocks for "
+        "the gguf kernel. Activations stay float. none: weights in --dtype. Default: gguf for a "
+        "quantized GGUF on the CPU, else none.", aliases=("-q", "quantize"),
+        choices=("gguf", "int8", "int4", "none"))
+    max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
+                                        "model's max_position_embeddings).", aliases=("session-len",))
+    load_format: str = flag("auto", "auto = read the checkpoint; dummy = random weights of the "
+                            "model's shape (benchmarks without downloads).", choices=("auto", "dummy"))
+    skip_tokenizer_init: bool = flag(False, "No tokenizer: prompts must be token ids and outputs "
+                                     "carry no text.")
+    seed: int = flag(0, "Seed for requests that give none.")
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES).")
+    threads: Optional[int] = flag(None, "CPU threads for the model (torch and pagoda's C kernels). "
+                                  "Default: OMP_NUM_THREADS if set, else one per physical core this "
+                                  "process may use.", aliases=("-t",))
+    max_logprobs: int = flag(20, "Largest logprobs / top_logprobs a request may ask for.")
+    served_model_name: Optional[list[str]] = flag(
+        None, "Name(s) the API answers to (default: the model argument). The first is reported in "
+        "responses.", nargs="+")
+    runner: str = flag("auto", "generate: text generation; pooling: embeddings, classification and "
+                       "scores (/v1/embeddings, /pooling, /classify, /score, /rerank). auto: from the "
+                       "architecture (BertModel, XLMRobertaModel, ...ForSequenceClassification pool; "
+                       "...ForCausalLM generates).", choices=RUNNERS)
+    convert: str = flag("auto", "Run a decoder (...ForCausalLM) checkpoint as a pooling model: embed = "
+                        "the last token's final hidden state, normalized (Qwen3-Embedding); classify = "
+                        "a classification head on the last token (the checkpoint's `score` weights). "
+                        "auto: embed under --runner pooling, none otherwise.", choices=CONVERTS)
+    task: Optional[str] = flag(None, "vLLM's older spelling of --runner/--convert: generate; embed "
+                               "(or embedding) = --runner pooling --convert embed; classify = --runner "
+                               "pooling --convert classify; score = --runner pooling.", choices=TASKS)
+    # KV cache
+    block_size: int = flag(16, "Tokens per KV-cache block.", group="KV cache",
+                           aliases=("cache-block-seq-len",))
+    gpu_memory_utilization: float = flag(
+        0.9, "Share of GPU memory pagoda may use (weights, activations and KV cache). Lower it if "
+        "startup runs out of memory.", group="KV cache", aliases=("cache-max-entry-count",))
+    kv_cache_memory: Optional[int] = flag(
+        None, "KV cache size in bytes (e.g. 2GiB); on CPU the default is 1 GiB. Overrides "
+        "--gpu-memory-utilization for the cache.", group="KV cache", type=parse_bytes)
+    num_gpu_blocks_override: Optional[int] = flag(None, "Exact number of KV-cache blocks (testing).",
+                                                  group="KV cache")
+    swap_space: float = flag(4, "Accepted for vLLM compatibility; pagoda preempts by recompute and "
+                             "does not swap to CPU memory.", group="KV cache")
+    enable_prefix_caching: bool = flag(True, "Reuse KV blocks of shared prompt prefixes.",
+                                       group="KV cache")
+    # Scheduler
+    max_num_seqs: Optional[int] = flag(
+        None, "Most requests in one batch (default 512 on a GPU with 70+ GiB, 256 on smaller GPUs, "
+        "64 on CPU).", group="Scheduler", aliases=("max-batch-size",))
+    max_num_batched_tokens: Optional[int] = flag(
+        None, "Token budget of one step; longer prompts are prefilled in chunks (default 8192 on "
+        "GPU, 2048 on CPU).", group="Scheduler", aliases=("max-prefill-token-num",))
+    enforce_eager: bool = flag(False, "Disable CUDA graphs.", group="Scheduler")
+    tensor_parallel_size: int = flag(1, "Devices to split the model over: one worker process per "
+                                     "rank (NCCL on GPUs, gloo on the CPU).", group="Parallel",
+                                     aliases=("-tp",))
+    nnodes: int = flag(1, "Hosts the tensor-parallel group spans (each runs tp / nnodes ranks).",
+                       group="Parallel")
+    node_rank: int = flag(0, "This host's index among --nnodes (0 runs the engine core and the "
+                          "API server; the others only their ranks).", group="Parallel")
+    master_addr: str = flag("127.0.0.1", "Address of node 0, where the ranks meet "
+                            "(torch.distributed rendezvous).", group="Parallel")
+    master_port: int = flag(29500, "Port of the rendezvous on node 0 (the next two ports carry the "
+                            "engine's calls to the ranks).", group="Parallel")
+    data_parallel_size: int = flag(1, "Engine cores behind one API server (or one LLM), each with "
+                                   "its own copy of the model and KV cache (one GPU each: rank r uses "
+                                   "cuda:r); requests go to the least loaded.", group="Parallel",
+                                   aliases=("-dp",))
+    attention_backend: str = flag("auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
+                                  group="Scheduler", choices=("auto", "torch", "triton"))
     # not a flag: transformers-style overrides used by tests/benchmarks
     extra: dict = field(default_factory=dict)
 
@@ -189,7 +209,22 @@ class EngineArgs:
             self.served_model_name = [self.served_model_name]
         if isinstance(self.kv_cache_memory, str):
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        self._apply_task()
         self.validate()
+
+    def _apply_task(self) -> None:
+        """--task (vLLM's deprecated flag) sets --runner / --convert where those were left auto."""
+        if self.task is None:
+            return
+        if self.task not in _TASK_MEANING:
+            raise ValueError(f"--task: unknown task {self.task!r}; use one of {', '.join(TASKS)}")
+        runner, convert = _TASK_MEANING[self.task]
+        for name, value in (("runner", runner), ("convert", convert)):
+            mine = getattr(self, name)
+            if value != "auto" and mine not in ("auto", value):
+                raise ValueError(f"--task {self.task} means --{name} {value}, but --{name} {mine} is given")
+            if mine == "auto":
+                setattr(self, name, value)
 
     def validate(self):
         def bad(flag, msg):
@@ -212,24 +247,41 @@ class EngineArgs:
             bad("kv-cache-memory", f"must be > 0 bytes, got {self.kv_cache_memory}")
         if self.max_logprobs < 0:
             bad("max-logprobs", f"must be >= 0, got {self.max_logprobs}")
-        if self.tensor_parallel_size != 1:
-            bad("tensor-parallel-size", f"{self.tensor_parallel_size} is not supported yet; pagoda "
-                "runs on one device (use 1)")
-        if self.quantization not in (None, "int8", "int4", "none"):
-            bad("quantization", f"unknown method {self.quantization!r}; supported: int8, int4, none")
-        if self.quantization == "int4" and self.device.startswith("cuda"):
-            bad("quantization", "int4 runs on the CPU only so far; use int8 or none on CUDA")
+        if self.data_parallel_size < 1:
+            bad("data-parallel-size", f"must be >= 1, got {self.data_parallel_size}")
+        if self.tensor_parallel_size < 1:
+            bad("tensor-parallel-size", f"must be >= 1, got {self.tensor_parallel_size}")
+        if self.nnodes < 1 or self.tensor_parallel_size % self.nnodes:
+            bad("nnodes", f"{self.nnodes} hosts cannot share {self.tensor_parallel_size} tensor-parallel "
+                "ranks evenly")
+        if not 0 <= self.node_rank < self.nnodes:
+            bad("node-rank", f"must be in 0..{self.nnodes - 1}, got {self.node_rank}")
+        if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and self.nnodes > 1:
+            bad("nnodes", "data parallelism across several hosts is not supported; run one "
+                "--data-parallel-size per host")
+        if self.quantization not in (None, "gguf", "int8", "int4", "none"):
+            bad("quantization", f"unknown method {self.quantization!r}; supported: gguf, int8, int4, "
+                "none")
+        if self.quantization in ("gguf", "int4") and self.device.startswith("cuda"):
+            bad("quantization", f"{self.quantization} runs on the CPU only so far; use int8 or none on "
+                "CUDA")
         if self.threads is not None and self.threads < 1:
             bad("threads", f"must be >= 1, got {self.threads}")
         if self.load_format not in ("auto", "dummy"):
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):
             bad("attention-backend", f"unknown backend {self.attention_backend!r}")
+        if self.runner not in RUNNERS:
+            bad("runner", f"unknown runner {self.runner!r}; use {', '.join(RUNNERS)}")
+        if self.convert not in CONVERTS:
+            bad("convert", f"unknown conversion {self.convert!r}; use {', '.join(CONVERTS)}")
+        if self.runner == "generate" and self.convert in ("embed", "classify"):
+            bad("convert", f"{self.convert} makes a pooling model; it needs --runner pooling (or auto)")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, groups: dict | None = None,
                      skip: tuple[str, ...] = ()) -> dict:
-        return add_flags(parser, [f for f in ENGINE_FLAGS if f.name not in skip], groups)
+        return add_flags(parser, [f for f in engine_flags() if f.name not in skip], groups)
 
     @classmethod
     def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
@@ -245,6 +297,33 @@ class EngineArgs:
         return cls(**kw)
 
 
+def _flag_type(annotation: Any) -> tuple[Optional[Callable], bool]:
+    """(argparse type, is boolean) of a field's annotation: Optional[int] -> (int, False)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    base = typing.get_origin(args[0]) or args[0]
+    if base is bool:
+        return None, True
+    if base is list:
+        inner = typing.get_args(args[0])
+        return (inner[0] if inner else str), False
+    return (base if base in (int, float, str) else str), False
+
+
+def engine_flags() -> list[Flag]:
+    """The command-line view of EngineArgs' fields (in declaration order)."""
+    hints = typing.get_type_hints(EngineArgs)
+    out = []
+    for f in dataclasses.fields(EngineArgs):
+        meta = f.metadata.get("flag")
+        if meta is None:
+            continue
+        ftype, boolean = _flag_type(hints[f.name])
+        out.append(Flag(f.name.replace("_", "-"), meta["type"] or ftype, f.default, meta["help"],
+                        group=meta["group"], aliases=meta["aliases"], choices=meta["choices"],
+                        boolean=boolean, nargs=meta["nargs"]))
+    return out
+
+
 def load_config_file(path: str) -> dict:
     """A YAML (or JSON) file mapping flag names (dashes or underscores) to values."""
     import yaml
@@ -253,3 +332,61 @@ def load_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a mapping of flag names to values")
     return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def data_parallel_rank_args(args: EngineArgs, rank: int) -> EngineArgs:
+    """The EngineArgs of one data-parallel engine core: on CUDA, rank r runs on devices
+    r * tp .. r * tp + tp - 1, and its tensor-parallel group meets on ports of its own."""
+    if args.data_parallel_size == 1:
+        return args
+    device = args.device
+    if device in ("auto", "cuda"):
+        import torch
+        if device == "cuda" or torch.cuda.is_available():
+            device = f"cuda:{rank * args.tensor_parallel_size}"
+    return dataclasses.replace(args, device=device, master_port=args.master_port + 10 * rank)
+
+
+@dataclass
+class ModelConfig:
+    """What the engine and the API server need to know about a model, read from its config
+    (no weights): limits, vocabulary, the EOS ids and whether it generates or pools."""
+    model: str                        # as the user named it (or the bundled name)
+    served_model_names: list[str]
+    max_model_len: int
+    vocab_size: int
+    architecture: str
+    runner: str                       # "generate" | "pooling" (embeddings, classification, scores)
+    hf_config: Any = None
+    generation_config: dict = field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()
+    # pooling models: what their head computes, "embed" (a vector) or "classify" (class logits)
+    pooling_kind: str = ""
+    pooling_model: Any = None         # models.registry.PoolingModel: the class and how it runs
+    pooler_config: Any = None         # layers.pooler.PoolingConfig: pooling modes, normalization
+    embedding_size: int = 0           # embed: the length of the vectors
+    id2label: dict = field(default_factory=dict)  # classify: label names, by class index
+    # embed: sizes the model was trained to be truncated to (Matryoshka); [] = any size, None = none
+    matryoshka_dimensions: Optional[list[int]] = None
+    uses_token_type_ids: bool = False  # BERT-style segment ids (text pairs of cross-encoders)
+    # resolved by the engine core once it owns the device
+    dtype: str = ""
+    device: str = ""
+
+    @property
+    def is_pooling(self) -> bool:
+        return self.runner == "pooling"
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """The PoolingParams tasks this model answers (score: a one-label cross-encoder; bi-encoders
+        score by the cosine of two `embed` results, computed by the caller)."""
+        if self.pooling_kind == "embed":
+            return ("embed", "encode")
+        if self.pooling_kind == "classify":
+            return ("classify", "encode") + (("score",) if self.num_labels == 1 else ())
+        return ()

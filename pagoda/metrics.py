@@ -11,6 +11,7 @@ The contract (names, labels) is written down in helpers' METRICS.md and README.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Optional
 
@@ -81,13 +82,22 @@ class ServerMetrics:
     def __init__(self, engine: Any, model_name: str, max_model_len: int):
         disable_created_metrics()  # no *_created series: vLLM's dashboards don't expect them
         self.model_name = model_name
+        # the registry /metrics renders; with several API server processes (--api-server-count)
+        # prometheus_client's multiprocess mode sums every process's instruments into it, and the
+        # instruments themselves live in a registry of their own
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        ProcessCollector(registry=r)
-        r.register(EngineStatsCollector(engine, model_name))
+        multiproc = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        if multiproc:
+            from prometheus_client import multiprocess
+            multiprocess.MultiProcessCollector(self.registry)
+            r = CollectorRegistry(auto_describe=True)
+        else:
+            r = self.registry
+            ProcessCollector(registry=r)
+        self.registry.register(EngineStatsCollector(engine, model_name))
         try:  # GPU gauges (NVML); absent module or no GPU -> nothing
             from pagoda.gpu_monitor import GPUCollector
-            r.register(GPUCollector())
+            self.registry.register(GPUCollector())
         except ImportError:
             pass
 
@@ -117,8 +127,8 @@ class ServerMetrics:
         self._m = [model_name]
 
     def on_engine_step(self, step: Any) -> None:
-        """Step listener; runs on the engine thread (prometheus_client is thread-safe)."""
-        n = step.num_prompt_tokens + step.num_generation_tokens
+        """Step listener (engine.messages.SchedulerStats of each engine step)."""
+        n = step.step_prompt_tokens + step.step_generation_tokens
         if n:
             self.iteration_tokens.labels(*self._m).observe(n)
 
@@ -169,10 +179,13 @@ class RequestTracker:
         self._done = True
         mm = self.metrics
         label = mm.model_name
+        samples = out.outputs if isinstance(getattr(out, "outputs", None), list) else []
         if reason is not None or out is None:
             reasons = [reason or "abort"]
-        else:
-            reasons = [o.finish_reason or "abort" for o in out.outputs]
+        elif samples:
+            reasons = [o.finish_reason or "abort" for o in samples]
+        else:  # a pooling request: it ends when its vector is ready
+            reasons = ["stop"]
         for r in reasons:
             mm.request_success.labels(label, r).inc()
         m = getattr(out, "metrics", None)
@@ -185,7 +198,7 @@ class RequestTracker:
             mm.queue_time.labels(label).observe(max(m.first_scheduled_time - m.arrival_time, 0.0))
         mm.e2e.labels(label).observe(max(end - m.arrival_time, 0.0))
         mm.prompt_len.labels(label).observe(len(out.prompt_token_ids or ()))
-        for o in out.outputs:
+        for o in samples:
             mm.gen_len.labels(label).observe(len(o.token_ids))
 
 

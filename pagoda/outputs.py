@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass
@@ -74,5 +74,53 @@ class EmbeddingRequestOutput:
     """One input's embedding, shaped like vLLM's (``out.outputs.embedding``)."""
     request_id: str
     outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class PoolingOutput:
+    data: Any  # numpy array: the pooled vector (embedding) of one input
+
+
+@dataclass
+class PoolingRequestOutput:
+    """A pooling request's result (vLLM's shape: ``out.outputs.data``)."""
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    metrics: Optional[RequestMetrics] = None
+
+
+@dataclass
+class ClassificationOutput:
+    probs: list[float]  # one per class (softmax; the sigmoid of a one-label head)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.probs)
+
+
+@dataclass
+class ClassificationRequestOutput:
+    """One input's class probabilities, shaped like vLLM's (``out.outputs.probs``)."""
+    request_id: str
+    outputs: ClassificationOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+
+@dataclass
+class ScoringOutput:
+    score: float  # cross-encoder: the sigmoid of its logit; bi-encoder: the cosine similarity
+
+
+@dataclass
+class ScoringRequestOutput:
+    """One text pair's score, shaped like vLLM's (``out.outputs.score``); prompt_token_ids are
+    the pair's tokens (a cross-encoder's one input, or both inputs of a bi-encoder)."""
+    request_id: str
+    outputs: ScoringOutput
     prompt_token_ids: list[int]
     finished: bool = True

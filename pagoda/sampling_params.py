@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+from pagoda.beam_search import BeamSearchParams  # noqa: F401  (vLLM's import path)
+
 # The engine keeps counts and token ids in int32/int64 tensors and seeds in torch generators:
 # values outside these ranges are refused here, before any engine step could overflow on them.
 INT32_MAX = (1 << 31) - 1
@@ -103,6 +105,15 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
+
+    def for_sample(self, index: int) -> "SamplingParams":
+        """The params of sample `index` of an n > 1 request (which runs as n requests of n=1):
+        each gets its own seed stream, reproducible and independent of the batch; the prompt's
+        logprobs are computed once, by sample 0."""
+        seed = self.seed
+        if seed is not None and index:
+            seed = hash((seed, index)) & 0x7FFFFFFFFFFF
+        return self.clone(n=1, seed=seed, prompt_logprobs=self.prompt_logprobs if index == 0 else None)
 
     def clone(self, **changes) -> "SamplingParams":
         from dataclasses import replace

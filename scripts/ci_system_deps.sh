@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system tools the deployment tests run for real: nginx and Prometheus (Debian
-# packages) and Docker Compose v2 (for `docker compose config`). Idempotent: when everything is
+# packages), Chromium and its WebDriver (the chat-page test drives a headless browser) and Docker
+# Compose v2 (for `docker compose config`). Idempotent: when everything is
 # already there it prints nothing and returns in well under a second.
 #
 # Compose: Debian bookworm only packages Compose v1 (python, `docker-compose`), which reads an
@@ -13,6 +14,8 @@ need_apt=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive

@@ -28,13 +28,19 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, rms_norm_eps=1e-6)
 
 
-def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **sizes) -> str:
-    """A random-weight HF checkpoint (safetensors + tokenizer) of a tiny model of `kind` (`sizes`
-    override TINY's). Weights are drawn wide enough that greedy choices are not near-ties."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config
+# sliding window of the tiny Mistral / Gemma 3: prompts of tests are several windows long
+TINY_WINDOW = 8
+
+
+def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **overrides) -> str:
+    """A random-weight HF checkpoint (safetensors + tokenizer) of a tiny model of `kind`
+    (`overrides` go to its config). Weights are drawn wide enough that greedy choices are not
+    near-ties."""
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig, LlamaConfig,
+                              MistralConfig, Qwen2Config, Qwen3Config)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     common = dict(TINY, vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    common.update(sizes)
+    common.update(overrides)
     if kind == "llama":
         cfg = LlamaConfig(**common, max_position_embeddings=4096, tie_word_embeddings=False,
                           rope_theta=50000.0,
@@ -44,14 +50,28 @@ def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **sizes)
         cfg = Qwen3Config(**common, head_dim=32, max_position_embeddings=4096, tie_word_embeddings=True)
     elif kind == "qwen2":
         cfg = Qwen2Config(**common, max_position_embeddings=4096, tie_word_embeddings=False)
+    elif kind == "mistral":
+        cfg = MistralConfig(**common, max_position_embeddings=4096,
+                            tie_word_embeddings=False, sliding_window=TINY_WINDOW)
+    elif kind == "gemma3":
+        # 3 layers: sliding, global, sliding; head_dim and query_pre_attn_scalar differ from
+        # hidden / heads; linear rope scaling on the global layer only, as Gemma 3 4B+ has
+        args = dict(common, num_hidden_layers=3, head_dim=32, query_pre_attn_scalar=24,
+                    sliding_window=TINY_WINDOW, sliding_window_pattern=2,
+                    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
+                    rope_scaling={"rope_type": "linear", "factor": 2.0},
+                    max_position_embeddings=4096, pad_token_id=0)
+        args.update(overrides)
+        cfg = Gemma3TextConfig(**args)
+        cfg.architectures = ["Gemma3ForCausalLM"]
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            if "norm" in name:  # Gemma's (1 + weight) norms hold the offset from 1
+                p.copy_((0.0 if kind == "gemma3" else 1.0) + 0.1 * torch.randn_like(p))
             elif "bias" in name:
                 p.normal_(0, 0.1)
             else:
@@ -150,19 +170,19 @@ def build_tiny_gguf(hf_dir: str, path: str, types: dict[str, str]) -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory, smollm_side_dir) -> str:
-    return build_tiny("llama", str(tmp_path_factory.mktemp("tiny-llama")), smollm_side_dir)
+def _tiny_dir_fixture(kind: str):
+    """A session fixture: the path of build_tiny(kind)'s checkpoint, built once per run."""
+    @pytest.fixture(scope="session")
+    def tiny_dir(tmp_path_factory, smollm_side_dir) -> str:
+        return build_tiny(kind, str(tmp_path_factory.mktemp(f"tiny-{kind}")), smollm_side_dir)
+    return tiny_dir
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen3_dir(tmp_path_factory, smollm_side_dir) -> str:
-    return build_tiny("qwen3", str(tmp_path_factory.mktemp("tiny-qwen3")), smollm_side_dir)
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen2_dir(tmp_path_factory, smollm_side_dir) -> str:
-    return build_tiny("qwen2", str(tmp_path_factory.mktemp("tiny-qwen2")), smollm_side_dir)
+tiny_llama_dir = _tiny_dir_fixture("llama")
+tiny_qwen3_dir = _tiny_dir_fixture("qwen3")
+tiny_qwen2_dir = _tiny_dir_fixture("qwen2")
+tiny_mistral_dir = _tiny_dir_fixture("mistral")
+tiny_gemma3_dir = _tiny_dir_fixture("gemma3")
 
 
 @pytest.fixture(scope="session")

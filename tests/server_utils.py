@@ -118,3 +118,29 @@ def metric(samples: dict[str, float], name: str, **labels: str) -> float:
         if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
             total += value
     return total
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (read from /proc)."""
+    import pathlib
+    out = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def engine_core_pid(server_pid: int) -> int:
+    """The engine-core process of a `pagoda serve --engine-core process` (a spawned child)."""
+    for c in child_pids(server_pid):
+        try:
+            cmd = open(f"/proc/{c}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd:
+            return c
+    raise LookupError(f"no engine-core child of {server_pid}")

@@ -78,13 +78,18 @@ def test_silu_and_mul_matches_reference():
 
 @pytest.mark.parametrize("isa", cpu_build.supported_isas())
 @pytest.mark.parametrize("heads,kv_heads,D", [(4, 4, 64), (9, 3, 64), (16, 2, 128), (6, 2, 80)])
-def test_paged_decode_attention_matches_reference(heads, kv_heads, D, isa, monkeypatch):
+@pytest.mark.parametrize("window,cap", [(None, None), (1, None), (5, None), (16, None), (17, 3.0),
+                                        (100, None), (None, 3.0)])
+def test_paged_decode_attention_matches_reference(heads, kv_heads, D, window, cap, isa, monkeypatch):
     """Each instruction set's build; head sizes that are and are not a multiple of the register
-    width; contexts shorter than, equal to and longer than one block of positions."""
+    width; contexts shorter than, equal to and longer than one block of positions. Windows below,
+    at and across block boundaries and beyond every sequence; blocks wholly before every query's
+    window point at a NaN block (freed or reused), which must not be read."""
     monkeypatch.setenv("PAGODA_CPU_ISA", isa)
     g = torch.Generator().manual_seed(heads)
     nb, bs = 64, 16
-    kv = torch.randn(2, nb, bs, kv_heads, D, generator=g)
+    kv = torch.randn(2, nb + 1, bs, kv_heads, D, generator=g)
+    kv[:, nb] = float("nan")
     # decodes at block boundaries (1, 16, 17, 32) and a long one (5+ position blocks) mixed with
     # a prefill chunk and a prefix hit
     qlens, lens = [1, 5, 1, 1, 1, 3, 1], [37, 20, 16, 1, 17, 32, 121]
@@ -93,11 +98,18 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, D, isa, monke
         qsl.append(qsl[-1] + n)
     perm = torch.randperm(nb, generator=g).to(torch.int32)
     bt = torch.stack([perm[i * 8:(i + 1) * 8] for i in range(len(lens))])
+    if window is not None:
+        for r, (ql, n) in enumerate(zip(qlens, lens)):
+            bt[r, :max(0, n - ql - window + 1) // bs] = nb
     q = torch.randn(qsl[-1], heads, D, generator=g)
     args = (q, kv, torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt, 0.125)
-    ref = paged_attention_torch(*args, qsl, lens, {})
-    out = paged_attention_cpu(*args, qsl, lens, {})
+    kw = dict(sliding_window=window, logits_soft_cap=cap)
+    ref = paged_attention_torch(*args, qsl, lens, {}, **kw)
+    out = paged_attention_cpu(*args, qsl, lens, {}, **kw)
+    assert not ref.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    if window is not None and window < 100 or cap is not None:  # the options change the result
+        assert not torch.allclose(out, paged_attention_torch(*args, qsl, lens, {}), atol=1e-3)
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
@@ -105,11 +117,12 @@ def test_kernels_can_be_switched_off(monkeypatch):
     assert cpu_build._build("cpu_fused") is None
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen2", "mistral"])
 def test_fused_decode_layers_match_per_op_path(kind, request):
     """--quantization int8 on the CPU: decode steps through one C call per layer give the same
-    tokens and logprobs as the per-op module path on the same weights (Qwen3's q/k norm and
-    Qwen2's qkv bias included), for a batch whose requests have different lengths."""
+    tokens and logprobs as the per-op module path on the same weights (Qwen3's q/k norm,
+    Qwen2's qkv bias and Mistral's sliding window included), for a batch whose requests have
+    different lengths."""
     from pagoda import LLM, SamplingParams
     from conftest import assert_same_outputs, random_prompts
     llm = LLM(request.getfixturevalue(f"tiny_{kind}_dir"), quantization="int8", max_model_len=512,
@@ -117,7 +130,16 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 3, 40, 49152, seed=4)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
     fused = llm.generate(prompts, sp, use_tqdm=False)
-    assert llm.engine.runner.cpu_decoder is not None
-    llm.engine.runner.cpu_decoder = None
+    runner = llm.llm_engine.core.worker.runner
+    assert runner.cpu_decoder is not None
+    runner.cpu_decoder = None
     per_op = llm.generate(prompts, sp, use_tqdm=False)
     assert_same_outputs(fused, per_op)
+
+
+def test_fused_decode_declines_gemma3(tiny_gemma3_dir):
+    """Gemma 3's layers ((1 + w) norms around attention and MLP, GELU) are not the C layer's:
+    its int8 decode steps stay on the per-op path."""
+    from pagoda import LLM
+    llm = LLM(tiny_gemma3_dir, quantization="int8", max_model_len=256, num_gpu_blocks_override=64)
+    assert llm.llm_engine.core.worker.runner.kv_caches and llm.llm_engine.core.worker.runner.cpu_decoder is None

@@ -105,12 +105,13 @@ def test_tiny_gguf_runs_packed_and_matches_transformers(tiny_gguf):
     from pagoda import LLM
     from test_fidelity import check_against_hf
     llm = LLM(tiny_gguf, max_model_len=512, num_gpu_blocks_override=256)
-    model = llm.engine.model
-    assert llm.engine.quantization == "int8"  # the engine's label for a quantized GGUF on the CPU
+    worker = llm.llm_engine.core.worker
+    model = worker.model
+    assert worker.quantization == "gguf"  # the default for a quantized GGUF on the CPU
     assert [p.type for p in model.layers[0].self_attn.qkv_proj.gguf.parts] == [2, 3, 8]
     assert [p.type for p in model.layers[1].mlp.gate_up_proj.gguf.parts] == [3]
     assert model.lm_head.gguf.parts[0].type == 3
-    assert llm.engine.runner.cpu_decoder is not None
+    assert worker.runner.cpu_decoder is not None
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(tiny_gguf),
                                               gguf_file=os.path.basename(tiny_gguf),
                                               dtype=torch.float32).eval()
@@ -134,15 +135,38 @@ def test_k_quant_gguf_runs_packed_and_matches_transformers(tiny_k_gguf):
     from pagoda import LLM
     from test_fidelity import check_against_hf
     llm = LLM(tiny_k_gguf, max_model_len=512, num_gpu_blocks_override=256)
-    model = llm.engine.model
+    worker = llm.llm_engine.core.worker
+    model = worker.model
     assert [p.type for p in model.layers[0].self_attn.qkv_proj.gguf.parts] == [12, 14]
     assert [p.type for p in model.layers[0].mlp.gate_up_proj.gguf.parts] == [13, 12]
     assert model.layers[0].mlp.down_proj.gguf.parts[0].type == 14
-    assert llm.engine.runner.cpu_decoder is not None
+    assert worker.runner.cpu_decoder is not None
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(tiny_k_gguf),
                                               gguf_file=os.path.basename(tiny_k_gguf),
                                               dtype=torch.float32).eval()
     check_against_hf(None, random_prompts(4, 3, 40, 49152, seed=6), hf_model=hf, llm=llm)
+
+
+def test_a_merged_projection_of_packed_and_float_shards_takes_the_floats(tmp_path, tiny_llama_dir):
+    """q and v in blocks, k in F32: the loader kept q's and v's blocks and gave zeros for them, so
+    qkv (which cannot be packed whole) must get their floats back before it falls back to int8
+    groups; the layers that are all blocks stay packed, and no weight is left as zeros."""
+    from pagoda import LLM
+    from pagoda.kernels import cpu_int8
+    path = build_tiny_gguf(tiny_llama_dir, str(tmp_path / "mixed.gguf"),
+                           dict(TINY_GGUF_TYPES, attn_k=None))
+    llm = LLM(path, max_model_len=256, num_gpu_blocks_override=64)
+    model = llm.llm_engine.core.worker.model
+    ref = LLM(path, quantization="none", max_model_len=256, num_gpu_blocks_override=64)
+    ref_model = ref.llm_engine.core.worker.model
+    for i, layer in enumerate(model.layers):
+        qkv, ref_w = layer.self_attn.qkv_proj, ref_model.layers[i].self_attn.qkv_proj.weight
+        assert qkv.gguf is None and qkv.int8 is not None
+        w = cpu_int8.dequantize_weight(qkv.int8.qweight, qkv.int8.scales, qkv.int8.mins)
+        q, k = qkv.shard_sizes[0], qkv.shard_sizes[1]
+        for rows in (slice(0, q), slice(q, q + k), slice(q + k, None)):  # 8 bits a weight of each
+            assert (w[rows] - ref_w[rows]).abs().max() < 1e-2 * ref_w[rows].abs().max()
+        assert layer.mlp.gate_up_proj.gguf is not None and layer.self_attn.o_proj.gguf is not None
 
 
 def _replace_by_dequantized(model):
@@ -171,24 +195,26 @@ def test_int4_matches_the_float_path_on_its_weights(kind, request):
     prompts = [{"prompt_token_ids": p} for p in random_prompts(4, 3, 40, 49152, seed=5)]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=3)
     packed = LLM(path, quantization="int4", max_model_len=512, num_gpu_blocks_override=256)
-    assert packed.engine.model.layers[0].mlp.down_proj.gguf.parts[0].type == 3
-    assert packed.engine.model.lm_head.gguf.parts[0].type == 8
-    assert packed.engine.runner.cpu_decoder is not None
+    worker = packed.llm_engine.core.worker
+    assert worker.model.layers[0].mlp.down_proj.gguf.parts[0].type == 3
+    assert worker.model.lm_head.gguf.parts[0].type == 8
+    assert worker.runner.cpu_decoder is not None
     got = packed.generate(prompts, sp, use_tqdm=False)
     del packed
     ref_llm = LLM(path, quantization="none", max_model_len=512, num_gpu_blocks_override=256)
-    _replace_by_dequantized(ref_llm.engine.model)
+    _replace_by_dequantized(ref_llm.llm_engine.core.worker.model)
     assert_same_outputs(got, ref_llm.generate(prompts, sp, use_tqdm=False))
 
 
-def test_int4_is_refused_on_cuda():
+@pytest.mark.parametrize("method", ["int4", "gguf"])
+def test_packed_formats_are_refused_on_cuda(method):
     from pagoda.config import EngineArgs
-    with pytest.raises(ValueError, match=r"^--quantization: int4 runs on the CPU only"):
-        EngineArgs(quantization="int4", device="cuda")
+    with pytest.raises(ValueError, match=rf"^--quantization: {method} runs on the CPU only"):
+        EngineArgs(quantization=method, device="cuda")
 
 
 def test_physical_cores_count_smt_siblings_once(monkeypatch):
-    from pagoda.worker import cpu_threads as cpu
+    from pagoda.worker import threads as cpu
     siblings = {0: "0,4", 4: "0,4", 1: "1,5", 5: "1,5", 2: "2", 3: "3"}
     monkeypatch.setattr(cpu, "_allowed_cpus", lambda: {0, 1, 2, 4, 5})
     monkeypatch.setattr(cpu, "_core_of", lambda c: siblings[c])
@@ -208,7 +234,7 @@ def test_threads_reach_torch_and_the_kernels_on_any_thread():
     import ctypes
     import threading
     from pagoda.config import EngineArgs
-    from pagoda.worker import cpu_threads as cpu
+    from pagoda.worker import threads as cpu
     with pytest.raises(ValueError, match=r"^--threads: must be >= 1"):
         EngineArgs(threads=0)
     lib = cpu_build.load("cpu_gguf", {})

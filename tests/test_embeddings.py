@@ -31,9 +31,17 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def engine():
-    from pagoda.config import EngineArgs
-    from pagoda.engine.embedding_engine import EmbeddingEngine
-    return EmbeddingEngine(EngineArgs(model=MINILM, device="cpu"))
+    """The one engine, serving an embedding model."""
+    from pagoda import LLM
+    return LLM(model=MINILM, device="cpu")
+
+
+def embed(llm, texts) -> list[torch.Tensor]:
+    return [torch.tensor(o.outputs.embedding) for o in llm.embed(texts)]
+
+
+def steps(llm) -> int:
+    return sum(n for n, _ in llm.llm_engine.core.step_timing.values())
 
 
 @pytest.fixture(scope="module")
@@ -62,33 +70,25 @@ def assert_close(ours, ref) -> None:
 
 # -------------------------------------------------------------------------------- fidelity
 
-def test_matches_transformers_in_one_padded_batch(engine, hf):
-    ids = [engine.tokenize(t) for t in TEXTS]
-    lengths = sorted(len(x) for x in ids)
-    assert lengths[0] < 8 and lengths[-1] > 150 and len(set(lengths)) == len(TEXTS)  # real padding
-    batch = engine.forward(ids)  # all four, right-padded to the longest, in one forward
-    assert batch.shape == (len(TEXTS), 384)
+def test_matches_transformers_in_one_flattened_batch(engine, hf):
+    _, tok = hf
+    lengths = sorted(len(tok(t).input_ids) for t in TEXTS)
+    assert lengths[0] < 8 and lengths[-1] > 150 and len(set(lengths)) == len(TEXTS)  # unequal inputs
+    before = steps(engine)
+    batch = embed(engine, TEXTS)
+    assert steps(engine) - before == 1  # all four in one engine step, through the encoder attention
+    assert all(v.shape == (384,) for v in batch)
     for text, ours in zip(TEXTS, batch):
         assert_close(ours, reference(hf, text))
-    assert torch.allclose(batch.norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-6)
+    assert torch.allclose(torch.stack(batch).norm(dim=-1), torch.ones(len(TEXTS)), atol=1e-6)
 
 
 def test_results_do_not_depend_on_batching(engine):
-    from pagoda.engine.embedding_engine import EmbeddingEngine
-    ids = [engine.tokenize(t) for t in TEXTS * 3]
-    together = engine.forward(ids)
-    saved = engine.max_num_seqs, engine.max_num_batched_tokens
-    try:
-        engine.max_num_seqs, engine.max_num_batched_tokens = 2, 300
-        groups = engine.batches(ids)
-        assert sorted(i for g in groups for i in g) == list(range(len(ids)))
-        for g in groups:
-            assert len(g) <= 2
-            assert len(g) == 1 or len(g) * max(len(ids[i]) for i in g) <= 300
-        assert len(groups) > len(ids) // 2
-        apart = EmbeddingEngine.embed_ids(engine, ids)
-    finally:
-        engine.max_num_seqs, engine.max_num_batched_tokens = saved
+    from pagoda import LLM
+    together = embed(engine, TEXTS * 3)
+    small = LLM(model=MINILM, device="cpu", max_num_seqs=2, max_num_batched_tokens=300)
+    apart = embed(small, TEXTS * 3)
+    assert steps(small) > len(TEXTS * 3) // 2  # at most two inputs (or one long one) per step
     for a, b in zip(apart, together):
         assert_close(a, b)
 
@@ -108,9 +108,8 @@ def test_bert_for_masked_lm_checkpoint_loads_the_same_encoder(engine, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (tmp_path / name).write_bytes(open(os.path.join(MINILM, name), "rb").read())
     # no modules.json: BERT's default (mean, normalized), the same recipe as MiniLM's files
-    out = LLM(model=str(tmp_path)).embed(TEXTS[:2])
-    ours = [o.outputs.embedding for o in out]
-    for o, ref in zip(ours, engine.embed(TEXTS[:2])[1]):
+    ours = embed(LLM(model=str(tmp_path)), TEXTS[:2])
+    for o, ref in zip(ours, embed(engine, TEXTS[:2])):
         assert_close(o, ref)
 
 
@@ -119,11 +118,10 @@ def test_bert_for_masked_lm_checkpoint_loads_the_same_encoder(engine, tmp_path):
 def test_pooling_modes_match_a_per_row_reference():
     from pagoda.layers.pooler import PoolingConfig, pool
     torch.manual_seed(0)
-    h = torch.randn(3, 5, 4)
     lengths = [5, 2, 3]
-    mask = torch.tensor([[j < n for j in range(5)] for n in lengths])
-    h[~mask] = 1e4  # padding must never leak into any mode
-    rows = [h[i, :n] for i, n in enumerate(lengths)]
+    starts = [0, 5, 7]
+    h = torch.randn(sum(lengths), 4)  # a flattened batch: three inputs back to back
+    rows = [h[s:s + n] for s, n in zip(starts, lengths)]
     expect = {
         "cls": [r[0] for r in rows],
         "max": [r.max(0).values for r in rows],
@@ -132,11 +130,15 @@ def test_pooling_modes_match_a_per_row_reference():
         "lasttoken": [r[-1] for r in rows],
     }
     for mode, want in expect.items():
-        got = pool(h, mask, PoolingConfig((mode,), normalize=False))
+        got = pool(h, starts, lengths, PoolingConfig((mode,), normalize=False))
         assert torch.allclose(got, torch.stack(want), atol=1e-5), mode
-    both = pool(h, mask, PoolingConfig(("cls", "mean"), normalize=True))
+    both = pool(h, starts, lengths, PoolingConfig(("cls", "mean"), normalize=True))
     want = F.normalize(torch.cat([torch.stack(expect["cls"]), torch.stack(expect["mean"])], -1), dim=-1)
     assert torch.allclose(both, want, atol=1e-6)
+    # a request may turn normalization off for itself
+    mixed = pool(h, starts, lengths, PoolingConfig(("mean",), normalize=True), [True, False, True])
+    assert torch.allclose(mixed[1], expect["mean"][1], atol=1e-6)
+    assert torch.allclose(mixed[0], F.normalize(expect["mean"][0], dim=0), atol=1e-6)
 
 
 def _st_dir(tmp_path, modules: list[str], pooling: dict | None = None) -> str:
@@ -173,22 +175,22 @@ def test_pooling_config_from_sentence_transformers_files(tmp_path):
 # ---------------------------------------------------------------------- limits and offline API
 
 def test_input_checks_name_the_lengths(engine):
-    assert engine.model_config.max_model_len == 512  # the model's max_position_embeddings
-    with pytest.raises(ValueError, match=r"item 1 has 513 tokens.*max_model_len\) is 512"):
-        engine.check([[101, 102], [101] * 513])
-    engine.check([[101] * 512])  # exactly the limit is fine: nothing is generated after it
+    assert engine.llm_engine.model_config.max_model_len == 512  # the model's max_position_embeddings
+    with pytest.raises(ValueError, match=r"513 tokens.*max_model_len\) is 512"):
+        engine.embed([[101, 102], [101] * 513])
+    assert not engine.llm_engine.has_unfinished_requests()  # nothing ran: all checked first
+    assert len(engine.embed([[101] * 512])) == 1  # exactly the limit is fine: nothing is generated
     with pytest.raises(ValueError, match="must not be empty"):
-        engine.check([])
+        engine.embed([[]])
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        engine.check([[101, 30522]])
+        engine.embed([[101, 30522]])
 
 
 def test_max_model_len_flag():
-    from pagoda.config import EngineArgs
-    from pagoda.engine.embedding_engine import EmbeddingEngine
+    from pagoda import LLM
     with pytest.raises(ValueError, match=r"--max-model-len: 1024 exceeds .*\(512\)"):
-        EmbeddingEngine(EngineArgs(model=MINILM, max_model_len=1024, device="cpu"))
-    short = EmbeddingEngine(EngineArgs(model=MINILM, max_model_len=16, device="cpu"))
+        LLM(model=MINILM, max_model_len=1024, device="cpu")
+    short = LLM(model=MINILM, max_model_len=16, device="cpu")
     with pytest.raises(ValueError, match=r"\d+ tokens, but .* is 16"):
         short.embed([TEXTS[1] * 2])
 
@@ -205,7 +207,7 @@ def test_llm_embed_offline(engine, hf):
     single = llm.embed(tok(TEXTS[1]).input_ids)  # one token-id list is one prompt
     assert len(single) == 1
     assert_close(single[0].outputs.embedding, out[2].outputs.embedding)
-    with pytest.raises(ValueError, match="embedding model"):
+    with pytest.raises(ValueError, match="pooling model"):
         llm.generate("hello")
 
 
@@ -214,7 +216,7 @@ def test_generative_models_refuse_embed_and_vice_versa(tiny_llm):
         tiny_llm.embed(["hello"])
     from transformers import AutoConfig
     from pagoda.models.registry import resolve_model_class
-    with pytest.raises(ValueError, match="embedding model"):
+    with pytest.raises(ValueError, match="pooling model"):
         resolve_model_class(AutoConfig.from_pretrained(MINILM))
 
 
@@ -248,16 +250,18 @@ def test_sdk_float_and_base64(server, engine, hf):
     res = client.embeddings.create(model="minilm", input=TEXTS, encoding_format="float")
     assert res.object == "list" and res.model == "minilm"
     assert [d.index for d in res.data] == list(range(len(TEXTS)))
-    expect = engine.embed(TEXTS)[1]
+    expect = embed(engine, TEXTS)
     for d, ref in zip(res.data, expect):
         assert d.object == "embedding"
         assert_close(d.embedding, ref)
     n = sum(len(tok(t).input_ids) for t in TEXTS)
     assert (res.usage.prompt_tokens, res.usage.total_tokens) == (n, n)
-    # the SDK asks for base64 itself when no format is given, and decodes it
+    # the SDK asks for base64 itself when no format is given, and decodes it (the two calls may
+    # be batched differently by the engine, which moves float32 rounding: equal to 1e-6)
     b64 = client.embeddings.create(model="minilm", input=TEXTS)
     for d, f in zip(b64.data, res.data):
-        assert np.array_equal(np.asarray(d.embedding, dtype=np.float32), np.asarray(f.embedding, dtype=np.float32))
+        assert np.allclose(np.asarray(d.embedding, dtype=np.float32), np.asarray(f.embedding, dtype=np.float32),
+                           atol=1e-6, rtol=0)
 
 
 @pytest.mark.slow
@@ -319,7 +323,7 @@ def test_errors(server, http, hf):
                        ("/v1/completions", {"prompt": "hi"})):
         r = http.post(path, json=body)
         assert r.status_code == 400
-        assert "serves /v1/embeddings only" in r.json()["error"]["message"]
+        assert "serves /v1/embeddings, /pooling, /score, /rerank only" in r.json()["error"]["message"]
     r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
     # API key: through the server's middleware like every other route
@@ -338,7 +342,7 @@ async def test_concurrent_requests_get_their_own_vectors(server, engine):
     results = await asyncio.gather(*(client.embeddings.create(model="minilm", input=t,
                                                               encoding_format="float")
                                      for t in inputs))
-    for res, ref in zip(results, engine.embed(inputs)[1]):
+    for res, ref in zip(results, embed(engine, inputs)):
         assert_close(res.data[0].embedding, ref)
 
 
@@ -360,3 +364,49 @@ def test_generative_server_refuses_embeddings(tiny_llama_dir):
         assert "generative model" in err["message"] and err["param"] == "model"
         assert httpx.post(s.url + "/v1/embeddings", json={"input": "x", "model": "nope"},
                           timeout=30).status_code == 404
+
+
+@pytest.mark.slow
+def test_embeddings_run_on_the_generation_engine(server, http):
+    """One engine class for every task: embedding requests go through the same engine core as
+    generation (its scheduler's counters, per-request metrics and request logs cover them), and
+    the old separate embedding engine is gone."""
+    import importlib
+    for gone in ("pagoda.engine.embedding_engine", "pagoda.engine.async_embedding_engine"):
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module(gone)
+    before = server.metrics(AUTH)
+    r = post(http, {"input": TEXTS[:3]})
+    assert r.status_code == 200
+    after = server.metrics(AUTH)
+    label = {"model_name": "minilm"}
+    assert metric(after, "pagoda:e2e_request_latency_seconds_count", **label) - \
+        metric(before, "pagoda:e2e_request_latency_seconds_count", **label) == 3
+    assert metric(after, "pagoda:request_success_total", finished_reason="stop", **label) - \
+        metric(before, "pagoda:request_success_total", finished_reason="stop", **label) == 3
+    assert metric(after, "pagoda:iteration_tokens_total_count", **label) > \
+        metric(before, "pagoda:iteration_tokens_total_count", **label)  # engine steps ran them
+    assert "finished (embed)" in server.log()
+
+
+@pytest.mark.slow
+def test_embedding_work_stops_when_the_client_leaves(server, http):
+    """Hostile input 9: 2,000 inputs of 250 tokens, the client gives up after a second; the
+    engine drops the rest at once, and the next request is answered promptly."""
+    big = {"input": [[1000] * 250] * 2000}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/embeddings", json=big, headers=AUTH, timeout=1.5)
+    import time
+    t0 = time.monotonic()
+    deadline = t0 + 30
+    while time.monotonic() < deadline:  # the abort empties the engine's queue
+        m = server.metrics(AUTH)
+        if metric(m, "pagoda:num_requests_waiting") == 0 and metric(m, "pagoda:num_requests_running") == 0:
+            break
+        time.sleep(0.2)
+    assert time.monotonic() - t0 < 10, "the abandoned inputs kept the engine busy"
+    t1 = time.monotonic()
+    assert post(http, {"input": "still serving?"}).status_code == 200
+    assert time.monotonic() - t1 < 5
+    aborted = metric(server.metrics(AUTH), "pagoda:request_success_total", finished_reason="abort")
+    assert aborted >= 1500  # most of the 2,000 never ran

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_prompts
+from conftest import TINY_WINDOW, random_prompts
 from pagoda import LLM, SamplingParams
 
 N_NEW = 12
@@ -26,6 +26,10 @@ def check_against_hf(model_dir: str, prompts: list[list[int]], hf_model=None, ll
     from transformers import AutoModelForCausalLM
     hf = hf_model or AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     llm = llm or LLM(model_dir, max_model_len=1024)
+    _greedy_matches(hf, llm, prompts, n_new, top, atol)
+
+
+def _greedy_matches(hf, llm, prompts, n_new=N_NEW, top=5, atol=1e-4):
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True,
                                                 logprobs=top), use_tqdm=False)
     for prompt, out in zip(prompts, outs):
@@ -48,17 +52,50 @@ def test_greedy_matches_transformers_in_one_batch(kind, request):
     check_against_hf(model_dir, prompts)
 
 
-def test_bundled_gguf_matches_transformers_gguf(bundled_llm):
-    """The bundled SmolLM2 Q4_1 GGUF: our dequantize + Q/K un-permute vs transformers' GGUF loader.
-    Runs the default CPU path, whose 8-bit groups hold the file's Q4_1/Q8_0 blocks exactly."""
-    assert bundled_llm.engine.quantization == "int8"
+@pytest.fixture(scope="module")
+def bundled_hf():
     from transformers import AutoModelForCausalLM
     from pagoda.worker.loader import bundled_model_path
     import os
     path = bundled_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
-    tok = bundled_llm.get_tokenizer()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("quantization", ["gguf", "int8"])
+def test_bundled_gguf_matches_transformers_gguf(quantization, bundled_llm, bundled_hf):
+    """The bundled SmolLM2 Q4_1 GGUF: our weights + Q/K un-permute vs transformers' GGUF loader.
+    gguf, the default CPU path, multiplies with the file's Q4_1/Q8_0 blocks as they are; int8's
+    8-bit groups hold them exactly."""
+    from pagoda import LLM
+    llm = bundled_llm if quantization == "gguf" else LLM(max_model_len=2048, quantization="int8")
+    assert llm.llm_engine.core.worker.quantization == quantization
+    tok = llm.get_tokenizer()
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     prompts = [tok(t).input_ids for t in texts]
-    check_against_hf(None, prompts, hf_model=hf, llm=bundled_llm, n_new=32, atol=1e-4)
+    check_against_hf(None, prompts, hf_model=bundled_hf, llm=llm, n_new=32, atol=1e-4)
+
+
+# 3 to 8 windows long; 12 new tokens run through one or two windows more
+LONG_PROMPTS = random_prompts(6, 3 * TINY_WINDOW, 8 * TINY_WINDOW, 49152, seed=7)
+
+
+def check_sliding_window(model_dir: str, hf_model) -> None:
+    """Greedy tokens and top-5 logprobs of a sliding-window model against transformers: one
+    batch of prompts several windows long; then chunked prefill (12-token chunks) over 4-token
+    pages (a window spans pages and a chunk starts mid-window), and prompts whose first 5
+    windows hit the prefix cache."""
+    _greedy_matches(hf_model, LLM(model_dir, max_model_len=1024), LONG_PROMPTS)
+    llm = LLM(model_dir, max_model_len=1024, max_num_batched_tokens=12, block_size=4)
+    _greedy_matches(hf_model, llm, LONG_PROMPTS)
+    shared = max(LONG_PROMPTS, key=len)[:5 * TINY_WINDOW]  # 10 cached pages
+    hits = llm.llm_engine.core.kv_cache_manager.hits
+    _greedy_matches(hf_model, llm, [shared + p[:k] for p, k in zip(LONG_PROMPTS, (3, 9, 17))])
+    assert llm.llm_engine.core.kv_cache_manager.hits - hits >= 3 * (len(shared) - 4)
+
+
+def test_mistral_sliding_window_matches_transformers(tiny_mistral_dir):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(tiny_mistral_dir, dtype=torch.float32).eval()
+    assert hf.config.sliding_window == TINY_WINDOW
+    check_sliding_window(tiny_mistral_dir, hf)

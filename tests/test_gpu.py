@@ -101,10 +101,33 @@ def test_overlapped_steps_equal_step_by_step(model_dir):
     for overlap in (False, True):
         llm = LLM(model_dir, device="cuda", attention_backend="triton", dtype="float32", skip_tokenizer_init=True,
                   max_model_len=1024, num_gpu_blocks_override=400)
-        assert llm.engine.overlap  # the CUDA default
-        llm.engine.overlap = overlap
+        assert llm.llm_engine.core.overlap  # the CUDA default
+        llm.llm_engine.core.overlap = overlap
         outs = llm.generate(ps, params, use_tqdm=False)
         got[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason) for o in outs]
-        assert llm.engine.step_timing.get("decode-graph", [0])[0] > 0
+        assert llm.llm_engine.core.step_timing.get("decode-graph", [0])[0] > 0
     assert got[True] == got[False]
     assert {f for _, f, _ in got[True]} == {"length", "stop"}
+
+
+def test_no_kernel_compiles_after_start(model_dir_bf16, monkeypatch):
+    """Issue "first run in seconds", item 5: the start-up warm-up compiled every kernel variant
+    a mixed request sequence uses (short and long prompts, prefix hits, chunks, decodes, greedy
+    and sampled): serving it compiles nothing."""
+    import triton.runtime.jit as jit
+    from pagoda import LLM, SamplingParams
+    llm = LLM(model_dir_bf16, max_model_len=2048, max_num_batched_tokens=512)
+    compiled = []
+    real = jit.JITFunction._do_compile
+
+    def counting(self, *a, **kw):
+        compiled.append(getattr(self, "__name__", str(self)))
+        return real(self, *a, **kw)
+    monkeypatch.setattr(jit.JITFunction, "_do_compile", counting)
+    base = prompts(1, seed=5)[0] * 4
+    mixed = [base[:3], base[:17], base, base + [9, 8, 7], base[:700], base[:40] + [1]]
+    params = [SamplingParams(temperature=0, max_tokens=8), SamplingParams(temperature=0.8, top_p=0.9,
+                                                                          max_tokens=12)]
+    for i in range(3):
+        llm.generate(mixed, [params[(i + j) % 2] for j in range(len(mixed))], use_tqdm=False)
+    assert compiled == [], compiled

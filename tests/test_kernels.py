@@ -88,8 +88,8 @@ def paged_batch(g, q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, p
     return q, kv, qsl, torch.tensor(seq_lens, dtype=torch.int32), bt
 
 
-def attention_ref(q, kv, qsl, sl, bt, scale):
-    return paged_attention_torch(q.double(), kv.double(), qsl, sl, bt, scale)
+def attention_ref(q, kv, qsl, sl, bt, scale, **kw):
+    return paged_attention_torch(q.double(), kv.double(), qsl, sl, bt, scale, **kw)
 
 
 def run_attention(q, kv, qsl, sl, bt, scale, **kw):
@@ -212,6 +212,110 @@ def test_chunked_prefill_through_the_cache(gen):
     reshape_and_cache_torch(k, v, ref_kv, slots)
     out = run_attention(q, kv, qsl, sl, bt, 0.25, max_query_len=max(chunk))
     check(out, attention_ref(q.contiguous(), ref_kv, qsl, sl, bt, 0.25), torch.float32, gen)
+
+
+# ---------------------------------------------------------------- sliding window, soft cap
+
+def drop_out_of_window_blocks(kv, qsl, sl, bt, window):
+    """What a KV-cache manager that frees blocks outside the window may leave behind: blocks
+    wholly before every query's window get their table entries pointed at a NaN block (stale,
+    or handed to someone else). Returns the new cache and table."""
+    page = kv.shape[2]
+    kv = torch.cat([kv, torch.full_like(kv[:, :1], float("nan"))], dim=1)
+    bt = bt.clone()
+    dropped = 0
+    for r in range(len(sl)):
+        first_query = int(sl[r]) - int(qsl[r + 1] - qsl[r])
+        dead = max(0, first_query - window + 1) // page
+        bt[r, :dead] = kv.shape[1] - 1
+        dropped += dead
+    return kv, bt, dropped
+
+
+def dense_attention(q, kv, qsl, sl, bt, scale, window=None, cap=None):
+    """One query at a time from the definition: keys in (p - window, p], softmax, weighted V."""
+    out = torch.zeros_like(q, dtype=torch.float64)
+    page, group = kv.shape[2], q.shape[1] // kv.shape[3]
+    for r in range(len(sl)):
+        n, ql = int(sl[r]), int(qsl[r + 1] - qsl[r])
+        for i in range(ql):
+            p = n - ql + i
+            keys = range(0 if window is None else max(0, p - window + 1), p + 1)
+            k = torch.stack([kv[0, bt[r, j // page], j % page] for j in keys]).double()
+            v = torch.stack([kv[1, bt[r, j // page], j % page] for j in keys]).double()
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [L, H, D]
+            s = torch.einsum("hd,lhd->hl", q[int(qsl[r]) + i].double(), k) * scale
+            if cap is not None:
+                s = torch.tanh(s / cap) * cap
+            out[int(qsl[r]) + i] = torch.einsum("hl,lhd->hd", s.softmax(-1), v)
+    return out
+
+
+WINDOW_BATCH = dict(q_lens=[5, 1, 1, 1, 16, 17, 1, 40, 20, 3],
+                    seq_lens=[5, 7, 16, 17, 48, 17, 33, 41, 150, 65])
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 40, 1000])
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_torch_reference_window_and_cap_match_definition(gen, window, cap):
+    """The reference itself (decode batch and per-request prefill paths) against the definition,
+    with the blocks outside every window dropped."""
+    q, kv, qsl, sl, bt = paged_batch(gen, **WINDOW_BATCH, num_heads=4, num_kv_heads=2,
+                                     head_dim=16, dtype=torch.float64, page=8)
+    want = dense_attention(q, kv, qsl, sl, bt, 0.3, window, cap)
+    kv_d, bt_d, dropped = drop_out_of_window_blocks(kv, qsl, sl, bt, window)
+    assert dropped or window >= 40
+    got = paged_attention_torch(q, kv_d, qsl, sl, bt_d, 0.3, sliding_window=window,
+                                logits_soft_cap=cap)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+# windows below a page, equal to one, across several pages and tiles, as long as a sequence
+# (33), beyond every sequence
+@pytest.mark.parametrize("window", [1, 5, 16, 33, 1000])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_decode_sliding_window(gen, window, splits):
+    seq_lens = [1, 15, 16, 17, 33, 70, 130]
+    q, kv, qsl, sl, bt = paged_batch(gen, [1] * len(seq_lens), seq_lens, 8, 2, 32,
+                                     torch.float32)
+    ref = attention_ref(q, kv, qsl, sl, bt, 0.2, sliding_window=window)
+    kv, bt, _ = drop_out_of_window_blocks(kv, qsl, sl, bt, window)
+    out = run_attention(q, kv, qsl, sl, bt, 0.2, max_query_len=1, num_splits=splits,
+                        sliding_window=window)
+    check(out, ref, torch.float32, gen, f"window={window} splits={splits}")
+
+
+@pytest.mark.parametrize("window", [1, 3, 16, 40, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_prefill_decode_sliding_window(gen, window, dtype):
+    """Fresh prompts, later chunks / prefix hits and decodes in one launch, each query's window
+    starting mid-tile and mid-page; with the mask-free middle loop and with every tile masked."""
+    q, kv, qsl, sl, bt = paged_batch(gen, **WINDOW_BATCH, num_heads=8, num_kv_heads=2,
+                                     head_dim=32, dtype=dtype)
+    ref = attention_ref(q, kv, qsl, sl, bt, 0.3, sliding_window=window)
+    kv, bt, _ = drop_out_of_window_blocks(kv, qsl, sl, bt, window)
+    for tune in (None, {"split_mask": False, "block_n": 16}, {"rows": 16, "block_n": 16}):
+        out = run_attention(q, kv, qsl, sl, bt, 0.3, max_query_len=40, tune=tune,
+                            sliding_window=window)
+        check(out, ref, dtype, gen, f"window={window} tune={tune}")
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_soft_cap(gen, window):
+    q, kv, qsl, sl, bt = paged_batch(gen, **WINDOW_BATCH, num_heads=4, num_kv_heads=2,
+                                     head_dim=32, dtype=torch.float32)
+    q = q * 3  # scores well past the cap, so capping changes them
+    ref = attention_ref(q, kv, qsl, sl, bt, 0.3, sliding_window=window, logits_soft_cap=5.0)
+    assert rel_err(ref, attention_ref(q, kv, qsl, sl, bt, 0.3, sliding_window=window)) > 1e-2
+    check(run_attention(q, kv, qsl, sl, bt, 0.3, sliding_window=window, logits_soft_cap=5.0),
+          ref, torch.float32, gen, "prefill")
+    q1 = q[qsl[1:].long() - 1].contiguous()
+    qsl1 = torch.arange(len(sl) + 1, dtype=torch.int32)
+    check(run_attention(q1, kv, qsl1, sl, bt, 0.3, max_query_len=1, num_splits=2,
+                        sliding_window=window, logits_soft_cap=5.0),
+          attention_ref(q1, kv, qsl1, sl, bt, 0.3, sliding_window=window, logits_soft_cap=5.0),
+          torch.float32, gen, "decode")
 
 
 # ---------------------------------------------------------------- norms

@@ -67,7 +67,7 @@ def test_bad_prompts_raise_and_engine_keeps_working(tiny_llm):
     out = tiny_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
                             use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
-    assert not tiny_llm.engine.has_unfinished_requests()
+    assert not tiny_llm.llm_engine.has_unfinished_requests()
 
 
 def test_bad_models_and_flags(tmp_path, tiny_llama_dir):
@@ -88,7 +88,7 @@ def test_bad_models_and_flags(tmp_path, tiny_llama_dir):
     with pytest.raises(ValueError, match="--block-size"):
         LLM(tiny_llama_dir, block_size=12)
     with pytest.raises(ValueError, match="--tensor-parallel-size"):
-        LLM(tiny_llama_dir, tensor_parallel_size=2)
+        LLM(tiny_llama_dir, tensor_parallel_size=0)
     with pytest.raises(ValueError, match="--max-model-len"):
         LLM(tiny_llama_dir, max_model_len=10**6)
     with pytest.raises(ValueError, match="--kv-cache-memory"):

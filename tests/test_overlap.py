@@ -9,12 +9,12 @@ import pytest
 
 from conftest import random_prompts
 from pagoda import LLM, SamplingParams
-from pagoda.engine.request import PENDING
+from pagoda.worker.input_batch import PLACEHOLDER as PENDING
 
 
 def make(model_dir, overlap, **kw):
     llm = LLM(model_dir, max_model_len=256, **kw)
-    llm.engine.overlap = overlap
+    llm.llm_engine.core.overlap = overlap
     return llm
 
 
@@ -23,7 +23,7 @@ def run(model_dir, prompts, params, **kw):
     ref = make(model_dir, False, **kw).generate(prompts, params, use_tqdm=False)
     llm = make(model_dir, True, **kw)
     got = llm.generate(prompts, params, use_tqdm=False)
-    return ref, got, llm.engine
+    return ref, got, llm.llm_engine
 
 
 def summary(outs):
@@ -32,9 +32,10 @@ def summary(outs):
 
 def assert_idle(eng):
     eng.step()  # resolves a step still in flight, if any
-    assert eng._inflight is None
-    assert not eng.scheduler.running and not eng.scheduler.waiting
-    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    core = eng.core
+    assert core._inflight is None
+    assert not core.scheduler.running and not core.scheduler.waiting
+    assert core.kv_cache_manager.num_free_blocks == core.kv_cache_manager.num_blocks
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_lengths_and_stops_finish_at_the_same_token(tiny_llama_dir, prompts):
     assert summary(got) == summary(ref)
     assert {o.outputs[0].finish_reason for o in got} == {"length", "stop"}
     assert all(PENDING not in o.outputs[0].token_ids for o in got)
-    assert eng.step_timing  # steps ran
+    assert eng.core.step_timing  # steps ran
     assert_idle(eng)
 
 
@@ -70,8 +71,8 @@ def test_preemption_chunked_prefill_and_prefix_hits(tiny_llama_dir, prompts):
     ref, got, eng = run(tiny_llama_dir, ps, params, num_gpu_blocks_override=16,
                         max_num_batched_tokens=40)
     assert summary(got) == summary(ref)
-    assert eng.scheduler.num_preemptions > 0
-    assert eng.block_manager.hits > 0
+    assert eng.core.scheduler.num_preemptions > 0
+    assert eng.core.kv_cache_manager.hits > 0
     assert_idle(eng)
 
 
@@ -104,7 +105,7 @@ def test_sync_batches_mixed_in_and_seeded_sampling(tiny_llama_dir, prompts):
 def test_abort_while_a_step_is_in_flight_and_streamed_deltas(tiny_llama_dir, prompts):
     ref = make(tiny_llama_dir, False).generate(prompts[:4], SamplingParams(temperature=0, max_tokens=16,
                                                                            ignore_eos=True), use_tqdm=False)
-    eng = make(tiny_llama_dir, True).engine
+    eng = make(tiny_llama_dir, True).llm_engine
     eng.stream_outputs = True
     for i, p in enumerate(prompts[:4]):
         eng.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
@@ -117,7 +118,7 @@ def test_abort_while_a_step_is_in_flight_and_streamed_deltas(tiny_llama_dir, pro
             assert PENDING not in out.outputs[0].token_ids
         steps += 1
         if steps == 6:
-            assert eng._inflight is not None  # the abort lands while a step is launched
+            assert eng.core._inflight is not None  # the abort lands while a step is launched
             aborted = eng.abort_request("1")
             streamed["1"] += aborted.delta_token_ids[0]
         assert steps < 100

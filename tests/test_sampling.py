@@ -108,7 +108,7 @@ def test_repetition_and_frequency_penalties_reduce_repeats(tiny_llm):
 
 
 def test_top_p_and_min_p_restrict_the_support(tiny_llama_dir):
-    from pagoda.worker.sampler import _filter_top_k_top_p_min_p
+    from pagoda.sample.sampler import _filter_top_k_top_p_min_p
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda **kw: torch.isfinite(_filter_top_k_top_p_min_p(  # noqa: E731
         logits, torch.tensor([kw.get("k", 0)]), torch.tensor([kw.get("p", 1.0)]),
@@ -137,7 +137,7 @@ def test_n_samples_and_prompt_logprobs(tiny_llama_dir):
 
 
 def test_ignore_eos_false_stops_at_eos(tiny_llm):
-    eos = tiny_llm.engine.model_config.eos_token_ids[0]
+    eos = tiny_llm.llm_engine.model_config.eos_token_ids[0]
     out = run(tiny_llm, [P[0]], temperature=0, max_tokens=8, logit_bias={eos: 100.0})[0].outputs[0]
     assert out.token_ids == [eos] and out.finish_reason == "stop"
     out = run(tiny_llm, [P[0]], temperature=0, max_tokens=8, logit_bias={eos: 100.0},

@@ -28,7 +28,8 @@ def test_help_is_grouped_and_shows_aliases():
         assert f"\n{group}\n" in text, group
     for flag in ("--api-key", "--allowed-origins", "--max-concurrent-requests", "--session-len",
                  "--max-batch-size", "--cache-max-entry-count", "--cache-block-seq-len",
-                 "--max-prefill-token-num", "--disable-fastapi-docs", "--uvicorn-log-level"):
+                 "--max-prefill-token-num", "--disable-fastapi-docs", "--uvicorn-log-level",
+                 "--quantize", "--disable-frontend"):
         assert flag in text, flag
     flat = " ".join(text.split())  # argparse wraps lines anywhere
     assert "PAGODA_API_KEY" in flat and "[default: 8000]" in flat
@@ -53,6 +54,22 @@ def test_positional_model_and_aliases():
     assert (args.max_model_len, args.max_num_seqs, args.block_size) == (512, 4, 32)
     with pytest.raises(ValueError, match="--model"):
         parse("a", "--model", "b")
+
+
+@pytest.mark.parametrize("spelling", ["--quantization", "--quantize", "-q"])
+def test_quantize_is_an_alias_of_quantization(spelling):
+    """A guide spells it `--quantize int8`; it sets the same engine field as vLLM's name."""
+    args = parse(spelling, "int8")
+    assert args.quantization == "int8" and not hasattr(args, "quantize")
+    assert parse(spelling, "none").quantization == "none"
+    assert parse().quantization is None
+
+
+def test_quantize_alias_checks_its_value():
+    out = run_cli("serve", "--quantize", "int2")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]  # argparse: usage, then the error line
+    assert "--quantize" in last and "invalid choice: 'int2'" in last and "int4" in last, out.stderr
 
 
 def test_precedence_cli_over_config_over_env(tmp_path, monkeypatch):
@@ -112,7 +129,7 @@ def test_chat_template_file_or_inline(tmp_path):
 
 @pytest.mark.parametrize("argv, flag", [
     (["serve", "--port", "0"], "--port"),
-    (["serve", "--tensor-parallel-size", "2"], "--tensor-parallel-size"),
+    (["serve", "--tensor-parallel-size", "0"], "--tensor-parallel-size"),
     (["serve", "--threads", "0"], "--threads"),
     (["serve", "--quantization", "int4", "--device", "cuda"], "--quantization"),
 ])

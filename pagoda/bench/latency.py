@@ -79,17 +79,19 @@ async def _pagoda_batch(engine, prompts, out_len, stamps) -> tuple[float, list[f
     # decode steps: the ones after the last step that still computed prompt tokens. (Judged by the
     # engine's own step stats, not by when the event loop saw the first token: under load that can
     # be after the next step has already run.)
-    last_prefill = max((i for i, (_, st) in enumerate(stamps) if st.num_prompt_tokens > 0), default=0)
+    last_prefill = max((i for i, (_, st) in enumerate(stamps) if st.step_prompt_tokens > 0), default=0)
     steps = stamps[last_prefill:]
-    gaps = [b[0] - a[0] for a, b in zip(steps, steps[1:]) if b[1].num_prompt_tokens == 0]
+    gaps = [b[0] - a[0] for a, b in zip(steps, steps[1:]) if b[1].step_prompt_tokens == 0]
     return prefill_done - t0, gaps, [n for _, n in res]
 
 
 async def _pagoda_sweep(target, points, args, source, progress) -> list[dict]:
     from tqdm import tqdm
     from pagoda.config import EngineArgs
-    from pagoda.engine.async_engine import AsyncLLMEngine
-    engine = AsyncLLMEngine.from_engine_args(EngineArgs(**target.engine_kwargs))
+    from pagoda.engine.async_llm import AsyncLLM
+    from pagoda.engine.core_client import engine_core_mode
+    args_ = EngineArgs(**target.engine_kwargs)
+    engine = AsyncLLM(args_, engine_core=engine_core_mode("auto", args_.device))
     stamps: list = []
     engine.add_step_listener(lambda st: stamps.append((time.perf_counter(), st)))
     results = []

@@ -15,7 +15,7 @@ from typing import Optional
 class ModelTarget:
     shape: Optional[str]           # a name from shapes.SHAPES, or None for a real model
     model: Optional[str]           # what pagoda loads (a temp dir for shapes)
-    engine_kwargs: dict            # EngineArgs fields for pagoda.llm.LLM / AsyncLLMEngine
+    engine_kwargs: dict            # EngineArgs fields for pagoda.llm.LLM / AsyncLLM
     device: str                    # cpu | cuda | cuda:N, resolved from --device
     dtype: str                     # float32 | bfloat16 | float16, resolved from --dtype
 

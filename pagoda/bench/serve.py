@@ -73,10 +73,13 @@ def arrival_gaps(n: int, rate: float, seed: int) -> list[float]:
     return [rng.expovariate(rate) for _ in range(n)]
 
 
-def build_payload(cfg: LoadConfig, prompt: str) -> dict:
+def build_payload(cfg: LoadConfig, prompt: "str | list[int]") -> dict:
     body: dict = {"model": cfg.model, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
                   "stream": True, "stream_options": {"include_usage": True}}
-    if cfg.endpoint == "/v1/chat/completions":
+    if isinstance(prompt, list):  # token ids (W1-HTTP): count tokens by the ids each chunk carries
+        body["prompt"] = prompt
+        body["return_token_ids"] = True
+    elif cfg.endpoint == "/v1/chat/completions":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
@@ -89,6 +92,8 @@ def build_payload(cfg: LoadConfig, prompt: str) -> dict:
 def _chunk_text(obj: dict, chat: bool) -> str:
     parts = []
     for choice in obj.get("choices") or []:
+        if choice.get("token_ids"):  # a server asked for token ids (return_token_ids) sends them
+            parts.append("\0" * len(choice["token_ids"]))
         if chat:
             delta = choice.get("delta") or {}
             parts.append(delta.get("content") or "")
@@ -222,6 +227,8 @@ def summarize_run(records: list[RequestRecord], duration_s: float, slo_ttft_ms: 
         "ttft_ms": summarize([r.ttft_ms for r in ok]),
         "tpot_ms": summarize([r.tpot_ms for r in ok if r.tpot_ms is not None]),
         "itl_ms": summarize([v for r in ok for v in r.itl_ms]),
+        # the longest wait between two chunks of one stream (a stream starved while others ran)
+        "max_gap_ms": max((v for r in ok for v in r.itl_ms), default=0.0),
         "e2e_ms": summarize([r.e2e_ms for r in ok]),
     }
     if slo_ttft_ms is not None or slo_tpot_ms is not None:
@@ -243,6 +250,7 @@ def format_summary(summary: dict, title: str) -> str:
         pairs.insert(4, ("Prompt tokens", summary["prompt_tokens"]))
     if "goodput" in summary:
         pairs.append(("Goodput (req/s within SLO)", summary["goodput"]))
+    pairs.append(("Longest gap between two chunks of a stream (ms)", summary.get("max_gap_ms", 0.0)))
     rows = [[name] + [summary[key]["mean"]] + [summary[key][f"p{p}"] for p in PERCENTILES]
             for name, key in (("TTFT", "ttft_ms"), ("TPOT", "tpot_ms"), ("ITL", "itl_ms"), ("E2E", "e2e_ms"))]
     return (key_values(pairs, title) + "\n\n"
@@ -260,8 +268,17 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="Sent as 'Authorization: Bearer KEY' (default: $OPENAI_API_KEY).")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", default=None, help="JSONL file, one {\"prompt\": ...} per line.")
-    src.add_argument("--workload", default="synthetic-chat", choices=("synthetic-chat", "random"),
-                     help="Built-in prompts (synthetic-chat, the default) or random text of --input-len words.")
+    src.add_argument("--workload", default="synthetic-chat", choices=("synthetic-chat", "random", "w1"),
+                     help="Built-in prompts (synthetic-chat, the default), random text of --input-len "
+                     "words, or w1: W1's token-id prompts (lengths uniform in --input-len-range, ids "
+                     "uniform in [100, --vocab-size - 100), seeded by --seed), sent as token ids on "
+                     "/v1/completions with return_token_ids.")
+    p.add_argument("--input-len-range", type=int, nargs=2, default=(128, 1024), metavar=("LO", "HI"),
+                   help="w1: prompt lengths in tokens (default 128 1024).")
+    p.add_argument("--vocab-size", type=int, default=None, help="w1: the model's vocabulary size "
+                   "(default: --model-shape's).")
+    p.add_argument("--model-shape", default=None, help="w1: the shape the server runs (qwen3-0.6b, "
+                   "llama3-8b, tiny-llama), for its vocabulary size.")
     p.add_argument("--input-len", type=int, default=64, help="Words per random-text prompt (default 64).")
     p.add_argument("--num-prompts", type=int, default=100, help="Requests to send, at most (default 100).")
     p.add_argument("--duration", type=float, default=None,
@@ -297,6 +314,8 @@ def _validate(args) -> None:
         raise ValueError(f"--max-tokens: must be >= 1, got {args.max_tokens}")
     if args.input_len < 1:
         raise ValueError(f"--input-len: must be >= 1, got {args.input_len}")
+    if args.workload == "w1" and args.endpoint != "/v1/completions":
+        raise ValueError("--workload w1 sends token-id prompts: use --endpoint /v1/completions")
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout: must be > 0, got {args.request_timeout}")
     if not args.base_url.startswith(("http://", "https://")):
@@ -320,6 +339,18 @@ def load_prompts(args) -> list[str]:
         return workloads.load_jsonl_prompts(args.dataset, args.num_prompts)
     if args.workload == "random":
         return workloads.random_text_prompts(args.num_prompts, args.input_len, args.seed)
+    if args.workload == "w1":
+        vocab = args.vocab_size
+        if vocab is None and args.model_shape:
+            from pagoda.bench.shapes import SHAPES
+            if args.model_shape not in SHAPES:
+                raise ValueError(f"--model-shape: unknown shape {args.model_shape!r}; choose from "
+                                 f"{', '.join(SHAPES)}")
+            vocab = SHAPES[args.model_shape]["vocab_size"]
+        if vocab is None:
+            raise ValueError("--workload w1 needs --vocab-size or --model-shape")
+        lo, hi = args.input_len_range
+        return workloads.random_token_prompts(args.num_prompts, lo, hi, vocab, args.seed)
     return workloads.synthetic_chat_prompts(args.num_prompts)
 
 

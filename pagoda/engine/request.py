@@ -1,108 +1,87 @@
-"""One request's state. A request with n > 1 samples fans out into n `Sequence`s sharing a
-`Request` parent; the prefix cache makes them share the prompt's full KV blocks."""
+"""One request as the engine core tracks it: its tokens, how many of them the KV cache holds, its
+blocks, and why it stopped. A request with n > 1 samples arrives as n requests (the front end
+fans it out); the prefix cache makes them share the prompt's full KV blocks.
+"""
 from __future__ import annotations
 
 import enum
 import time
 from typing import Optional
 
-import torch
-
-from pagoda.outputs import Logprob, RequestMetrics, SampleLogprobs
+from pagoda.engine.messages import EngineCoreRequest, FinishReason
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
 
-PENDING = -1  # placeholder token id: sampled on the device, not read back yet
-
-
-class SequenceStatus(enum.Enum):
+class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
     FINISHED = "finished"
 
 
-class Sequence:
-    def __init__(self, seq_id: str, request: "Request", index: int, params: SamplingParams):
-        self.seq_id = seq_id
-        self.request = request
-        self.index = index
-        self.params = params
-        self.prompt_len = len(request.prompt_token_ids)
-        self.token_ids: list[int] = list(request.prompt_token_ids)  # prompt + output
+class Request:
+    def __init__(self, request_id: str, prompt_token_ids: list[int],
+                 sampling_params: Optional[SamplingParams] = None,
+                 pooling_params: Optional[PoolingParams] = None, arrival_time: Optional[float] = None,
+                 client_index: int = 0, token_type_ids: Optional[list[int]] = None):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.sampling_params = sampling_params
+        self.pooling_params = pooling_params
+        self.token_type_ids = token_type_ids
+        self.arrival_time = arrival_time or time.time()
+        self.client_index = client_index
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.all_token_ids: list[int] = list(prompt_token_ids)  # prompt + resolved outputs
         self.num_computed_tokens = 0
-        self.block_ids: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
-        self.status = SequenceStatus.WAITING
-        self.finish_reason: Optional[str] = None
-        self.stop_reason: Optional[int | str] = None
-        self.logprobs: Optional[SampleLogprobs] = [] if params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
-        self.generator: Optional[torch.Generator] = None
-        if params.seed is not None:
-            # each sample of an n>1 request gets its own stream, still reproducible from the seed
-            seed = params.seed if index == 0 else hash((params.seed, index)) & 0x7FFFFFFFFFFF
-            self.generator = torch.Generator().manual_seed(seed)
-        self.detok = None  # set by the engine (engine.detokenizer.IncrementalDetokenizer)
-        self.num_preemptions = 0
-        # Overlapped steps: a token sampled on the device but not yet read back sits at the end of
-        # token_ids as PENDING until the engine resolves it one step later; sample_row is its row
-        # in that step's sampled-ids tensor, which the next step reads its input id from.
+        # Overlapped steps: tokens sampled on the device whose values the engine has not read
+        # back yet. They count toward num_tokens (the worker feeds them from its own device
+        # tensor); their values arrive one step later.
         self.num_pending = 0
-        self.needs_prompt_logprobs = request.params.prompt_logprobs is not None and index == 0
-        self.sample_row = -1
-        # sampling that needs no token history and no host readback of logprobs: such a batch can
-        # be sampled on the device while the host goes on (see LLMEngine.step)
-        self.overlappable = (params.logprobs is None and params.repetition_penalty == 1.0
-                             and not params.presence_penalty and not params.frequency_penalty)
-        self.plain_greedy = (self.overlappable and params.greedy and not params.logit_bias
-                             and not params.min_tokens)
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []   # chained hashes of this request's full blocks
+        self.status = RequestStatus.WAITING
+        self.finish_reason: Optional[FinishReason] = None
+        self.stop_reason: Optional[int | str] = None
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.first_scheduled_time: Optional[float] = None
+        self.reported_scheduled = False
+        p = sampling_params
+        self.needs_prompt_logprobs = p is not None and p.prompt_logprobs is not None
+        # sampling that reads no token history on the host and returns no logprobs: such a
+        # request can be sampled while the host already prepares the next step
+        self.overlappable = p is None or (p.logprobs is None and p.repetition_penalty == 1.0
+                                          and not p.presence_penalty and not p.frequency_penalty
+                                          and not self.needs_prompt_logprobs)
+
+    @classmethod
+    def from_engine_core_request(cls, r: EngineCoreRequest) -> "Request":
+        return cls(r.request_id, r.prompt_token_ids, r.sampling_params, r.pooling_params,
+                   r.arrival_time, r.client_index, r.token_type_ids)
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
+    def is_pooling(self) -> bool:
+        return self.pooling_params is not None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Prompt + outputs, including outputs still in flight."""
+        return len(self.all_token_ids) + self.num_pending
 
-    def drop_pending(self) -> None:
-        """Forget tokens still in flight (the sequence finished or was aborted before them)."""
-        if self.num_pending:
-            del self.token_ids[len(self.token_ids) - self.num_pending:]
-            self.num_pending = 0
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
 
     @property
     def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
-
+        return self.status == RequestStatus.FINISHED
 
     def __repr__(self):
-        return f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, computed={self.num_computed_tokens})"
-
-
-class Request:
-    def __init__(self, request_id: str, prompt: Optional[str], prompt_token_ids: list[int],
-                 params: SamplingParams, arrival_time: Optional[float] = None):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.params = params
-        self.metrics = RequestMetrics(arrival_time=arrival_time or time.time(),
-                                      num_prompt_tokens=len(prompt_token_ids))
-        self.prompt_logprobs: Optional[list[Optional[dict[int, Logprob]]]] = (
-            [None] if params.prompt_logprobs is not None else None)
-        self.seqs = [Sequence(request_id if params.n == 1 else f"{request_id}#{i}", self, i, params)
-                     for i in range(params.n)]
-        # streaming bookkeeping: what each sample has already reported
-        self.sent_text_len = [0] * params.n
-        self.sent_tokens = [0] * params.n
-        self.sent_logprobs = [0] * params.n
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        return (f"Request({self.request_id}, {self.status.value}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens})")

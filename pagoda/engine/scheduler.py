@@ -1,112 +1,265 @@
 """Continuous batching under one token budget.
 
-Each step decides {sequence: number of new tokens to compute}. Running sequences go first (a
+Each step decides {request: number of new tokens to compute}. Running requests go first (a
 decode costs one token; an unfinished prompt continues its chunked prefill), then waiting ones are
 admitted while the budget, --max-num-seqs and free KV blocks allow. Prefill and decode mix freely in
-one step; a prompt longer than the remaining budget is prefilled in chunks over several steps.
-When a running sequence needs a block and none is free, the newest running sequence is preempted:
-its blocks are freed and it goes back to the front of the queue, to be recomputed later (its full
-blocks usually survive in the prefix cache). Nothing is ever dropped.
+one step; a prompt longer than the remaining budget is prefilled in chunks over several steps
+(pooling requests to an encoder are never chunked: they are read whole, alone if they must;
+a decoder's are prefilled like any prompt, and pooled when their last token is computed). When a running
+request needs a block and none is free, the newest running request is preempted: its blocks are
+freed and it goes back to the front of the queue, to be recomputed later (its full blocks usually
+survive in the prefix cache). Nothing is ever dropped.
+
+The step goes to the worker as plain data (`SchedulerOutput`); what the worker returns comes back
+through `update_from_output`, which resolves tokens, checks stop conditions and builds the
+step's `EngineCoreOutput`s.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from typing import Iterable, Optional
 
-from pagoda.engine.block_manager import BlockManager
-from pagoda.engine.request import Sequence, SequenceStatus
-
-
-@dataclass
-class SchedulerOutput:
-    # insertion-ordered: the model runner lays the batch out in this order
-    num_tokens: dict[Sequence, int] = field(default_factory=dict)
-    preempted: list[Sequence] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_tokens.values())
-
-    def __bool__(self):
-        return bool(self.num_tokens)
+from pagoda.engine.kv_cache_manager import KVCacheManager
+from pagoda.engine.messages import EngineCoreOutput, FinishReason, LogprobsLists, SchedulerStats, Tensor
+from pagoda.engine.request import Request, RequestStatus
+from pagoda.engine.scheduler_output import CachedRequestData, NewRequestData, SchedulerOutput
+from pagoda.worker.outputs import ModelRunnerOutput
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
-        self.bm = block_manager
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int):
+        self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        # what the worker knows: requests it has state for, and how many of each one's blocks
+        self._known: dict[str, int] = {}
+        self._preempted_since_sent: set[str] = set()
+        self._finished_since_sent: set[str] = set()
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+        self.prompt_tokens_total += req.num_prompt_tokens
+
+    def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
+        """End requests from outside (abort, a stop string found by the front end)."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            req.finish_reason = reason
+            self._free(req)
+            done.append(req)
+        return done
+
+    def _free(self, req: Request) -> None:
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        self.kv.free_request(req, uncache=req.finish_reason == FinishReason.ERROR)
+        del self.requests[req.request_id]
+        if req.request_id in self._known:
+            del self._known[req.request_id]
+            self._finished_since_sent.add(req.request_id)
+        self._preempted_since_sent.discard(req.request_id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.bm.free_seq(seq)
-        seq.num_computed_tokens = 0
-        seq.status = SequenceStatus.PREEMPTED
-        seq.num_preemptions += 1
+    def _preempt(self, req: Request) -> None:
+        self.kv.free_request(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
-        out.preempted.append(seq)
+        self.waiting.appendleft(req)
+        if req.request_id in self._known:
+            self._known[req.request_id] = 0
+            self._preempted_since_sent.add(req.request_id)
 
+    # -- one step ---------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        num: dict[Request, int] = {}
         budget = self.max_num_batched_tokens
+        kv = self.kv
+        bsz = kv.block_size
         i = 0
-        bsz = self.bm.block_size
+        preempted = False
         while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            num_tokens = len(seq.token_ids)
-            if seq.num_pending and num_tokens - seq.prompt_len >= seq.params.max_tokens:
-                i += 1  # its last token is in flight: it finishes when that is resolved
+            req = self.running[i]
+            p = req.sampling_params
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0 or (req.num_pending and p is not None and req.num_output_tokens >= p.max_tokens):
+                i += 1  # nothing to compute until its in-flight token is resolved
                 continue
-            n = min(num_tokens - seq.num_computed_tokens, budget)
-            end = seq.num_computed_tokens + n
-            if n == 1 and end <= len(seq.block_ids) * bsz and end % bsz:
-                # common decode step: the token fits in the last block, which is not yet full
-                out.num_tokens[seq] = 1
-                budget -= 1
-                i += 1
-                continue
-            while not self.bm.allocate(seq, n):
-                victim = self.running.pop()  # the newest
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            else:
-                out.num_tokens[seq] = n
+            end = req.num_computed_tokens + n
+            if not kv.num_blocks or (n == 1 and end <= len(req.block_ids) * bsz and end % bsz):
+                num[req] = n  # a decode whose token fits in its last block (or no KV cache at all)
                 budget -= n
                 i += 1
-        if out.preempted:  # memory is short: admit nothing new this step
-            return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+                continue
+            while not kv.allocate(req, n):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                num.pop(victim, None)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                num[req] = n
+                budget -= n
+                i += 1
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            if req.num_pending:
+                break  # preempted with a token still in flight: back next step
             # prompt logprobs need logits for every prompt position: no prefix reuse for them
-            cached = [] if seq.needs_prompt_logprobs else self.bm.find_cached_prefix(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens - len(cached) * self.bm.block_size, budget)
-            if not self.bm.allocate(seq, n, cached):
+            cached = [] if (req.needs_prompt_logprobs or not kv.num_blocks) else kv.find_cached_prefix(req)
+            n = req.num_tokens - req.num_computed_tokens - len(cached) * bsz
+            if req.is_pooling and not kv.num_blocks:  # an encoder (no KV cache to resume from)
+                if n > budget and num:
+                    break  # read whole: wait for a step with room (alone, if it is that long)
+            else:
+                n = min(n, budget)
+            if kv.num_blocks and not kv.allocate(req, n, cached):
                 break
             self.waiting.popleft()
-            if cached and seq.num_preemptions == 0:
-                m = seq.request.metrics
-                m.num_cached_tokens = max(m.num_cached_tokens, len(cached) * self.bm.block_size)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            out.num_tokens[seq] = n
+            if cached and req.num_preemptions == 0:
+                req.num_cached_tokens = max(req.num_cached_tokens, len(cached) * bsz)
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            num[req] = n
             budget -= n
+        return self._output(num)
+
+    def _output(self, num: dict[Request, int]) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_since_sent)
+        self._finished_since_sent = set()
+        cached = out.scheduled_cached_reqs
+        for req, n in num.items():
+            rid = req.request_id
+            out.num_scheduled_tokens[rid] = n
+            out.total_num_scheduled_tokens += n
+            sent = self._known.get(rid)
+            if sent is None:
+                out.scheduled_new_reqs.append(NewRequestData(
+                    rid, req.prompt_token_ids, req.sampling_params, req.pooling_params,
+                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids))
+            else:
+                resumed = rid in self._preempted_since_sent
+                self._preempted_since_sent.discard(rid)
+                cached.req_ids.append(rid)
+                cached.resumed_from_preemption.append(resumed)
+                cached.new_block_ids.append(list(req.block_ids[sent:]))
+                cached.num_computed_tokens.append(req.num_computed_tokens)
+            self._known[rid] = len(req.block_ids)
         return out
 
-    def finish(self, seq: Sequence) -> None:
-        """Remove a finished or aborted sequence and free its blocks."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        seq.status = SequenceStatus.FINISHED
-        self.bm.free_seq(seq)
+    def on_launched(self, sched: SchedulerOutput) -> None:
+        """The step is on the device: count its tokens as computed; each request that samples a
+        token gets a placeholder until `update_from_output` brings its value."""
+        for rid, n in sched.num_scheduled_tokens.items():
+            req = self.requests[rid]
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens and not req.is_pooling:
+                req.num_pending += 1
+
+    # -- results ----------------------------------------------------------------------------------
+    def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
+        """Resolve a launched step: new tokens, stop checks, finished requests, outputs."""
+        outputs: dict[str, EngineCoreOutput] = {}
+
+        def out_for(req: Request) -> EngineCoreOutput:
+            o = outputs.get(req.request_id)
+            if o is None:
+                o = outputs[req.request_id] = EngineCoreOutput(
+                    req.request_id, [], num_cached_tokens=req.num_cached_tokens,
+                    num_preemptions=req.num_preemptions)
+                if not req.reported_scheduled and req.first_scheduled_time is not None:
+                    req.reported_scheduled = True
+                    o.first_scheduled_time = req.first_scheduled_time
+            return o
+
+        for rid, rows in result.prompt_logprobs.items():
+            req = self.requests.get(rid)
+            if req is not None:
+                o = out_for(req)
+                if o.new_prompt_logprobs is None:
+                    o.new_prompt_logprobs = rows
+                else:
+                    o.new_prompt_logprobs.extend(rows)
+        for k, rid in enumerate(result.req_ids):
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue  # finished (or aborted) before this token: it never existed
+            tok = result.sampled_token_ids[k]
+            req.num_pending -= 1
+            req.all_token_ids.append(tok)
+            self.generation_tokens_total += 1
+            o = out_for(req)
+            o.new_token_ids.append(tok)
+            if result.logprobs is not None and req.sampling_params.logprobs is not None:
+                lp = result.logprobs
+                row = LogprobsLists([lp.token_ids[k]], [lp.logprobs[k]], [lp.ranks[k]])
+                if o.new_logprobs is None:
+                    o.new_logprobs = row
+                else:
+                    o.new_logprobs.extend(row)
+            self.kv.register_full_blocks(req, req.num_computed_tokens)
+            reason, stop = self._check_stop(req, tok)
+            if reason is not None:
+                req.finish_reason, req.stop_reason = reason, stop
+                o.finish_reason, o.stop_reason = reason, stop
+                self._free(req)
+        for rid, vec in result.pooler_output.items():
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            o = out_for(req)
+            o.pooling_output = Tensor.of(vec)
+            o.finish_reason = req.finish_reason = FinishReason.STOP
+            self._free(req)
+        for rid, err in result.failed.items():
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            o = out_for(req)
+            o.finish_reason = req.finish_reason = FinishReason.ERROR
+            o.error = err
+            self._free(req)
+        return list(outputs.values())
+
+    def _check_stop(self, req: Request, tok: int) -> tuple[Optional[FinishReason], Optional[int]]:
+        p = req.sampling_params
+        n_out = len(req.all_token_ids) - req.num_prompt_tokens
+        min_ok = n_out >= p.min_tokens
+        if min_ok and not p.ignore_eos and tok in p.eos_token_ids:
+            return FinishReason.STOP, None
+        if min_ok and tok in p.stop_token_ids:
+            return FinishReason.STOP, tok
+        if n_out >= p.max_tokens or len(req.all_token_ids) >= self.max_model_len:
+            return FinishReason.LENGTH, None
+        return None, None
+
+    def stats(self) -> SchedulerStats:
+        kv = self.kv
+        return SchedulerStats(len(self.running), len(self.waiting), kv.usage(), kv.num_blocks,
+                              kv.queries, kv.hits, self.num_preemptions, self.prompt_tokens_total,
+                              self.generation_tokens_total)

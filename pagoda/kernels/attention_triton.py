@@ -14,6 +14,11 @@ Layouts are those documented in attention.py. One attention kernel serves every 
   them. The dispatcher uses this for decode batches too small to fill the GPU.
 - Online softmax in fp32 with exp2 (the scale is folded into log2 units). K and V are gathered
   through the block table a BLOCK_N-token tile at a time, whatever the page size.
+- Sliding window (SLIDING): a tile's keys start at its first query's window start, so key tiles
+  (and pages) wholly before it are never loaded, and loads below it are masked off: those
+  blocks may already belong to someone else. Tiles that straddle some query's window start take
+  the masked path; split-K divides only the keys in range.
+- Soft cap (SOFTCAP): cap * tanh(s / cap) on the scaled scores, before the softmax.
 """
 from __future__ import annotations
 
@@ -82,20 +87,38 @@ def _load(ptr, mask, USE_MASK: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp2 (no tanh in tl.math); odd, so computed on |x| where exp2 cannot overflow."""
+    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))   # exp(-2|x|)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_head_off, t,
-                 n_keys, qk_scale, d, d_ok, stride_cb, stride_cs, PAGE: tl.constexpr,
-                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, D_MASK: tl.constexpr,
+                 k_lo, n_keys, window, qk_scale, cap_in, cap_out, d, d_ok, stride_cb, stride_cs,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+                 D_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
                  UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """One BLOCK_N-key step of the online softmax; MASKED: causal and length masks needed."""
+    """One BLOCK_N-key step of the online softmax; MASKED: causal, length and window masks
+    needed (keys outside [k_lo, n_keys) are not even loaded)."""
     k_pos = t * BLOCK_N + tl.arange(0, BLOCK_N)
     k_ok = k_pos < n_keys
+    if SLIDING:
+        k_ok = k_ok & (k_pos >= k_lo)
     page = _load(bt_row + k_pos // PAGE, k_ok, MASKED).to(tl.int64)
     kv_off = page * stride_cb + (k_pos % PAGE) * stride_cs + kv_head_off
     k = _load(k_cache_ptr + kv_off[None, :] + d[:, None], k_ok[None, :] & d_ok[:, None],
               MASKED or D_MASK)                                             # [D_PAD, BLOCK_N]
-    s = _mm(q, k, UPCAST, PREC) * qk_scale
+    if SOFTCAP:  # cap_in = scale / cap, cap_out = cap * log2(e)
+        s = _tanh(_mm(q, k, UPCAST, PREC) * cap_in) * cap_out
+    else:
+        s = _mm(q, k, UPCAST, PREC) * qk_scale
     if MASKED:
-        s = tl.where((k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :], s, float("-inf"))
+        see = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        if SLIDING:
+            see = see & (k_pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(see, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with no key yet
     p = tl.math.exp2(s - m_ref[:, None])
@@ -109,17 +132,18 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, kv_h
 
 # num_reqs and the block-table stride change from step to step; specializing on them (value 1,
 # multiple of 16) would compile new variants in the middle of a run, costing seconds each
-@triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
+@triton.jit(do_not_specialize=["num_reqs", "stride_bt", "window"])
 def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                        qsl_ptr, part_out_ptr, part_lse_ptr,
-                       num_reqs, qk_scale,
+                       num_reqs, qk_scale, window, cap_in, cap_out,
                        stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_cb, stride_cs, stride_ch, stride_bt,
                        NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
                        HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        NUM_SPLITS: tl.constexpr, TILE_IS_REQ: tl.constexpr,
-                       SPLIT_MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                       SPLIT_MASK: tl.constexpr, SLIDING: tl.constexpr, SOFTCAP: tl.constexpr,
+                       UPCAST: tl.constexpr, PREC: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -156,11 +180,17 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_pt
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     q_pos = ctx_len + qi
 
-    # keys this tile needs: 0 .. (position of its last query), cut into NUM_SPLITS segments
+    # keys this tile needs: (its first query's window start) .. (position of its last query),
+    # cut into NUM_SPLITS segments
     n_keys = tl.minimum(seq_len, ctx_len + q0 + BLOCK_Q)
     n_tiles = tl.cdiv(n_keys, BLOCK_N)
-    per_split = tl.cdiv(n_tiles, NUM_SPLITS)
-    t_begin = split * per_split
+    if SLIDING:
+        k_lo = tl.maximum(ctx_len + q0 - window + 1, 0)
+    else:
+        k_lo = 0
+    t_lo = k_lo // BLOCK_N
+    per_split = tl.cdiv(n_tiles - t_lo, NUM_SPLITS)
+    t_begin = t_lo + split * per_split
     t_end = tl.minimum(t_begin + per_split, n_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -168,22 +198,35 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_pt
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_head_off = kvh * stride_ch
-    # key tiles below every query of this tile need neither the causal nor the length mask
+    # key tiles inside every query's window (from t_open) and below every query of this tile
+    # (up to n_full) need no mask: [t_begin, t_a) masked, [t_a, t_b) free, [t_b, t_end) masked
     if SPLIT_MASK:
         n_full = tl.minimum(n_keys, ctx_len + q0 + 1) // BLOCK_N
-        t_mid = tl.maximum(tl.minimum(n_full, t_end), t_begin)
+        if SLIDING:  # the last query's window start, rounded up to a tile
+            q_last = ctx_len + tl.minimum(q0 + BLOCK_Q, q_len) - 1
+            t_open = tl.cdiv(tl.maximum(q_last - window + 1, 0), BLOCK_N)
+            t_a = tl.minimum(tl.maximum(t_open, t_begin), t_end)
+        else:
+            t_a = t_begin
+        t_b = tl.maximum(tl.minimum(n_full, t_end), t_a)
     else:
-        t_mid = t_begin
-    for t in range(t_begin, t_mid):
+        t_a = t_begin
+        t_b = t_begin
+    for t in range(t_begin, t_a):
         m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head_off, t, n_keys, qk_scale, d, d_ok, stride_cb,
-                                     stride_cs, PAGE, BLOCK_N, False, HEAD_DIM != D_PAD,
-                                     UPCAST, PREC)
-    for t in range(t_mid, t_end):
+                                     kv_head_off, t, k_lo, n_keys, window, qk_scale, cap_in,
+                                     cap_out, d, d_ok, stride_cb, stride_cs, PAGE, BLOCK_N, True,
+                                     HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC)
+    for t in range(t_a, t_b):
         m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row,
-                                     kv_head_off, t, n_keys, qk_scale, d, d_ok, stride_cb,
-                                     stride_cs, PAGE, BLOCK_N, True, HEAD_DIM != D_PAD,
-                                     UPCAST, PREC)
+                                     kv_head_off, t, k_lo, n_keys, window, qk_scale, cap_in,
+                                     cap_out, d, d_ok, stride_cb, stride_cs, PAGE, BLOCK_N, False,
+                                     HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC)
+    for t in range(t_b, t_end):
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row,
+                                     kv_head_off, t, k_lo, n_keys, window, qk_scale, cap_in,
+                                     cap_out, d, d_ok, stride_cb, stride_cs, PAGE, BLOCK_N, True,
+                                     HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_mask = row_ok[:, None] & d_ok[None, :]
@@ -263,7 +306,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
                            seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                            max_query_len: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           tune: dict | None = None) -> torch.Tensor:
+                           tune: dict | None = None, sliding_window: int | None = None,
+                           logits_soft_cap: float | None = None) -> torch.Tensor:
     """Causal paged attention, same contract as paged_attention_torch, no host syncs.
 
     max_query_len: the longest new-token count in the batch; 1 (all decodes) selects the decode
@@ -297,6 +341,8 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
         num_splits = 1
         if decode:
             cap = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
+            if sliding_window is not None:  # keys read per request, at most (+ a tile's slack)
+                cap = min(cap, sliding_window + page)
             num_splits = decode_num_splits(num_reqs, num_kv_heads, cap, _sm_count(q.device))
     kc, vc = kv_cache[0], kv_cache[1]
     if num_splits > 1:
@@ -309,13 +355,15 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
     d_pad = triton.next_power_of_2(head_dim)
     _paged_attn_kernel[(num_tiles, num_kv_heads, num_splits)](
         out, q, kc, vc, block_tables, seq_lens, query_start_loc, part_out, part_lse,
-        num_reqs, scale * _LOG2E,
+        num_reqs, scale * _LOG2E, sliding_window or 0,
+        scale / logits_soft_cap if logits_soft_cap else 0.0,
+        logits_soft_cap * _LOG2E if logits_soft_cap else 0.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         NUM_SPLITS=num_splits, TILE_IS_REQ=tile_is_req, SPLIT_MASK=cfg["split_mask"],
-        UPCAST=_INTERPRET, PREC=cfg["prec"],
+        SLIDING=sliding_window is not None, SOFTCAP=bool(logits_soft_cap), UPCAST=_INTERPRET, PREC=cfg["prec"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if num_splits > 1:
         _merge_splits_kernel[(num_tokens, num_heads)](

@@ -10,6 +10,9 @@
  * summed across registers together (vsums), exponentiated together (vexp, ~2 ulp), and the
  * softmax runs online over those blocks (a running max and sum per head, the output rescaled
  * when the max grows), so K and V are each read once and nothing is sized by the context.
+ * window > 0: the query (at position n - 1) sees keys n - window .. n - 1 only, and nothing
+ * before them is read (those blocks may have been handed to another request). soft_cap > 0:
+ * scores become soft_cap * tanh(score / soft_cap).
  */
 #include <math.h>
 #include <stdint.h>
@@ -36,14 +39,16 @@ void pagoda_paged_decode(const float *q, int64_t q_stride, const int64_t *tok, c
                          int64_t nd,
                          const float *kv, int64_t nb, int64_t bs, int64_t kvh, int64_t D,
                          const int32_t *block_tables, int64_t maxb, const int32_t *seq_lens,
-                         int64_t H, float scale, float *out) {
+                         int64_t H, float scale, int64_t window, float soft_cap, float *out) {
     const int64_t G = H / kvh;
     const int64_t row = kvh * D;                 /* floats per cache slot */
     const float *vbase = kv + nb * bs * row;
     #pragma omp parallel for schedule(dynamic, 1) num_threads(NTHREADS)
     for (int64_t task = 0; task < nd * kvh; task++) {
         const int64_t i = task / kvh, h = task % kvh;
-        const int64_t n = seq_lens[req[i]];
+        const int64_t len = seq_lens[req[i]];
+        const int64_t lo = (window > 0 && len > window) ? len - window : 0;
+        const int64_t n = len - lo;              /* keys read: positions lo .. len - 1 */
         const int32_t *bt = block_tables + req[i] * maxb;
         const float *qh = q + tok[i] * q_stride + h * G * D;   /* G query heads, contiguous */
         float *oh = out + tok[i] * H * D + h * G * D;
@@ -53,7 +58,7 @@ void pagoda_paged_decode(const float *q, int64_t q_stride, const int64_t *tok, c
         for (int64_t p0 = 0; p0 < n; p0 += VL) {
             const int nv = n - p0 < VL ? (int)(n - p0) : VL;
             const float *kr[VL], *vr[VL];
-            int64_t b = p0 / bs, o = p0 % bs;
+            int64_t b = (lo + p0) / bs, o = (lo + p0) % bs;
             for (int j = 0; j < VL; j++) {  /* a short last block repeats its last row */
                 const int64_t slot = (int64_t)bt[b] * bs + o;
                 kr[j] = kv + slot * row + h * D;
@@ -80,6 +85,8 @@ void pagoda_paged_decode(const float *q, int64_t q_stride, const int64_t *tok, c
                     sv = vload(s);
                 }
                 vstore(s, vmul(sv, vset1(scale)));
+                if (soft_cap > 0.f)
+                    for (int j = 0; j < nv; j++) s[j] = soft_cap * tanhf(s[j] / soft_cap);
                 float m = mx[g];
                 for (int j = 0; j < nv; j++) m = s[j] > m ? s[j] : m;
                 for (int j = nv; j < VL; j++) s[j] = m;

@@ -13,7 +13,7 @@ from pagoda.kernels.attention import paged_attention_torch, prefill_attention_to
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
     "pagoda_paged_decode": [_P, _I64, _P, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _I64, _P,
-                            _I64, ctypes.c_float, _P],
+                            _I64, ctypes.c_float, _I64, ctypes.c_float, _P],
 }
 
 
@@ -25,14 +25,16 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
                         seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                         query_start_loc_cpu: list[int] | None = None,
                         seq_lens_cpu: list[int] | None = None,
-                        step_cache: dict | None = None) -> torch.Tensor:
+                        step_cache: dict | None = None, sliding_window: int | None = None,
+                        logits_soft_cap: float | None = None) -> torch.Tensor:
     """Same contract as paged_attention_torch."""
     num_heads = q.shape[1]
     usable = (q.device.type == "cpu" and q.dtype == torch.float32 and kv_cache.dtype == torch.float32
               and num_heads // kv_cache.shape[3] <= 64 and _lib() is not None)
     if not usable:
         return paged_attention_torch(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
-                                     query_start_loc_cpu, seq_lens_cpu, step_cache)
+                                     query_start_loc_cpu, seq_lens_cpu, step_cache,
+                                     sliding_window, logits_soft_cap)
     qsl = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc.tolist()
     sl = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
     memo = step_cache if step_cache is not None else {}
@@ -50,7 +52,9 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
         _, nb, bs, kvh, d = kv_cache.shape
         _lib().pagoda_paged_decode(q.data_ptr(), q.stride(0), tok.data_ptr(), req.data_ptr(), tok.numel(),
                                    kv_cache.data_ptr(), nb, bs, kvh, d, bt.data_ptr(), bt.shape[1],
-                                   lens.data_ptr(), num_heads, scale, out.data_ptr())
+                                   lens.data_ptr(), num_heads, scale, sliding_window or 0,
+                                   logits_soft_cap or 0.0, out.data_ptr())
     if has_prefill:
-        prefill_attention_torch(q, kv_cache, block_tables, scale, qsl, sl, out)
+        prefill_attention_torch(q, kv_cache, block_tables, scale, qsl, sl, out, sliding_window,
+                                logits_soft_cap)
     return out

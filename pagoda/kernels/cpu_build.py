@@ -1,10 +1,12 @@
 """Compile and load pagoda's small C kernels for the CPU (cpu_*.c beside this file).
 
-Each is built with the system C compiler on first use (about a second) into PAGODA_CACHE_DIR,
-keyed by the source's hash and the instruction set, and called through ctypes, which releases the
-GIL during the call. torch's libgomp is already loaded when this runs, so the kernels' OpenMP
-shares torch's thread pool. Where there is no x86 AVX2 or no compiler, `load` returns None and
-callers fall back to their torch reference.
+Each is built with the system C compiler (0.1-0.6 s each) into PAGODA_CACHE_DIR, keyed by the
+sources' hash and the instruction set, and called through ctypes, which releases the GIL during
+the call. The engine starts every build at once in the background (`build_in_background`) so a
+first start compiles them while the model loads; `load` waits for its own, or builds it if none
+was started. torch's libgomp is already loaded when this runs, so the kernels' OpenMP shares
+torch's thread pool. Where there is no x86 AVX2 or no compiler, `load` returns None and callers
+fall back to their torch reference.
 
 Instruction sets: every kernel is built for the best one the CPU has (`best_isa`: AVX-512 where
 torch's cpuinfo reports it, else AVX2 + FMA), one .so per set, so a kernel written for AVX-512
@@ -21,13 +23,19 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
+from concurrent.futures import Future
 from typing import Optional
 
 import torch
 
 logger = logging.getLogger("pagoda")
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_loaded: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}
+_loaded: dict[tuple[str, str], Optional[ctypes.CDLL]] = {}   # (name, isa) -> library
+_building: dict[tuple[str, str], Future] = {}  # (name, isa) -> path of the built library (or None)
+_times = {"build": None, "waited": 0.0, "compiled": 0}
+_lock = threading.Lock()
 _threads = 0  # set_threads' count; 0: OpenMP's default
 
 # instruction set -> compiler flags (F16C converts GGUF's half-precision scales)
@@ -64,7 +72,8 @@ def _cache_dir() -> str:
     return os.path.join(root, "kernels")
 
 
-def _build(name: str, isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
+def _build(name: str, isa: Optional[str] = None) -> Optional[str]:
+    """Path of the compiled library for cpu_<x>.c and `isa` (compiled now unless cached), or None."""
     if os.environ.get("PAGODA_CPU_KERNELS", "1") == "0":
         return None
     isa = isa or best_isa()
@@ -96,7 +105,43 @@ def _build(name: str, isa: Optional[str] = None) -> Optional[ctypes.CDLL]:
                            (r.stderr.strip().splitlines() or [r.returncode])[-1])
             return None
         os.replace(tmp, path)  # atomic: a concurrent builder never loads a half-written file
-    return ctypes.CDLL(path)
+        with _lock:
+            _times["compiled"] += 1
+    return path
+
+
+def build_in_background() -> None:
+    """Start building every cpu_*.c beside this file, all at once, each gcc in its own thread
+    (the compiler runs outside the GIL). Idempotent; `load` waits for the one it needs."""
+    with _lock:
+        isa = best_isa()
+        names = [f[:-2] for f in sorted(os.listdir(_HERE)) if f.startswith("cpu_") and f.endswith(".c")]
+        todo = [(n, isa) for n in names if (n, isa) not in _building and (n, isa) not in _loaded]
+        if not todo:
+            return
+        t0, left = time.perf_counter(), [len(todo)]
+
+        def run(key: tuple[str, str], fut: Future) -> None:
+            try:
+                fut.set_result(_build(*key))
+            except Exception as e:  # noqa: BLE001 - reported by load(), which falls back to torch
+                fut.set_exception(e)
+            with _lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    _times["build"] = time.perf_counter() - t0
+        for key in todo:
+            _building[key] = Future()
+            threading.Thread(target=run, args=(key, _building[key]), daemon=True,
+                             name=f"pagoda-build-{key[0]}").start()
+
+
+def build_times() -> Optional[dict]:
+    """How many background builds compiled (0: all were cached), their wall seconds (None while
+    some still run), and the seconds callers waited for them; None when none were started."""
+    if not _building:
+        return None
+    return {"compiled": _times["compiled"], "seconds": _times["build"], "waited": _times["waited"]}
 
 
 def load(name: str, signatures: dict[str, list], isa: Optional[str] = None,
@@ -105,7 +150,18 @@ def load(name: str, signatures: dict[str, list], isa: Optional[str] = None,
     or None; built once per process and instruction set."""
     isa = isa or best_isa()
     if (name, isa) not in _loaded:
-        lib = _build(name, isa)
+        fut = _building.get((name, isa))
+        if fut is not None:
+            t0 = time.perf_counter()
+            try:
+                path = fut.result()
+            except Exception as e:  # noqa: BLE001
+                logger.warning("%s: build failed (%s); using the torch path", name, e)
+                path = None
+            _times["waited"] += time.perf_counter() - t0
+        else:
+            path = _build(name, isa)
+        lib = ctypes.CDLL(path) if path is not None else None
         if lib is not None:
             for fn, argtypes in signatures.items():
                 getattr(lib, fn).argtypes = argtypes

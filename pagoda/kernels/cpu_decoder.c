@@ -26,6 +26,7 @@ typedef struct {
     QWeight qkv, o, gate_up, down;
     float *kv;                                 /* [2, num_blocks, block_size, kv_heads, D] */
     int64_t num_blocks, block_size;
+    int64_t window;                            /* sliding window (Mistral), 0 = global */
 } Layer;
 
 typedef struct {
@@ -76,7 +77,7 @@ void pagoda_decoder_layer(const Layer *L, const Step *S, float *h, float *res, i
     }
     pagoda_paged_decode(q, qkv_w, S->rows, S->rows, T, L->kv, L->num_blocks, L->block_size,
                         L->kv_heads, D, S->block_tables, S->max_blocks, S->seq_lens, L->heads,
-                        L->attn_scale, S->attn);
+                        L->attn_scale, L->window, 0.f, S->attn);
     matmul(&L->o, S->attn, T, h);
     pagoda_rms_norm(h, res, L->ln2, S->xn, res, T, H, L->eps);
     matmul(&L->gate_up, S->xn, T, S->gu);

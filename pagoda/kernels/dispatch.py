@@ -38,14 +38,16 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
                     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float,
                     query_start_loc_cpu: list[int] | None = None,
                     seq_lens_cpu: list[int] | None = None, *, max_query_len: int | None = None,
-                    max_seq_len: int | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    max_seq_len: int | None = None, out: torch.Tensor | None = None,
+                    sliding_window: int | None = None,
+                    logits_soft_cap: float | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its paged KV (see attention.py).
 
     On the GPU pass max_query_len (a Python int; 1 = decode-only step, which enables split-K).
     It is derived from query_start_loc_cpu when that is given instead. max_seq_len only sizes
     split-K; leave it None under CUDA graphs (the block-table width is used). `out`, if given,
-    receives the result (a preallocated buffer for graph capture).
+    receives the result (a preallocated buffer for graph capture). sliding_window and
+    logits_soft_cap are the layer's (None = off), as in attention.py.
     """
     if use_triton(q):
         if max_query_len is None and query_start_loc_cpu is not None:
@@ -55,9 +57,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
             max_seq_len = max(seq_lens_cpu, default=0)
         return paged_attention_triton(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
                                       max_query_len=max_query_len, max_seq_len=max_seq_len,
-                                      out=out)
+                                      out=out, sliding_window=sliding_window,
+                                      logits_soft_cap=logits_soft_cap)
     res = paged_attention_torch(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
-                                query_start_loc_cpu, seq_lens_cpu)
+                                query_start_loc_cpu, seq_lens_cpu, sliding_window=sliding_window,
+                                logits_soft_cap=logits_soft_cap)
     if out is not None:
         out.copy_(res)
         return out

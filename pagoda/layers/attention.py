@@ -1,4 +1,5 @@
-"""Attention over the paged KV cache.
+"""Attention layers: causal over the paged KV cache (decoders), and non-causal over each
+sequence's own tokens (encoders: BERT, vision towers).
 
 The per-step metadata (one flattened batch) is set once by the model runner with
 `set_attention_metadata` and read by every layer, so model code never threads it through.
@@ -11,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pagoda.kernels import ops
+from pagoda.platforms import current_platform
 
 
 @dataclass
@@ -43,20 +44,47 @@ def get_attention_metadata() -> AttentionMetadata:
 
 class Attention(nn.Module):
     """Writes this step's K/V into the layer's cache by slot mapping, then attends through the
-    block tables. `kv_cache` is bound by the model runner after the cache is allocated."""
+    block tables. `kv_cache` is bound by the model runner after the cache is allocated.
+    sliding_window: this layer's window (a query at p sees keys in (p - window, p]); None = global.
+    logits_soft_cap: cap * tanh(score / cap) on the scaled scores; None = off."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: Optional[int] = None, logits_soft_cap: Optional[float] = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap
         self.kv_cache: torch.Tensor = torch.empty(0)
+        self.ops = current_platform().ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = get_attention_metadata()
+        ops = self.ops
         ops.reshape_and_cache(k, v, self.kv_cache, m.slot_mapping)
-        if ops.triton_enabled:
+        if ops.triton:
             return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
                                        self.scale, max_query_len=m.max_query_len,
-                                       max_seq_len=m.max_seq_len)
+                                       max_seq_len=m.max_seq_len, sliding_window=self.sliding_window,
+                                       logits_soft_cap=self.logits_soft_cap)
         return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache)
+                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache,
+                                   sliding_window=self.sliding_window,
+                                   logits_soft_cap=self.logits_soft_cap)
+
+
+class EncoderAttention(nn.Module):
+    """Bidirectional attention within each sequence of a flattened batch (no KV cache): every
+    token sees every token of its own sequence and none of the others'. The sequences' bounds
+    come from the step's metadata (query_start_loc)."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: Optional[int] = None):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.ops = current_platform().ops
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        m = get_attention_metadata()
+        return self.ops.varlen_attention(q, k, v, m.query_start_loc, self.scale, m.query_start_loc_cpu,
+                                         step_cache=m.cache)

@@ -1,10 +1,10 @@
-"""RMSNorm layer; the math lives in pagoda.kernels (torch reference or Triton on CUDA)."""
+"""RMSNorm layer; the math lives in pagoda.kernels (the platform's kernel or its torch twin)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from pagoda.kernels import ops
+from pagoda.platforms import current_platform
 
 
 class RMSNorm(nn.Module):
@@ -12,9 +12,14 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.ops = current_platform().ops
+
+    def scale(self) -> torch.Tensor:
+        """What the normalised rows are multiplied by."""
+        return self.weight
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Without residual: rms_norm(x). With residual: (rms_norm(x + residual), x + residual)."""
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.eps)
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return self.ops.rms_norm(x, self.scale(), self.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.scale(), self.eps)

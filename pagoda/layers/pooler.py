@@ -1,4 +1,5 @@
-"""Hidden states of a padded batch -> one vector per input, as sentence-transformers computes it.
+"""Hidden states of a flattened batch -> one vector per input, as sentence-transformers computes it,
+and (``Pooler``) the per-request task on top: embeddings, class probabilities, scores.
 
 An embedding checkpoint says how it wants to be pooled in its sentence-transformers files:
 ``modules.json`` lists the pipeline (Transformer -> Pooling -> optional Normalize) and the
@@ -12,6 +13,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -63,23 +67,79 @@ class PoolingConfig:
         return cls(modes, "Normalize" in kinds)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, config: PoolingConfig) -> torch.Tensor:
-    """hidden [B, L, H] (right-padded), mask [B, L] bool (True = real token) -> [B, H * modes],
-    float32."""
+def pool(hidden: torch.Tensor, starts: list[int], lens: list[int], config: PoolingConfig,
+         normalize: list[bool] | None = None) -> torch.Tensor:
+    """hidden [T, H] of a flattened batch; input i owns rows starts[i] : starts[i] + lens[i].
+    Returns [B, H * modes], float32, L2-normalized per the config (or per input, if
+    `normalize` is given: a request's PoolingParams may override the model's default)."""
+    dev = hidden.device
+    B = len(starts)
+    if all(m in ("cls", "lasttoken") for m in config.modes):  # one row per input: gather it only
+        first = torch.tensor(starts, device=dev)
+        last = first + torch.tensor(lens, device=dev) - 1
+        hidden = torch.cat([hidden[first if m == "cls" else last] for m in config.modes], dim=-1)
+        return _normalized(hidden.float(), config, normalize, B)
     h = hidden.float()
-    m = mask.unsqueeze(-1)
-    counts = mask.sum(dim=1, keepdim=True).float()
+    seg = torch.repeat_interleave(torch.arange(B, device=dev), torch.tensor(lens, device=dev))
+    first = torch.tensor(starts, device=dev)
+    counts = torch.tensor(lens, device=dev, dtype=torch.float32).unsqueeze(1)
     parts = []
     for mode in config.modes:
         if mode == "cls":
-            parts.append(h[:, 0])
+            parts.append(h[first])
         elif mode == "max":
-            parts.append(h.masked_fill(~m, float("-inf")).amax(dim=1))
+            parts.append(torch.stack([h[s:s + n].amax(0) for s, n in zip(starts, lens)]))
         elif mode in ("mean", "mean_sqrt_len"):
-            total = (h * m).sum(dim=1)
+            rows = torch.cat([torch.arange(s, s + n, device=dev) for s, n in zip(starts, lens)])
+            total = torch.zeros(B, h.shape[1], device=dev).index_add_(0, seg, h[rows])
             parts.append(total / (counts.clamp(min=1e-9) if mode == "mean" else counts.sqrt()))
-        else:  # lasttoken: right padding puts it at count - 1
-            last = (counts.long() - 1).clamp(min=0).squeeze(1)
-            parts.append(h[torch.arange(h.shape[0], device=h.device), last])
+        else:  # lasttoken
+            parts.append(h[first + torch.tensor(lens, device=dev) - 1])
     out = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    return F.normalize(out, p=2, dim=-1) if config.normalize else out
+    return _normalized(out, config, normalize, B)
+
+
+def _normalized(out: torch.Tensor, config: PoolingConfig, normalize: list[bool] | None,
+                B: int) -> torch.Tensor:
+    dev = out.device
+    norm = [config.normalize] * B if normalize is None else normalize
+    if all(norm):
+        return F.normalize(out, p=2, dim=-1)
+    if any(norm):
+        keep = torch.tensor(norm, device=dev).unsqueeze(1)
+        return torch.where(keep, F.normalize(out, p=2, dim=-1), out)
+    return out
+
+
+class Pooler:
+    """One step's pooling requests -> one host array each, by each request's PoolingParams.
+
+    Without `classify` (embedding models): the configured pooling, then per request the first
+    `dimensions` values (Matryoshka) and L2 normalization (the model's default unless
+    `normalize` says otherwise). With `classify` (the model's head on the pooled token): logits,
+    turned into probabilities unless `activation` is off — softmax over the labels, or the
+    sigmoid of a one-label head (cross-encoder scores).
+    """
+
+    def __init__(self, config: PoolingConfig,
+                 classify: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+        self.config = config
+        self.classify = classify
+
+    def __call__(self, hidden: torch.Tensor, starts: list[int], lens: list[int],
+                 params: list) -> list[np.ndarray]:
+        pooled = pool(hidden, starts, lens, self.config, [False] * len(starts))
+        if self.classify is not None:
+            logits = self.classify(pooled.to(hidden.dtype)).float()
+            act = torch.tensor([p.use_activation for p in params], device=logits.device).unsqueeze(1)
+            probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=-1)
+            return list(torch.where(act, probs, logits).cpu().numpy())
+        norm = [self.config.normalize if p.normalize is None else p.normalize for p in params]
+        if all(p.dimensions is None for p in params):
+            keep = torch.tensor(norm, device=pooled.device).unsqueeze(1)
+            return list(torch.where(keep, F.normalize(pooled, p=2, dim=-1), pooled).cpu().numpy())
+        out = []
+        for row, p, n in zip(pooled, params, norm):
+            row = row[:p.dimensions]  # dimensions None: the whole vector
+            out.append((F.normalize(row, p=2, dim=-1) if n else row).cpu().numpy())
+        return out

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from pagoda.kernels import ops
+from pagoda.platforms import current_platform
 from pagoda.kernels.rotary import gather_cos_sin
 from pagoda.layers.attention import get_attention_metadata
 
@@ -54,10 +54,11 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(t, inv)
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).float()
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.ops = current_platform().ops
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        if ops.triton_enabled:
-            return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
+        if self.ops.triton:
+            return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache)
         cache = get_attention_metadata().cache  # one gather of cos/sin per step, not per layer
 
         def cos_sin():  # only the torch fallback needs it
@@ -65,5 +66,5 @@ class RotaryEmbedding(nn.Module):
             if key not in cache:
                 cache[key] = gather_cos_sin(positions, self.cos_sin_cache)
             return cache[key]
-        return ops.rotary_embedding(positions, q, k, self.cos_sin_cache, cos_sin)
+        return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, cos_sin)
 

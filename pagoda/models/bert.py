@@ -1,14 +1,20 @@
-"""BERT encoder (HF ``BertModel`` checkpoints: sentence-transformers' MiniLM, BGE, E5, ...).
+"""BERT encoder (HF ``BertModel`` checkpoints: sentence-transformers' MiniLM, BGE, E5, ...) and
+the cross-encoder ``BertForSequenceClassification`` (ms-marco MiniLM rerankers, ...).
 
 Embedding models read every token of an input at once with bidirectional attention, so unlike
-the decoders there is no KV cache and no causal mask: one forward over a right-padded batch,
-with the padding masked out of the keys, gives the last hidden states that
-``pagoda/layers/pooler.py`` reduces to one vector per input.
+the decoders there is no KV cache and no causal mask. The engine runs them like any model: one
+flattened batch of variable-length inputs per step, through pagoda's encoder attention layer
+(each token sees its own input's tokens only); ``pagoda/layers/pooler.py`` reduces the last
+hidden states to one vector per input.
 
 Layout per layer (post-LayerNorm, as in the original BERT):
     x = LN(x + Out(Attention(QKV(x))));  x = LN(x + Down(act(Up(x))))
 q, k and v are one fused projection (one matmul instead of three); its rows are loaded from
 the checkpoint's separate query/key/value tensors.
+
+A classifier reads the first token ([CLS]) through `ClassificationHead` (dense -> tanh -> out):
+BERT names it `bert.pooler.dense` + `classifier`, RoBERTa `classifier.dense` + `classifier.out_proj`.
+A text pair is one input whose second segment has token type 1.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pagoda.layers.attention import EncoderAttention
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -42,7 +50,7 @@ _EMBEDDING_NAMES = {
     "embeddings.LayerNorm": "embeddings.norm",
 }
 # in checkpoints but not part of the encoder: the NSP pooler, the MLM / NSP heads, buffers
-_UNUSED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "lm_head.")
+_UNUSED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids", "embeddings.token_type_ids", "lm_head.")
 
 
 class BertEmbeddings(nn.Module):
@@ -54,13 +62,13 @@ class BertEmbeddings(nn.Module):
         self.token_type = nn.Embedding(max(int(getattr(config, "type_vocab_size", 1) or 1), 1), h)
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                token_type_ids: torch.Tensor | None) -> torch.Tensor:
         if token_type_ids is None:  # one segment: every token is type 0
             x = self.word(input_ids) + self.token_type.weight[0]
         else:
             x = self.word(input_ids) + self.token_type(token_type_ids)
-        return self.norm(x + self.position(positions)[None])
+        return self.norm(x + self.position(positions))
 
 
 class BertLayer(nn.Module):
@@ -76,18 +84,35 @@ class BertLayer(nn.Module):
         self.down = nn.Linear(config.intermediate_size, h)
         self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.act = _ACTIVATIONS[config.hidden_act]
+        self.attn = EncoderAttention(self.num_heads, self.head_dim, 1.0 / math.sqrt(self.head_dim))
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        b, n, h = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                           scale=1.0 / math.sqrt(self.head_dim))
-        x = self.attn_norm(x + self.out(a.transpose(1, 2).reshape(b, n, h)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, h = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)
+        a = self.attn(q, k, v)
+        x = self.attn_norm(x + self.out(a.reshape(t, h)))
         return self.mlp_norm(x + self.down(self.act(self.up(x))))
 
 
+class ClassificationHead(nn.Module):
+    """[CLS] hidden state -> class logits: out(tanh(dense(x))) (dropout is off at inference)."""
+
+    def __init__(self, hidden_size: int, num_labels: int):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.dense(x)))
+
+
 class BertModel(nn.Module):
-    """forward(input_ids [B, L], attention_mask [B, L]) -> last hidden states [B, L, H]."""
+    """forward(input_ids [T], positions [T]) -> last hidden states [T, H] of a flattened batch
+    (the sequences' bounds come from the step's attention metadata)."""
+    is_encoder_only = True  # no KV cache: each input is read whole in one step
+    prefix = "bert."        # where BertFor* checkpoints keep the encoder
+    # checkpoint module -> ours, for heads on top of the encoder (classifiers)
+    head_names: dict[str, str] = {}
 
     def __init__(self, config):
         super().__init__()
@@ -102,14 +127,15 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.embeddings(input_ids, token_type_ids)
-        # padding is masked out of the keys only; padded query rows are computed and ignored
-        key_mask = None if bool(attention_mask.all()) else attention_mask[:, None, None, :].bool()
+        x = self.embeddings(input_ids, positions, token_type_ids)
         for layer in self.layers:
-            x = layer(x, key_mask)
+            x = layer(x)
         return x
+
+    def attention_layers(self) -> list:
+        return []  # nothing reads a KV cache
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -119,13 +145,15 @@ class BertModel(nn.Module):
         loaded: set[str] = set()
         h = self.hidden_size
         for name, tensor in weights:
-            name = name.removeprefix("bert.")
+            name = name.removeprefix(self.prefix)
             name = name.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta",
                                                                                "LayerNorm.bias")
-            if name.startswith(_UNUSED_PREFIXES):
-                continue
             module, _, pname = name.rpartition(".")
-            if module in _EMBEDDING_NAMES:
+            if module in self.head_names:
+                target, shard = f"{self.head_names[module]}.{pname}", None
+            elif name.startswith(_UNUSED_PREFIXES):
+                continue
+            elif module in _EMBEDDING_NAMES:
                 target, shard = f"{_EMBEDDING_NAMES[module]}.{pname}", None
             elif module.startswith("encoder.layer."):
                 idx, _, part = module.removeprefix("encoder.layer.").partition(".")
@@ -138,7 +166,7 @@ class BertModel(nn.Module):
             else:
                 target = None
             if target is None or target not in params:
-                raise ValueError(f"--model: unexpected BERT checkpoint tensor {name!r}")
+                raise ValueError(f"--model: unexpected {type(self).__name__} checkpoint tensor {name!r}")
             dest = params[target].data
             if shard is not None:
                 dest = dest[shard * h:(shard + 1) * h]
@@ -154,3 +182,19 @@ class BertModel(nn.Module):
         for n, _ in self.named_parameters():
             names |= {f"{n}#{i}" for i in range(3)} if ".qkv." in n else {n}
         return names
+
+
+class SequenceClassifier:
+    """Mixin over an encoder class: `classify` on the pooled [CLS] state through `head`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.head = ClassificationHead(config.hidden_size, config.num_labels)
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled)
+
+
+class BertForSequenceClassification(SequenceClassifier, BertModel):
+    """A cross-encoder / classifier: the encoder, then the NSP-style pooler and the classifier."""
+    head_names = {"pooler.dense": "head.dense", "classifier": "head.out"}

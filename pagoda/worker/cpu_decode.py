@@ -1,8 +1,9 @@
 """Decode steps of a Llama-family model on the CPU through one C call per layer
 (pagoda/kernels/cpu_decoder.c): the CPU's decode accelerator, as CUDA graphs are the GPU's. The
-model runner uses it when every projection holds packed GGUF blocks (the default for a quantized
-GGUF on the CPU; --quantization int4) or 8-bit group weights (int8). Prefill and mixed steps, other dtypes and devices keep the model's
-per-op forward, which is also this path's reference (tests/test_cpu_kernels.py)."""
+model runner uses it when every projection holds packed GGUF blocks (--quantization gguf, the
+default for a quantized GGUF on the CPU; int4) or 8-bit group weights (int8). Prefill and mixed
+steps, other dtypes and devices keep the model's per-op forward, which is also this path's
+reference (tests/test_cpu_kernels.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -26,7 +27,7 @@ class _Layer(ctypes.Structure):
                 ("inter", _I64), ("rot", _I64), ("eps", _F), ("attn_scale", _F),
                 ("ln1", _P), ("ln2", _P), ("q_norm", _P), ("k_norm", _P),
                 ("qkv", _QWeight), ("o", _QWeight), ("gate_up", _QWeight), ("down", _QWeight),
-                ("kv", _P), ("num_blocks", _I64), ("block_size", _I64)]
+                ("kv", _P), ("num_blocks", _I64), ("block_size", _I64), ("window", _I64)]
 
 
 class _Step(ctypes.Structure):
@@ -69,10 +70,20 @@ class CpuDecoder:
 
     @classmethod
     def build(cls, model) -> Optional["CpuDecoder"]:
-        if _lib() is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens"):
+        from pagoda.layers.norm import RMSNorm
+        from pagoda.models.llama import LlamaDecoderLayer
+        from pagoda.distributed.parallel_state import tp_size
+        if (_lib() is None or not hasattr(model, "layers") or not hasattr(model, "embed_tokens")
+                or tp_size() > 1):  # its layers end without the ranks' all-reduce
+            return None
+        if type(model.norm) is not RMSNorm:
             return None
         out = []
         for layer in model.layers:
+            # the C layer is LlamaDecoderLayer's forward exactly: SiLU MLP, two plain RMSNorms,
+            # no soft cap; Gemma 3 (four (1 + w) norms, GELU) keeps the per-op path
+            if not isinstance(layer, LlamaDecoderLayer) or layer.self_attn.attn.logits_soft_cap:
+                return None
             at, mlp = layer.self_attn, layer.mlp
             cache = at.attn.kv_cache
             ws = [_qweight(x) for x in (at.qkv_proj, at.o_proj, mlp.gate_up_proj, mlp.down_proj)]
@@ -89,7 +100,8 @@ class CpuDecoder:
                               layer.input_layernorm.eps, at.attn.scale,
                               layer.input_layernorm.weight.data_ptr(),
                               layer.post_attention_layernorm.weight.data_ptr(), qn, kn, *ws,
-                              cache.data_ptr(), cache.shape[1], cache.shape[2]))
+                              cache.data_ptr(), cache.shape[1], cache.shape[2],
+                              at.attn.sliding_window or 0))
         return cls(model, out)
 
     def stale(self) -> bool:

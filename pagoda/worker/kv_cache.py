@@ -23,8 +23,22 @@ def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_di
 
 def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                       head_dim: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
-    return [torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-            for _ in range(num_layers)]
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    if torch.device(device).type == "cpu":
+        return [_lazy_zeros(shape, dtype) for _ in range(num_layers)]
+    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+
+def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Zeros whose pages the OS hands out (already zero) as they are first written: numpy's
+    zeros is calloc, which maps fresh pages for a large block, where torch.zeros writes all of
+    them at once (1 GiB by default: ~1 s of start-up on this 2-core machine)."""
+    import numpy as np
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def check_fits(num_blocks: int, block_size: int, max_model_len: int, on_cuda: bool) -> None:

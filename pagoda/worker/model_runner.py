@@ -1,88 +1,113 @@
-"""Turns one scheduled step into tensors, runs the model, samples.
+"""Turns one scheduled step into tensors, runs the model, samples or pools.
 
-One step is one flattened batch: the new tokens of every scheduled sequence back to back, with
-their positions, the cache slot each new K/V goes to, per-sequence block tables, query start
-offsets and KV lengths. Logits are computed only for rows that need them (the last token of each
-sequence that finished its prompt, plus every prompt row of requests asking for prompt logprobs).
+The scheduler's plain-data step (`engine.scheduler_output.SchedulerOutput`, read here by its
+fields only: the worker imports nothing from the engine) updates the persistent per-request
+state (`InputBatch`); the step's inputs are then gathered for all scheduled rows at once: the
+new tokens of every request back to back, their positions, the cache slot each new K/V goes to,
+block tables, query start offsets and KV lengths — the attention metadata, built here and only
+here. Logits are computed only for rows that need them (the last token of each request that
+finished its prompt, plus every prompt row of requests asking for prompt logprobs); pooling
+requests end in the pooler instead.
+
+`launch` queues a step and returns without waiting for its sampled ids (they stay on the
+device; the next step reads its inputs from there); `PendingStep.result()` waits for them.
+If a step fails, its requests are run one by one so only a request that fails on its own is
+failed (`ModelRunnerOutput.failed`).
 """
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
-from pagoda.engine.request import Sequence
-from pagoda.engine.scheduler import SchedulerOutput
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
+from pagoda.layers.pooler import Pooler
+from pagoda.sample.metadata import SamplingMetadata
+from pagoda.sample.sampler import Sampler, needs_token_history, prompt_logprobs_rows, to_device
 from pagoda.worker import kv_cache as kvc
-from pagoda.engine.request import PENDING
-from pagoda.worker.sampler import SampleResult, Sampler, prompt_logprobs_rows, to_device
+from pagoda.worker.input_batch import PLACEHOLDER, CachedRequestState, InputBatch
+from pagoda.sample.logprobs import LogprobsLists
+from pagoda.worker.outputs import ModelRunnerOutput
 
 logger = logging.getLogger("pagoda.model_runner")
 
 
 @dataclass
-class StepResult:
-    sampled: list[int]                              # one new token per seq of PendingStep.seqs
-    logprobs: dict[Sequence, tuple]                 # seq -> (lp, rank, top-k list)
-    prompt_logprobs: dict[Sequence, list[tuple]]    # seq -> rows for the prompt positions computed
-
-
-def _logprobs_by_seq(seqs: list[Sequence], res: SampleResult) -> dict:
-    """The sampler's logprob rows keyed by sequence (only sequences that asked for them)."""
-    if res.logprobs is None:
-        return {}
-    return {seq: row for seq, row in zip(seqs, res.logprobs) if row is not None}
+class _StepInputs:
+    """One step laid out: row order, per-row counts, the flat token arrays (host)."""
+    req_ids: list[str]
+    rows: np.ndarray          # InputBatch rows in batch order
+    num_sched: np.ndarray     # tokens this step, per row
+    cu: np.ndarray            # cumulative num_sched (query ends)
+    computed: np.ndarray      # tokens already in the KV cache, per row
+    input_ids: np.ndarray     # [T]
+    positions: np.ndarray     # [T]
+    pend_dst: np.ndarray      # flat rows whose input id is on the device (previous step's sample)
+    pend_src: np.ndarray      # their rows in the previous step's sampled tensor
+    decode_only: bool
 
 
 class PendingStep:
     """A launched step: its sampled ids are being copied into pinned host memory behind the GPU
     work; result() waits for that copy only (the step's event), not for later launches."""
 
-    def __init__(self, seqs: list[Sequence], host: Optional[torch.Tensor], event, logprobs: dict,
-                 prompt_logprobs: dict):
-        self.seqs = seqs              # sequences that sampled a token, in row order
-        self.host = host              # int64 [len(seqs)] pinned (CUDA) or the tokens themselves (CPU)
+    def __init__(self, runner: "ModelRunner", output: ModelRunnerOutput,
+                 host: Optional[torch.Tensor], event, placeholders: list[tuple[str, int]]):
+        self.runner = runner
+        self.output = output
+        self.host = host              # int64 [len(req_ids)]: pinned (CUDA) or the tokens (CPU)
         self.event = event
-        self.logprobs = logprobs
-        self.prompt_logprobs = prompt_logprobs
+        self.placeholders = placeholders  # (req_id, output index) of each sampled token
 
-    def result(self) -> StepResult:
+    def result(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
-        sampled = self.host.tolist() if self.seqs else []
-        return StepResult(sampled, self.logprobs, self.prompt_logprobs)
+        out = self.output
+        if out.req_ids and not out.sampled_token_ids:
+            out.sampled_token_ids = self.host.tolist()
+            batch = self.runner.batch
+            for (rid, idx), tok in zip(self.placeholders, out.sampled_token_ids):
+                batch.set_token(rid, idx, tok)
+        return out
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config, device: torch.device, dtype: torch.dtype,
-                 block_size: int, seed: int = 0):
+                 block_size: int, max_num_seqs: int, max_model_len: int, seed: int = 0,
+                 pooler: Optional[Pooler] = None):
         self.model = model
         self.config = config
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.pooler = pooler
+        self.on_cuda = device.type == "cuda"
         self.sampler = Sampler(config.vocab_size, seed, device)
         attn = model.attention_layers()
         self.num_layers = len(attn)
-        self.num_kv_heads = attn[0].num_kv_heads
-        self.head_dim = attn[0].head_dim
+        self.num_kv_heads = attn[0].num_kv_heads if attn else 0
+        self.head_dim = attn[0].head_dim if attn else 0
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.cpu_decoder = None  # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
-        self.last_step_graph = False
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.graph_out: dict[int, torch.Tensor] = {}
-        self.on_cuda = device.type == "cuda"
-        # the previous launch's sampled ids (device): the next step's PENDING inputs come from here
+        self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size))
+        self.cpu_decoder = None   # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
+        self.graph_runner = None  # worker.cuda_graphs.CudaGraphRunner: decode steps from CUDA graphs
+        # the previous launch's sampled ids (device) and, per request, its row in that tensor:
+        # the next step's placeholder inputs come from there
         self.prev_tokens: Optional[torch.Tensor] = None
+        self._prev_rows: dict[str, int] = {}
         # pinned landing buffers for sampled ids, two in turn: buffer k is rewritten at step k+2,
         # and the engine has read step k's ids back before it launches step k+2
         self._out_bufs: list[torch.Tensor] = []
         self._launches = 0
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return self.num_layers > 0
 
     # -- KV cache -------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -107,7 +132,8 @@ class ModelRunner:
         per_seq = min(num_tokens, max_model_len)
         nseq = -(-num_tokens // per_seq)
         blocks_per_seq = -(-per_seq // self.block_size)
-        self.allocate_kv_cache(nseq * blocks_per_seq)
+        if self.has_kv_cache:
+            self.allocate_kv_cache(nseq * blocks_per_seq)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         ids = torch.randint(0, self.config.vocab_size, (num_tokens,), device=self.device)
@@ -123,150 +149,298 @@ class ModelRunner:
                                  torch.tensor(lens, dtype=torch.int32, device=self.device), bt,
                                  max(lens), max(lens), qsl, lens)
         set_attention_metadata(meta)
-        h = self.model(ids, pos)
-        rows = torch.arange(min(max_num_seqs, num_tokens), device=self.device)
-        logits = self.model.compute_logits(h[rows]).float()
-        torch.softmax(logits, dim=-1)
-        torch.cuda.synchronize()
-        set_attention_metadata(None)
+        try:
+            h = self.model(ids, pos)
+            if self.pooler is None:  # pooling models compute no logits
+                rows = torch.arange(min(max_num_seqs, num_tokens), device=self.device)
+                torch.softmax(self.model.compute_logits(h[rows]).float(), dim=-1)
+            torch.cuda.synchronize()
+        finally:
+            set_attention_metadata(None)
         peak = torch.cuda.max_memory_allocated(self.device)
-        del h, logits
+        del h
         self.kv_caches = []
         for layer in self.model.attention_layers():
             layer.kv_cache = torch.empty(0)
         torch.cuda.empty_cache()
         return peak
 
-    # -- CUDA graphs for decode -------------------------------------------------------------------
-    @torch.inference_mode()
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
-        """Record one decode step per batch size of a ladder (1, 2, 4, 8, 16, 32, 48, ...) into
-        CUDA graphs sharing one memory pool, largest first. A decode step of n sequences replays
-        the smallest graph >= n on persistent input buffers, padded with rows that write nowhere
-        (slot -1) and read one cached position; host launch cost drops to one replay per step."""
-        max_bs = min(max_num_seqs, 512)
-        sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        sizes = sorted(set(sizes))
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        from pagoda.worker.cuda_graphs import CudaGraphRunner
+        self.graph_runner = CudaGraphRunner(self.model, self.device, max_num_seqs, max_model_len,
+                                            self.block_size, capture=capture)
+        self.graph_runner.capture()
+
+    # -- per-request state ------------------------------------------------------------------------
+    def _update_states(self, sched, failed: dict[str, str]) -> None:
+        batch = self.batch
+        for rid in sched.finished_req_ids:
+            batch.remove(rid)
+            self._prev_rows.pop(rid, None)
+        for new in sched.scheduled_new_reqs:
+            try:
+                gen = None
+                p = new.sampling_params
+                if p is not None and p.seed is not None:
+                    gen = torch.Generator().manual_seed(p.seed)
+                batch.add(CachedRequestState(new.req_id, new.prompt_token_ids, p, new.pooling_params,
+                                             list(new.block_ids), new.num_computed_tokens,
+                                             new.token_type_ids, gen))
+            except Exception as e:  # this request cannot be prepared: it alone fails
+                logger.exception("request %s could not be added to the batch", new.req_id)
+                failed[new.req_id] = f"{type(e).__name__}: {e}"
+        c = sched.scheduled_cached_reqs
+        for rid, resumed, blocks, computed in zip(c.req_ids, c.resumed_from_preemption,
+                                                  c.new_block_ids, c.num_computed_tokens):
+            state = batch.requests[rid]
+            state.num_computed_tokens = computed
+            batch.num_computed_tokens[batch.row_of[rid]] = computed
+            if resumed:
+                state.block_ids = list(blocks)
+                batch.set_blocks(rid, state.block_ids)
+            else:
+                state.block_ids.extend(blocks)
+                batch.append_blocks(rid, blocks)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _inputs(self, req_ids: list[str], num_sched: list[int]) -> _StepInputs:
+        batch = self.batch
+        rows = np.fromiter((batch.row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        n = np.asarray(num_sched, dtype=np.int64)
+        cu = np.cumsum(n)
+        computed = batch.num_computed_tokens[rows]
+        total = int(cu[-1])
+        starts = cu - n
+        req_idx = np.repeat(np.arange(len(rows)), n)
+        positions = np.arange(total, dtype=np.int64) + np.repeat(computed - starts, n)
+        flat_rows = rows[req_idx]
+        input_ids = batch.token_ids[flat_rows, positions].astype(np.int64)
+        pend_dst, pend_src = [], []
+        if self._prev_rows:
+            for i, rid in enumerate(req_ids):
+                src = self._prev_rows.get(rid)
+                if src is not None:  # its last token is still on the device
+                    last = int(cu[i]) - 1
+                    if input_ids[last] == PLACEHOLDER:
+                        pend_dst.append(last)
+                        pend_src.append(src)
+        return _StepInputs(req_ids, rows, n, cu, computed, input_ids, positions,
+                           np.asarray(pend_dst, dtype=np.int64), np.asarray(pend_src, dtype=np.int64),
+                           bool((n == 1).all()))
+
+    def _attention_metadata(self, s: _StepInputs) -> AttentionMetadata:
         dev = self.device
-        self.max_blocks = -(-max_model_len // self.block_size)
-        self.g_ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(max_bs, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
-        self.g_qsl = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.g_seq_lens = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self.g_bt = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=dev)
-        self._alloc_host_buffers(max_bs)
-        pool = None
-        t0 = time.time()
-        for bs in reversed(sizes):
-            meta = AttentionMetadata(self.g_slots[:bs], self.g_qsl[:bs + 1], self.g_seq_lens[:bs],
-                                     self.g_bt[:bs], max_query_len=1, max_seq_len=None)
+        bs = self.block_size
+        seq_lens = s.computed + s.num_sched
+        qsl = np.concatenate(([0], s.cu)).astype(np.int64)
+        if self.has_kv_cache:
+            req_idx = np.repeat(np.arange(len(s.rows)), s.num_sched)
+            blk = self.batch.block_table[s.rows[req_idx], s.positions // bs].astype(np.int64)
+            slots = blk * bs + s.positions % bs
+            width = int(self.batch.num_blocks[s.rows].max())
+            bt = self.batch.block_table[s.rows, :max(width, 1)]
+        else:
+            slots = np.zeros(0, dtype=np.int64)
+            bt = np.zeros((len(s.rows), 1), dtype=np.int32)
+        qsl_l, sl_l = qsl.tolist(), seq_lens.tolist()
+        return AttentionMetadata(
+            slot_mapping=to_device(slots.tolist(), torch.long, dev),
+            query_start_loc=to_device(qsl_l, torch.int32, dev),
+            seq_lens=to_device(sl_l, torch.int32, dev),
+            block_tables=to_device(bt.tolist(), torch.int32, dev),
+            max_query_len=int(s.num_sched.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc_cpu=qsl_l, seq_lens_cpu=sl_l)
+
+    # -- one step -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def launch(self, sched) -> PendingStep:
+        """Queue one step on the device and return without waiting for it."""
+        failed: dict[str, str] = {}
+        self._update_states(sched, failed)
+        req_ids = [r for r in sched.num_scheduled_tokens if r not in failed]
+        if not req_ids:
+            return self._finish(ModelRunnerOutput(failed=failed), [], None)
+        try:
+            return self._launch_rows(req_ids, [sched.num_scheduled_tokens[r] for r in req_ids], failed)
+        except Exception:
+            if len(req_ids) == 1:
+                rid = req_ids[0]
+                logger.exception("request %s failed in the model runner", rid)
+                failed[rid] = self._describe_last_error()
+                return self._finish(ModelRunnerOutput(failed=failed), [], None)
+            logger.exception("step of %d requests failed; running them one by one", len(req_ids))
+        return self._run_one_by_one(req_ids, sched, failed)
+
+    @staticmethod
+    def _describe_last_error() -> str:
+        import sys
+        e = sys.exc_info()[1]
+        return f"{type(e).__name__}: {e}"
+
+    def _run_one_by_one(self, req_ids: list[str], sched, failed: dict[str, str]) -> PendingStep:
+        """Run a failed step's requests alone, synchronously. Recomputing a request's tokens
+        writes the same K/V into the same slots, so a partly run step is safe to redo."""
+        merged = ModelRunnerOutput(failed=failed)
+        rows: tuple[list, list, list] = ([], [], [])
+        any_logprobs = False
+        for rid in req_ids:
+            try:
+                out = self._launch_rows([rid], [sched.num_scheduled_tokens[rid]], {}).result()
+            except Exception as e:
+                logger.exception("request %s failed in the model runner", rid)
+                failed[rid] = f"{type(e).__name__}: {e}"
+                continue
+            for k, r in enumerate(out.req_ids):
+                merged.req_ids.append(r)
+                merged.sampled_token_ids.append(out.sampled_token_ids[k])
+                lp = out.logprobs
+                any_logprobs |= lp is not None
+                rows[0].append(lp.token_ids[k] if lp else [])
+                rows[1].append(lp.logprobs[k] if lp else [])
+                rows[2].append(lp.ranks[k] if lp else 0)
+            merged.prompt_logprobs.update(out.prompt_logprobs)
+            merged.pooler_output.update(out.pooler_output)
+        if any_logprobs:
+            merged.logprobs = LogprobsLists(*rows)
+        self._prev_rows = {}  # every token of this step is resolved already
+        self.prev_tokens = None
+        return self._finish(merged, [], None)
+
+    def _launch_rows(self, req_ids: list[str], num_sched: list[int], failed: dict[str, str]) -> PendingStep:
+        batch = self.batch
+        s = self._inputs(req_ids, num_sched)
+        dev = self.device
+        graph = False
+        if (self.graph_runner is not None and s.decode_only and self.has_kv_cache
+                and self.graph_runner.can_run(len(req_ids))
+                and not any(batch.requests[r].sampling_params.prompt_logprobs is not None
+                            for r in req_ids if batch.requests[r].sampling_params is not None)):
+            width = int(batch.num_blocks[s.rows].max())
+            bt = batch.block_table[s.rows, :width]
+            p = s.positions
+            slots = batch.block_table[s.rows, p // self.block_size].astype(np.int64) * self.block_size \
+                + p % self.block_size
+            h = self.graph_runner.run(s.input_ids, p, slots, bt, s.pend_dst, s.pend_src, self.prev_tokens)
+            graph = self.graph_runner.capture_graphs
+            meta = None
+        else:
+            meta = self._attention_metadata(s)
+            ids = to_device(s.input_ids.tolist(), torch.long, dev)
+            if len(s.pend_dst):
+                ids[to_device(s.pend_dst.tolist(), torch.long, dev)] = \
+                    self.prev_tokens[to_device(s.pend_src.tolist(), torch.long, dev)]
+            pos = to_device(s.positions.tolist(), torch.long, dev)
             set_attention_metadata(meta)
             try:
-                self.model(self.g_ids[:bs], self.g_pos[:bs])  # warm-up: JIT compiles outside capture
-                torch.cuda.synchronize(dev)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = self.model(self.g_ids[:bs], self.g_pos[:bs])
+                if self.cpu_decoder is not None and meta.max_query_len == 1:
+                    h = self.cpu_decoder(ids, pos, meta)
+                elif (getattr(self.model, "is_encoder_only", False)
+                      and any(batch.requests[r].token_type_ids for r in req_ids)):
+                    h = self.model(ids, pos, self._token_types(s))
+                else:
+                    h = self.model(ids, pos)
             finally:
                 set_attention_metadata(None)
-            if pool is None:
-                pool = g.pool()
-            self.graphs[bs] = g
-            self.graph_out[bs] = out
-        torch.cuda.synchronize(dev)
-        self.graph_sizes = sizes
-        logger.info("captured %d CUDA graphs (decode batch 1..%d) in %.1fs", len(sizes), max_bs,
-                    time.time() - t0)
+        return self._sample_and_pool(s, h, failed, graph)
 
-    def _alloc_host_buffers(self, max_bs: int) -> None:
-        """Pinned staging for decode inputs, two sets used in turn: while step k+1 is prepared,
-        step k's host-to-device copies may still be queued behind step k-1 on the GPU. The
-        numpy views let the host fill them from Python lists without a torch op per write."""
-        pin = self.on_cuda
-        def buf(*shape, dtype=torch.long):
-            t = torch.zeros(*shape, dtype=dtype)
-            return t.pin_memory() if pin else t
-        # rows: input ids, positions, slots, seq lens, placeholder rows, their source rows
-        self.io_host = [buf(6, max_bs) for _ in range(2)]
-        # block-table rows change only when a sequence gains a block or the batch reshuffles:
-        # each set mirrors them and rewrites only the rows that changed since its last use
-        self.bt_host = [buf(max_bs, self.max_blocks, dtype=torch.int32) for _ in range(2)]
-        self.io_np = [t.numpy() for t in self.io_host]
-        self.bt_np = [t.numpy() for t in self.bt_host]
-        self.bt_rows: list[list] = [[None] * max_bs for _ in range(2)]
+    def _token_types(self, s: _StepInputs) -> torch.Tensor:
+        types = np.zeros(len(s.input_ids), dtype=np.int64)
+        starts = s.cu - s.num_sched
+        for i, rid in enumerate(s.req_ids):
+            t = self.batch.requests[rid].token_type_ids
+            if t:
+                c = int(s.computed[i])
+                types[starts[i]:s.cu[i]] = t[c:c + int(s.num_sched[i])]
+        return to_device(types.tolist(), torch.long, self.device)
 
-    def _replay_decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        n = len(seqs)
-        bs = next(b for b in self.graph_sizes if b >= n)
-        bsz = self.block_size
-        which = self._launches & 1
-        ids, pos, slots, dst, src = [], [], [], [], []
-        bt, rows = self.bt_np[which], self.bt_rows[which]
-        width = 0
-        for i, s in enumerate(seqs):
-            toks = s.token_ids
-            p = len(toks) - 1
-            t = toks[p]
-            if t == PENDING:
-                dst.append(i)
-                src.append(s.sample_row)
-            ids.append(t)
-            pos.append(p)
-            b = s.block_ids
-            slots.append(b[p // bsz] * bsz + p % bsz)
-            # block tables: rewrite only the rows that changed since this buffer set was used
-            nb = len(b)
-            if nb > width:
-                width = nb
-            key = (s.seq_id, nb)
-            if rows[i] != key:
-                bt[i, :nb] = b
-                rows[i] = key
-        io = self.io_np[which]
-        io[0, :n] = ids
-        io[1, :n] = pos
-        io[2, :n] = slots
-        io[3, :n] = io[1, :n] + 1
-        m = len(dst)
-        if m:
-            io[4, :m] = dst
-            io[5, :m] = src
-        dev_io = self.io_host[which][:, :max(n, m)].to(self.device, non_blocking=True)
-        self.g_ids[:n].copy_(dev_io[0, :n])
-        if m:  # inputs still on the device from the previous step
-            self.g_ids[dev_io[4, :m]] = self.prev_tokens[dev_io[5, :m]]
-        self.g_pos[:n].copy_(dev_io[1, :n])
-        self.g_slots[:n].copy_(dev_io[2, :n])
-        self.g_seq_lens[:n].copy_(dev_io[3, :n])
-        self.g_bt[:n, :width].copy_(self.bt_host[which][:n, :width], non_blocking=True)
-        if bs > n:  # padding rows: write nowhere, attend to one position of block 0
-            self.g_slots[n:bs].fill_(-1)
-            self.g_seq_lens[n:bs].fill_(1)
-            self.g_bt[n:bs, 0].fill_(0)
-        self.graphs[bs].replay()
-        return self.graph_out[bs][:n]
+    def _sample_and_pool(self, s: _StepInputs, h: torch.Tensor, failed: dict[str, str],
+                         graph: bool) -> PendingStep:
+        batch = self.batch
+        dev = self.device
+        out = ModelRunnerOutput(failed=failed, graph=graph)
+        logit_rows: list[int] = []
+        sample_ids: list[str] = []
+        plp: list[tuple[str, int, int, int]] = []   # req, first logit row, rows, first position
+        pool_ids: list[str] = []
+        pool_starts: list[int] = []
+        pool_lens: list[int] = []
+        ends = s.computed + s.num_sched
+        for i, rid in enumerate(s.req_ids):
+            st = batch.requests[rid]
+            row0 = int(s.cu[i] - s.num_sched[i])
+            n = int(s.num_sched[i])
+            start, end = int(s.computed[i]), int(ends[i])
+            n_prompt = len(st.prompt_token_ids)
+            if st.pooling_params is not None:
+                if end >= n_prompt:
+                    pool_ids.append(rid)
+                    pool_starts.append(row0)
+                    pool_lens.append(n)
+                continue
+            p = st.sampling_params
+            done = st.num_prompt_logprobs  # a preempted request recomputes rows it already sent
+            if p.prompt_logprobs is not None and max(start, done) < n_prompt - 1:
+                first = max(start, done)
+                m = min(end, n_prompt - 1) - first  # rows whose next token is still a prompt token
+                if m > 0:
+                    plp.append((rid, len(logit_rows), m, first))
+                    logit_rows.extend(range(row0 + first - start, row0 + first - start + m))
+                    st.num_prompt_logprobs = first + m
+            if end >= st.num_tokens:  # prompt fully computed: sample the next token
+                sample_ids.append(rid)
+                logit_rows.append(row0 + n - 1)
+        if pool_ids:
+            self._pool(h, pool_ids, pool_starts, pool_lens, out)
+        if not logit_rows:
+            return self._finish(out, [], None)
+        logits = self.model.compute_logits(h[to_device(logit_rows, torch.long, dev)])
+        for rid, r0, m, p0 in plp:
+            st = batch.requests[rid]
+            out.prompt_logprobs[rid] = prompt_logprobs_rows(
+                logits[r0:r0 + m], st.prompt_token_ids[p0 + 1:p0 + 1 + m], st.sampling_params.prompt_logprobs)
+        if not sample_ids:
+            return self._finish(out, [], None)
+        sl = logits
+        if plp:  # sampling rows are the ones not claimed by prompt logprobs
+            taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
+            sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
+        res = self.sampler(sl, self._sampling_metadata(sample_ids))
+        out.req_ids = sample_ids
+        out.logprobs = res.logprobs
+        return self._finish(out, sample_ids, res.token_ids)
 
-    def _can_replay(self, sched: SchedulerOutput) -> bool:
-        if not self.graphs or len(sched.num_tokens) > self.graph_sizes[-1]:
-            return False
-        for seq, n in sched.num_tokens.items():
-            if n != 1 or seq.num_computed_tokens != len(seq.token_ids) - 1 or seq.needs_prompt_logprobs:
-                return False
-        return True
+    def _pool(self, h: torch.Tensor, ids: list[str], starts: list[int], lens: list[int],
+              out: ModelRunnerOutput) -> None:
+        """Each request's result from its own rows of this step (decoders: only the last prompt
+        token's row matters, which this step computed; the pooler reads no other)."""
+        params = [self.batch.requests[rid].pooling_params for rid in ids]
+        for rid, v in zip(ids, self.pooler(h, starts, lens, params)):
+            out.pooler_output[rid] = v
 
-    def _finish_launch(self, sample_seqs: list[Sequence], tokens: Optional[torch.Tensor],
-                       logprobs: dict, prompt_logprobs: dict) -> PendingStep:
+    def _sampling_metadata(self, req_ids: list[str]) -> SamplingMetadata:
+        states = [self.batch.requests[r] for r in req_ids]
+        params = [st.sampling_params for st in states]
+        history = any(needs_token_history(p) for p in params)
+        plain = all(p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens
+                    and not needs_token_history(p) for p in params)
+        return SamplingMetadata(
+            params, [st.generator for st in states], [len(st.output_token_ids) for st in states],
+            [st.prompt_token_ids for st in states] if history else None,
+            [st.output_token_ids for st in states] if history else None, plain)
+
+    def _finish(self, out: ModelRunnerOutput, sample_ids: list[str],
+                tokens: Optional[torch.Tensor]) -> PendingStep:
         """Start the sampled ids' copy to the host; remember them for the next step's inputs."""
         self._launches += 1
-        if not sample_seqs:
-            return PendingStep([], None, None, logprobs, prompt_logprobs)
-        for i, seq in enumerate(sample_seqs):
-            seq.sample_row = i
+        if not sample_ids:
+            return PendingStep(self, out, None, None, [])
+        batch = self.batch
+        placeholders = [(rid, batch.append_token(rid, PLACEHOLDER)) for rid in sample_ids]
+        self._prev_rows = {rid: k for k, rid in enumerate(sample_ids)}
         self.prev_tokens = tokens
         if not self.on_cuda:
-            return PendingStep(sample_seqs, tokens, None, logprobs, prompt_logprobs)
-        n = len(sample_seqs)
+            return PendingStep(self, out, tokens, None, placeholders)
+        n = len(sample_ids)
         k = self._launches & 1
         if len(self._out_bufs) < 2 or self._out_bufs[k].numel() < n:
             size = max(n, 256)
@@ -275,97 +449,15 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(sample_seqs, host, event, logprobs, prompt_logprobs)
+        return PendingStep(self, out, host, event, placeholders)
 
-    # -- one step -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> PendingStep:
-        """Queue one step on the device and return without waiting for it. A sequence whose last
-        token is PENDING (sampled by the previous launch, not read back yet) takes its input id
-        from that launch's device tensor."""
-        self.last_step_graph = self._can_replay(sched)
-        if self.last_step_graph:
-            seqs = list(sched.num_tokens)
-            h = self._replay_decode(seqs)
-            res = self.sampler(self.model.compute_logits(h), seqs)
-            return self._finish_launch(seqs, res.token_ids, _logprobs_by_seq(seqs, res), {})
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        logit_rows: list[int] = []
-        sample_seqs: list[Sequence] = []
-        pend_dst: list[int] = []
-        pend_src: list[int] = []
-        plp: list[tuple[Sequence, int, int, int]] = []  # seq, first row, n rows, first position
-        seqs = list(sched.num_tokens)
-        for seq in seqs:
-            n = sched.num_tokens[seq]
-            start = seq.num_computed_tokens
-            end = start + n
-            row0 = qsl[-1]
-            new = seq.token_ids[start:end]
-            if new[-1] == PENDING:  # only ever the last token: one decode step behind
-                pend_dst.append(row0 + n - 1)
-                pend_src.append(seq.sample_row)
-            input_ids.extend(new)
-            positions.extend(range(start, end))
-            bids = seq.block_ids
-            slots.extend(bids[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(row0 + n)
-            seq_lens.append(end)
-            if seq.needs_prompt_logprobs and start < seq.prompt_len:
-                # rows whose next token is still a prompt token
-                m = min(end, seq.prompt_len - 1) - start
-                if m > 0:
-                    plp.append((seq, len(logit_rows), m, start))
-                    logit_rows.extend(range(row0, row0 + m))
-            if end == len(seq.token_ids):  # prompt fully computed: sample the next token
-                sample_seqs.append(seq)
-                logit_rows.append(row0 + n - 1)
-        max_blocks = max(len(s.block_ids) for s in seqs)
-        bt = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=to_device(slots, torch.long, dev),
-            query_start_loc=to_device(qsl, torch.int32, dev),
-            seq_lens=to_device(seq_lens, torch.int32, dev),
-            block_tables=to_device(bt, torch.int32, dev),
-            max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seqs))),
-            max_seq_len=max(seq_lens), query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens)
-        ids = to_device(input_ids, torch.long, dev)
-        if pend_dst:
-            ids[to_device(pend_dst, torch.long, dev)] = self.prev_tokens[to_device(pend_src, torch.long, dev)]
-        set_attention_metadata(meta)
-        try:
-            pos = to_device(positions, torch.long, dev)
-            if self.cpu_decoder is not None and meta.max_query_len == 1:
-                h = self.cpu_decoder(ids, pos, meta)
-            else:
-                h = self.model(ids, pos)
-        finally:
-            set_attention_metadata(None)
-        if not logit_rows:
-            return self._finish_launch([], None, {}, {})
-        logits = self.model.compute_logits(h[to_device(logit_rows, torch.long, dev)])
-        prompt_lps = {}
-        for seq, r0, m, p0 in plp:
-            next_ids = seq.token_ids[p0 + 1:p0 + 1 + m]
-            prompt_lps[seq] = prompt_logprobs_rows(logits[r0:r0 + m], next_ids,
-                                                   seq.request.params.prompt_logprobs)
-        if not sample_seqs:
-            return self._finish_launch([], None, {}, prompt_lps)
-        sl = logits
-        if plp:  # sampling rows are the ones not claimed by prompt logprobs
-            taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
-            sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
-        res: SampleResult = self.sampler(sl, sample_seqs)
-        return self._finish_launch(sample_seqs, res.token_ids, _logprobs_by_seq(sample_seqs, res),
-                                   prompt_lps)
+    def forget(self, req_ids) -> None:
+        """Drop requests the engine never knew about (the start-up warm-up's)."""
+        for rid in req_ids:
+            self.batch.remove(rid)
+            self._prev_rows.pop(rid, None)
+        self.prev_tokens = None
 
-    @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> StepResult:
+    def execute(self, sched) -> ModelRunnerOutput:
         """One step, waiting for its sampled ids (the non-overlapped path)."""
         return self.launch(sched).result()

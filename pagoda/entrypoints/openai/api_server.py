@@ -9,9 +9,13 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 import uvicorn
+
+from pagoda.log import configure_logging
+
+from .cli_args import HelpFormatter, add_serve_args, resolve_args
 
 logger = logging.getLogger("pagoda.server")
 
@@ -28,55 +32,76 @@ class _DrainingServer(uvicorn.Server):
         self._on_signal()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
 
-def _configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
-                                           datefmt="%m-%d %H:%M:%S"))
-    root = logging.getLogger("pagoda")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        from pagoda.startup import process_age
+        age = process_age()
+        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
+            logger.info("ready %.1fs after the process started", age)
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain."""
-    _configure_logging(args.log_level)
+    """Serve until SIGTERM/SIGINT; returns 0 after a graceful drain, 3 if the engine died."""
+    configure_logging(args.log_level)
     # Threads of this process that run Python (event loop, tokenizer, template rendering, the
     # CPU engine's step loop) hand the GIL over every 0.5 ms instead of 5: a template rendering
     # for seconds then delays a normal chat by ~0.1 s instead of ~4 s (tests/test_hostile_inputs.py)
     sys.setswitchinterval(0.0005)
     from pagoda.config import EngineArgs
     engine_args = EngineArgs.from_cli_args(args)  # bad values: ValueError naming the flag, before torch loads
+    if engine_args.node_rank > 0:  # another host's tensor-parallel ranks: no API server here
+        from pagoda.executor.multiproc import run_node
+        return run_node(engine_args, args.log_level)
+    if args.api_server_count > 1:
+        from .multi_server import run_api_servers
+        return run_api_servers(args, engine_args)
 
-    from pagoda.engine.embedding_engine import is_embedding_model
+    from pagoda.engine.async_llm import AsyncLLM
+    from pagoda.engine.core_client import engine_core_mode
+    engine = AsyncLLM(engine_args, engine_core=engine_core_mode(args.engine_core, engine_args.device),
+                      log_level=args.log_level)
+    return serve_app(engine, args)
 
+
+def serve_app(engine, args: argparse.Namespace, sockets: Optional[list] = None) -> int:
+    """Run the HTTP app for a running engine (on `sockets` when a parent process bound them)."""
     from .server import build_app
-
-    if is_embedding_model(engine_args):  # an encoder (BERT): /v1/embeddings, no KV cache
-        from pagoda.engine.async_embedding_engine import AsyncEmbeddingEngine
-        engine = AsyncEmbeddingEngine.from_engine_args(engine_args)
-    else:
-        from pagoda.engine.async_engine import AsyncLLMEngine
-        engine = AsyncLLMEngine.from_engine_args(engine_args)
     app = build_app(engine, args)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_log_requests,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
                             timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=10)
     server = _DrainingServer(config, on_signal=lambda: setattr(app.state.server, "draining", True))
+    died: list[str] = []
+
+    def on_engine_dead(reason: str) -> None:
+        """Requests in flight have their errors; /health answers 503 for a moment so load
+        balancers see it, then the server exits non-zero for Docker/compose to restart it."""
+        died.append(reason)
+        logger.error("engine core died (%s): exiting", reason)
+        import asyncio
+        asyncio.get_running_loop().call_later(1.0, setattr, server, "should_exit", True)
+    engine.add_dead_listener(on_engine_dead)
     # uvicorn re-raises the signal it handled once it has shut down; a drained shutdown is a
     # normal exit, so make that re-raise a no-op and return 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     logger.info("serving %s on %s://%s:%d", ", ".join(engine.model_config.served_model_names),
                 "https" if args.ssl_certfile else "http", args.host, args.port)
-    server.run()
+    server.run(sockets=sockets)
+    if died:
+        return 3
     return 0 if server.started else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli_args import HelpFormatter, add_serve_args, resolve_args
     parser = argparse.ArgumentParser(prog="python -m pagoda.entrypoints.openai.api_server",
                                      description="pagoda's OpenAI-compatible server (same as `pagoda serve`).",
                                      formatter_class=HelpFormatter)

@@ -35,7 +35,8 @@ SERVER_FLAGS: list[Flag] = [
          "0.0.0.0 (or ::) listens on all interfaces.", group="Server"),
     Flag("port", int, 8000, "TCP port to listen on.", group="Server"),
     Flag("api-key", str, None, "Require 'Authorization: Bearer <key>' on every route except "
-         "/health and /ping.", group="Server"),
+         "/health, /ping and the chat page's static files (the page sends the key on its API "
+         "calls).", group="Server"),
     Flag("config", str, None, "YAML file of flag: value pairs (flag names as on the command line); "
          "command-line flags override it.", group="Server"),
     Flag("root-path", str, None, "URL prefix when behind a path-based reverse proxy (e.g. /llm).",
@@ -51,7 +52,20 @@ SERVER_FLAGS: list[Flag] = [
          "gets 413.", group="Server"),
     Flag("shutdown-timeout", float, 30.0, "Seconds in-flight requests may take to finish after "
          "SIGTERM/SIGINT before they are aborted.", group="Server"),
+    Flag("api-server-count", int, 1, "API server processes in front of one engine core, all on "
+         "--port (vLLM's flag): more processes tokenize, detokenize and write JSON in parallel when "
+         "one cannot keep up with the engine. Needs the engine core in its own process.",
+         group="Server", aliases=("-asc",)),
+    Flag("engine-core", str, "auto", "Where the engine core (scheduler + model) runs: process = its "
+         "own process, so the API server's work (tokenizing, detokenizing, JSON) runs in parallel "
+         "with the model; thread = inside the API server process; auto = process on GPUs, thread "
+         "on the CPU.", group="Server", choices=("auto", "process", "thread")),
+    Flag("enable-server-load-tracking", None, False, "Count the requests in flight on the model "
+         "endpoints and report them on GET /load as {\"server_load\": N} (vLLM's flag; without it "
+         "/load answers 0).", group="Server", boolean=True),
     Flag("disable-fastapi-docs", None, False, "Do not serve /docs, /redoc and /openapi.json.",
+         group="Server", boolean=True),
+    Flag("disable-frontend", None, False, "Do not serve the chat page at / and /chat.",
          group="Server", boolean=True),
     Flag("chat-template", str, None, "Chat template replacing the model's: a Jinja file or an "
          "inline template.", group="Chat"),
@@ -74,7 +88,7 @@ SERVER_FLAGS: list[Flag] = [
 ]
 
 # --help lists the groups in this order
-GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Chat", "Logging")
+GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Parallel", "Chat", "Logging")
 
 
 class _Default:
@@ -165,6 +179,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.model = tag
     if not 0 < args.port < 65536:
         raise ValueError(f"--port: must be in 1..65535, got {args.port}")
+    if args.api_server_count < 1:
+        raise ValueError(f"--api-server-count: must be >= 1, got {args.api_server_count}")
+    if args.api_server_count > 1 and args.engine_core == "thread":
+        raise ValueError("--api-server-count: several API servers need --engine-core process (or auto)")
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         raise ValueError(f"--max-concurrent-requests: must be >= 1, got {args.max_concurrent_requests}")
     if args.max_request_body_size is None or args.max_request_body_size < 1:
@@ -185,18 +203,3 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
     args.chat_template = _load_chat_template(args.chat_template)
     return args
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from .api_server import run_server  # heavy imports (engine, torch) only when serving
-    return run_server(resolve_args(args))
-
-
-def register(subparsers) -> None:
-    """Adds ``pagoda serve`` to the ``pagoda`` command."""
-    parser = subparsers.add_parser(
-        "serve", help="Serve a model over an OpenAI-compatible HTTP API.", formatter_class=HelpFormatter,
-        description="Serve a model over an OpenAI-compatible HTTP API (flags as vLLM's `vllm serve`; "
-                    "every flag can also be set by a PAGODA_<FLAG> environment variable).")
-    add_serve_args(parser)
-    parser.set_defaults(func=run_serve)

@@ -3,7 +3,7 @@
 Outermost first, as ``server.build_app`` stacks them:
   RequestContext  X-Request-Id in and out, HTTP metrics by route template
   (CORS)          Starlette's, when --allowed-origins is set
-  APIKey          401 without the key, on every route but /health and /ping
+  APIKey          401 without the key, on every route but /health, /ping and the chat page's files
   BodySizeLimit   413 past --max-request-body-size
   Admission       429 past --max-concurrent-requests, 503 while draining on SIGTERM
 """
@@ -24,7 +24,10 @@ from pagoda.metrics import ServerMetrics
 
 from .errors import error_response
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# model work: admission control (--max-concurrent-requests, draining) and the /load count
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
+                              "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
+                              "/invocations"})
 OPEN_PATHS = frozenset({"/health", "/ping"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 
@@ -33,7 +36,8 @@ _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces:
 class ServerState:
     """Mutable server-wide state, shared by the middlewares and the lifespan."""
     draining: bool = False
-    active_generations: int = 0
+    active_generations: int = 0  # requests in flight on GENERATION_PATHS
+    track_load: bool = False     # --enable-server-load-tracking: /load reports active_generations
 
 
 def route_path(scope: Scope) -> str:
@@ -83,12 +87,15 @@ class RequestContextMiddleware:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_key: str):
+    """``open_paths``: exact paths served without the key (no prefixes: nothing below them)."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_paths: frozenset[str] = OPEN_PATHS):
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and route_path(scope) not in OPEN_PATHS:
+        if scope["type"] == "http" and route_path(scope) not in self.open_paths:
             given = Headers(scope=scope).get("authorization", "").encode()
             if not secrets.compare_digest(given, self.expected):
                 msg = ("Missing API key: send 'Authorization: Bearer <key>'." if not given

@@ -79,6 +79,9 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    return_token_ids: bool = Field(False, description="vLLM's extra: each choice (and each "
+                                   "streamed chunk) carries its token_ids; the response its "
+                                   "prompt_token_ids. Chunks are sent for every new token then.")
 
 
 class TextPart(OpenAIModel):
@@ -112,6 +115,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 PromptType = Union[str, list[str], list[TokenId], list[list[TokenId]]]
+# -1 (the model's max_model_len) or k >= 1 (keep the last k tokens); 0 and other negatives are 400s
+TruncatePromptTokens = Annotated[int, Strict(), Field(ge=-1, le=INT32_MAX)]
 
 
 class CompletionRequest(SamplingFields):
@@ -156,12 +161,72 @@ class EmbeddingRequest(OpenAIModel):
                               "or a list of token-id lists; one embedding per item.")
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64: each vector as little-endian float32 bytes, base64-encoded.")
-    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX, description="Only the model's own embedding size is "
-                                      "accepted (no truncated, Matryoshka-style vectors).")
+    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX, description="Matryoshka models "
+                                      "(config `matryoshka_dimensions` / `is_matryoshka`): keep the "
+                                      "first `dimensions` values, then normalize; other models accept "
+                                      "only their own size.")
     user: Optional[str] = None
-    # vLLM extra
+    # vLLM extras
     add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens "
                                      "([CLS] ... [SEP] for BERT) to text inputs.")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = Field(
+        None, description="Keep the last k tokens of each input; -1: the model's max_model_len.")
+
+
+class PoolingRequest(OpenAIModel):
+    """vLLM's /pooling: the pooler's output per input (an embedding model's pooled vector,
+    a classifier's logits)."""
+    model: Optional[str] = None
+    input: PromptType
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX)
+    normalize: Optional[bool] = Field(None, description="Embedding models: L2-normalize (default: "
+                                      "the model's own setting).")
+    activation: Optional[bool] = Field(None, description="Classifiers: probabilities instead of "
+                                       "logits (default false).")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    add_special_tokens: bool = True
+    user: Optional[str] = None
+
+
+class ClassificationRequest(OpenAIModel):
+    model: Optional[str] = None
+    input: PromptType
+    activation: Optional[bool] = Field(None, description="false: raw logits instead of "
+                                       "probabilities.")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    add_special_tokens: bool = True
+    user: Optional[str] = None
+
+
+Texts = Union[str, list[str]]
+
+
+class ScoreRequest(OpenAIModel):
+    """vLLM's /score: text_1 against each text_2 (1 -> 1, 1 -> N) or pairwise (N -> N)."""
+    model: Optional[str] = None
+    text_1: Texts
+    text_2: Texts
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    activation: Optional[bool] = Field(None, description="Cross-encoders: false gives the raw logit "
+                                       "instead of its sigmoid.")
+    user: Optional[str] = None
+
+
+class RerankDocument(OpenAIModel):
+    text: str
+
+
+class RerankRequest(OpenAIModel):
+    """Jina's and Cohere's rerank request."""
+    model: Optional[str] = None
+    query: str
+    documents: list[Union[str, RerankDocument]] = Field(..., min_length=1)
+    top_n: Optional[Int] = Field(None, ge=0, le=INT32_MAX, description="How many results; 0 or "
+                                 "omitted: all documents.")
+    return_documents: bool = Field(True, description="Include each result's document text.")
+    truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
+    user: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -203,6 +268,7 @@ class ChatCompletionChoice(ResponseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
 
 
 def _now() -> int:
@@ -236,6 +302,7 @@ class ChatStreamChoice(ResponseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
 
 
 class ChatCompletionChunk(ResponseModel):
@@ -260,6 +327,8 @@ class CompletionChoice(ResponseModel):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)  # return_token_ids
+    prompt_token_ids: Optional[list[int]] = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionResponse(ResponseModel):
@@ -290,6 +359,71 @@ class EmbeddingResponse(ResponseModel):
     model: str
     data: list[EmbeddingData]
     usage: EmbeddingUsage
+
+
+class PoolingListResponse(ResponseModel):
+    """What /pooling, /classify and /score answer: a list of per-input results and the usage."""
+    id: str
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=_now)
+    model: str
+    usage: UsageInfo
+
+
+class PoolingData(ResponseModel):
+    index: int
+    object: Literal["pooling"] = "pooling"
+    data: Union[list[float], str]
+
+
+class PoolingResponse(PoolingListResponse):
+    data: list[PoolingData]
+
+
+class ClassificationData(ResponseModel):
+    index: int
+    label: Optional[str] = None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(PoolingListResponse):
+    data: list[ClassificationData]
+
+
+class ScoreData(ResponseModel):
+    index: int
+    object: Literal["score"] = "score"
+    score: float
+
+
+class ScoreResponse(PoolingListResponse):
+    data: list[ScoreData]
+
+
+class RerankResultDocument(ResponseModel):
+    text: str
+
+
+class RerankResult(ResponseModel):
+    index: int
+    document: Optional[RerankResultDocument] = Field(None, exclude_if=lambda v: v is None)
+    relevance_score: float
+
+
+class RerankUsage(ResponseModel):
+    total_tokens: int
+
+
+class RerankResponse(ResponseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+class ServerLoadResponse(ResponseModel):
+    server_load: int
 
 
 class ModelCard(ResponseModel):

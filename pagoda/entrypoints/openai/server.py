@@ -1,7 +1,8 @@
 """The FastAPI app: routes, middlewares, error handlers and lifespan around one running engine.
 
-``build_app(engine, args)`` takes an engine that is already loaded (AsyncLLMEngine: it steps on
-its own thread) and the parsed ``pagoda serve`` arguments; ``api_server`` runs it with uvicorn.
+``build_app(engine, args)`` takes an engine that is already running (AsyncLLM: the engine core
+steps in its own process) and the parsed ``pagoda serve`` arguments; ``api_server`` runs it with
+uvicorn.
 """
 from __future__ import annotations
 
@@ -14,23 +15,30 @@ from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagoda import __version__
 from pagoda.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 
 from .errors import OpenAIError, error_response, from_exception
-from .middleware import (AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
+from .frontend import FRONTEND_PATHS, add_frontend_routes
+from .middleware import (OPEN_PATHS, AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
                          RequestContextMiddleware, ServerState)
-from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                       CompletionResponse, DetokenizeRequest, DetokenizeResponse, EmbeddingRequest,
-                       EmbeddingResponse, ErrorResponse, ModelCard, ModelList, TokenizeChatRequest,
-                       TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
+from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ClassificationRequest,
+                       ClassificationResponse, CompletionRequest, CompletionResponse,
+                       DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse,
+                       ErrorResponse, ModelCard, ModelList, PoolingRequest, PoolingResponse,
+                       RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ServerLoadResponse,
+                       TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
 from .serving_base import OpenAIServing
 from .serving_chat import ServingChat
+from .serving_classification import ServingClassification
 from .serving_completion import ServingCompletion
 from .serving_embedding import ServingEmbedding
 from .serving_models import ServingModels
+from .serving_pooling import ServingPooling
+from .serving_score import ServingScore
 from .serving_tokenize import ServingTokenize
 from .streams import ClientDisconnected
 
@@ -100,13 +108,16 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
     chat, completion = ServingChat(serving), ServingCompletion(serving)
     models, tokenize = ServingModels(serving), ServingTokenize(serving)
     embedding = ServingEmbedding(serving)
+    pooling, classification = ServingPooling(serving), ServingClassification(serving)
+    scoring = ServingScore(serving)
     engine = serving.engine
 
     def require_generative(model: str | None) -> None:
         serving.check_model(model)
-        if embedding.engine is not None:
-            raise OpenAIError(f"The model `{serving.model_name}` is an embedding model: this model "
-                              "serves /v1/embeddings only.", param="model", code="unsupported")
+        if engine.model_config.is_pooling:
+            raise OpenAIError(f"The model `{serving.model_name}` is a pooling model: it serves "
+                              f"{', '.join(serving.pooling_routes())} only.", param="model",
+                              code="unsupported")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["OpenAI"],
               responses={200: {"content": _STREAM}, **_ERRORS})
@@ -123,6 +134,60 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["OpenAI"], responses=_ERRORS)
     async def create_embedding(request: EmbeddingRequest, raw: Request):
         return await embedding.create(request, raw)
+
+    @app.post("/pooling", response_model=PoolingResponse, tags=["Pooling"], responses=_ERRORS)
+    async def create_pooling(request: PoolingRequest, raw: Request):
+        return await pooling.create(request, raw)
+
+    @app.post("/classify", response_model=ClassificationResponse, tags=["Pooling"], responses=_ERRORS)
+    async def create_classify(request: ClassificationRequest, raw: Request):
+        return await classification.create(request, raw)
+
+    async def create_score(request: ScoreRequest, raw: Request):
+        return await scoring.score(request, raw)
+
+    async def do_rerank(request: RerankRequest, raw: Request):
+        return await scoring.rerank(request, raw)
+
+    for path in ("/score", "/v1/score"):
+        app.add_api_route(path, create_score, methods=["POST"], response_model=ScoreResponse,
+                          tags=["Pooling"], responses=_ERRORS, operation_id=f"score_{path.strip('/')}",
+                          summary="Score text pairs")
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, do_rerank, methods=["POST"], response_model=RerankResponse,
+                          tags=["Pooling"], responses=_ERRORS,
+                          operation_id=f"rerank_{path.strip('/').replace('/', '_')}",
+                          summary="Rerank documents by relevance to a query")
+
+    # SageMaker: one route for every kind of request, told apart by the body's shape (vLLM's rule)
+    invocation_routes = [
+        ("messages", "/v1/chat/completions", ChatCompletionRequest, create_chat_completion),
+        ("prompt", "/v1/completions", CompletionRequest, create_completion),
+        ("query", "/rerank", RerankRequest, do_rerank),
+        ("text_1", "/score", ScoreRequest, create_score),
+        ("input", "/v1/embeddings", EmbeddingRequest, create_embedding),
+        ("input", "/classify", ClassificationRequest, create_classify),
+        ("input", "/pooling", PoolingRequest, create_pooling),
+    ]
+
+    @app.post("/invocations", tags=["SageMaker"], response_class=Response,
+              responses={200: {"description": "The response of the endpoint the body was routed to."},
+                         **_ERRORS})
+    async def invocations(raw: Request, body: dict[str, Any] = Body(...)):
+        served = serving.pooling_routes()
+        for key, route, model_cls, handler in invocation_routes:
+            if key not in body:
+                continue
+            if key == "input" and served and route not in served:
+                continue  # the input-shaped endpoint this model serves comes later
+            try:
+                request = model_cls.model_validate(body)
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            return await handler(request, raw)
+        keys = ", ".join(dict.fromkeys(k for k, *_ in invocation_routes))
+        raise OpenAIError(f"/invocations: the body has none of the fields that select an endpoint "
+                          f"({keys}).", param=None)
 
     @app.get("/v1/models", response_model=ModelList, tags=["OpenAI"], responses=_ERRORS)
     async def list_models():
@@ -153,6 +218,11 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
     app.add_api_route("/ping", health, methods=["GET", "POST"], summary="Ping (same as /health)",
                       **health_doc)
 
+    @app.get("/load", response_model=ServerLoadResponse, tags=["Operations"])
+    async def server_load():
+        """Requests in flight on the model endpoints, with --enable-server-load-tracking (else 0)."""
+        return ServerLoadResponse(server_load=state.active_generations if state.track_load else 0)
+
     @app.get("/version", response_model=VersionResponse, tags=["Operations"])
     async def version():
         return VersionResponse(version=__version__)
@@ -165,7 +235,7 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
 
 def build_app(engine: Any, args: Any) -> FastAPI:
     """The app for one loaded engine; ``args`` is the resolved ``pagoda serve`` namespace."""
-    state = ServerState()
+    state = ServerState(track_load=bool(getattr(args, "enable_server_load_tracking", False)))
     served = engine.model_config.served_model_names
     metrics = ServerMetrics(engine, served[0], engine.model_config.max_model_len)
     engine.add_step_listener(metrics.on_engine_step)
@@ -201,12 +271,16 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     app.state.metrics = metrics
     _install_error_handlers(app)
     _add_routes(app, serving, metrics, state)
+    frontend = not args.disable_frontend
+    if frontend:
+        add_frontend_routes(app)
 
     # add_middleware wraps: the last one added runs first
     app.add_middleware(AdmissionMiddleware, state=state, limit=args.max_concurrent_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size)
     if args.api_key:
-        app.add_middleware(APIKeyMiddleware, api_key=args.api_key)
+        app.add_middleware(APIKeyMiddleware, api_key=args.api_key,
+                           open_paths=OPEN_PATHS | FRONTEND_PATHS if frontend else OPEN_PATHS)
     if args.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials="*" not in args.allowed_origins,

@@ -21,9 +21,11 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from starlette.requests import Request
 
+from pagoda.engine.async_llm import EngineDeadError, RequestFailedError
 from pagoda.inputs.chat_template import Budget, render_chat
 from pagoda.metrics import RequestTracker, ServerMetrics
-from pagoda.outputs import RequestOutput
+from pagoda.outputs import PoolingRequestOutput, RequestOutput
+from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
 from .errors import OpenAIError, model_not_found
@@ -46,8 +48,15 @@ def bad_request(e: ValueError) -> OpenAIError:
     """Engine and SamplingParams messages start with the field they are about
     ("max_tokens: ...", "temperature must be ..."): report it as the error's param."""
     message = str(e)
-    m = re.match(r"([a-z_]+)(:| must| is)", message)
+    m = re.match(r"([a-z_][a-z0-9_]*)(:| must| is)", message)
     return OpenAIError(message, param=m.group(1) if m else None)
+
+
+def engine_error(e: BaseException) -> OpenAIError:
+    """An engine failure as the client sees it: a 500 (or the stream's last SSE event)."""
+    if isinstance(e, EngineDeadError):
+        return OpenAIError(f"The engine stopped ({e}); the server is restarting.", 500, code="engine_dead")
+    return OpenAIError(str(e), 500, code="request_failed")
 
 
 def random_id(prefix: str) -> str:
@@ -236,6 +245,8 @@ class OpenAIServing:
             first = await unless_disconnected(raw, gen.__anext__())
         except ValueError as e:
             raise bad_request(e) from e
+        except (EngineDeadError, RequestFailedError) as e:
+            raise engine_error(e) from e
         except StopAsyncIteration:
             raise OpenAIError(f"request {request_id} ended without output", 500)
         except BaseException:
@@ -278,6 +289,10 @@ class OpenAIServing:
                         last = await gen.__anext__()
                     except StopAsyncIteration:
                         break
+                    except (EngineDeadError, RequestFailedError) as e:
+                        finished = True  # the engine already forgot it: nothing to abort
+                        tracker.finish(last, reason="error")
+                        raise engine_error(e) from e
                     tracker.on_output(last)
                     finished = last.finished
                     yield last
@@ -308,3 +323,122 @@ class OpenAIServing:
                 raise group.exceptions[0] from None
             return [t.result() for t in tasks]
         return await unless_disconnected(raw, all_of())
+
+    # ---------------------------------------------------------------------------- pooling
+    def pooling_routes(self) -> list[str]:
+        """The pooling endpoints this server's model answers (none for a generative model)."""
+        mc = self.engine.model_config
+        if mc.pooling_kind == "embed":
+            return ["/v1/embeddings", "/pooling", "/score", "/rerank"]
+        if mc.pooling_kind == "classify":
+            return ["/classify", "/pooling"] + (["/score", "/rerank"] if mc.num_labels == 1 else [])
+        return []
+
+    def require_route(self, model: Optional[str], route: str) -> None:
+        """404 for an unknown model; 400 (param "model") when this model does not serve `route`."""
+        self.check_model(model)
+        served = self.pooling_routes()
+        if route in served:
+            return
+        if not served:
+            why = (f"The model `{self.model_name}` is a generative model: it does not serve {route}. "
+                   "Start `pagoda serve` with a pooling model (an embedding model, a classifier or "
+                   "cross-encoder, or a decoder with --runner pooling).")
+        else:
+            kind = ("an embedding model" if self.engine.model_config.pooling_kind == "embed" else
+                    "a classifier")
+            why = (f"The model `{self.model_name}` is {kind}: it does not serve {route}; it serves "
+                   f"{', '.join(served)}.")
+            if route in ("/score", "/rerank"):
+                why += " Scores need an embedding model or a cross-encoder with one label."
+        raise OpenAIError(why, param="model", code="unsupported")
+
+    async def text_inputs(self, items: Any, add_special_tokens: bool, param: str = "input") -> list[dict]:
+        """An OpenAI `input` (a string, strings, token ids or token-id lists) as prompts."""
+        if isinstance(items, str) or (items and isinstance(items[0], int)):
+            items = [items]
+        if not items:
+            raise OpenAIError(f"{param} must not be empty.", param=param)
+        prompts = []
+        for i, item in enumerate(items):
+            if not item:
+                raise OpenAIError(f"{param}: item {i} is empty; every input needs at least one "
+                                  "character or token.", param=param)
+            if isinstance(item, str):
+                prompts.append({"prompt_token_ids": await self.encode(item, add_special_tokens)})
+            else:
+                self.check_token_ids(item, param)
+                prompts.append({"prompt_token_ids": list(item)})
+        return prompts
+
+    def pooling_params(self, **kw) -> PoolingParams:
+        try:
+            return PoolingParams(**kw)
+        except ValueError as e:
+            raise bad_request(e) from e
+
+    def check_pooling(self, prompts: list[dict], params: PoolingParams,
+                      fields: str | list[str] = "input") -> None:
+        """Every prompt is checked (after truncation) before any runs; a 400 names the field
+        (`fields`: one for all prompts, or each prompt's own)."""
+        proc = self.engine.processor
+        if isinstance(fields, str):
+            fields = [fields] * len(prompts)
+        try:
+            proc.pooling_params(params)
+            for p, field in zip(prompts, fields):
+                ids, _ = proc.truncate(p["prompt_token_ids"], None, params)
+                proc.check_prompt(ids, pooling=True, field=field)
+        except ValueError as e:
+            raise bad_request(e) from e
+
+    async def pool_inputs(self, raw: Request, items: Any, add_special_tokens: bool, params: PoolingParams,
+                          prefix: str) -> tuple[str, list[PoolingRequestOutput], int]:
+        """An `input` field run with `params`, everything checked first: (request id, outputs in
+        order, prompt tokens read)."""
+        prompts = await self.text_inputs(items, add_special_tokens)
+        self.check_pooling(prompts, params)
+        request_id = random_id(prefix)
+        outs = await self.pool(raw, prompts, params, request_id)
+        return request_id, outs, sum(len(o.prompt_token_ids) for o in outs)
+
+    async def _pool_one(self, request_id: str, prompt: dict, params: PoolingParams) -> PoolingRequestOutput:
+        """One pooling request, with its metrics and request log like generation's."""
+        tracker: RequestTracker = self.metrics.track()
+        t0 = time.monotonic()
+        out = None
+        try:
+            async for out in self.engine.encode(prompt, params, request_id):
+                pass
+        except BaseException:
+            tracker.finish(out, reason="abort")
+            if self.log_requests:
+                logger.info("request %s aborted: %d prompt tokens, %.2fs", request_id,
+                            len(prompt["prompt_token_ids"]), time.monotonic() - t0)
+            raise
+        tracker.finish(out)
+        if self.log_requests:
+            logger.info("request %s finished (%s): %d prompt tokens, %.2fs", request_id, params.task,
+                        len(out.prompt_token_ids), time.monotonic() - t0)
+        return out
+
+    async def pool(self, raw: Request, prompts: list[dict], params: PoolingParams,
+                   request_id: str) -> list[PoolingRequestOutput]:
+        """Run every prompt as its own engine request (batched with everyone's); the outputs in
+        order. One failing (or the client leaving) aborts the others."""
+        self.check_engine()
+        ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+
+        async def all_of() -> list[PoolingRequestOutput]:
+            try:  # a TaskGroup cancels (aborts) the other inputs when one fails
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [tg.create_task(self._pool_one(rid, p, params)) for rid, p in zip(ids, prompts)]
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
+            return [t.result() for t in tasks]
+        try:
+            return await unless_disconnected(raw, all_of())
+        except ValueError as e:
+            raise bad_request(e) from e
+        except (EngineDeadError, RequestFailedError) as e:
+            raise engine_error(e) from e

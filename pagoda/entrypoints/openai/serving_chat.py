@@ -83,7 +83,8 @@ class ServingChat:
                                                            tool_calls=parsed.tool_calls),
                 logprobs=chat_logprobs(o.token_ids, o.logprobs or [], top, self.s.token_text)
                 if req.logprobs else None,
-                finish_reason=_finish(o.finish_reason, parsed), stop_reason=o.stop_reason))
+                finish_reason=_finish(o.finish_reason, parsed), stop_reason=o.stop_reason,
+                token_ids=list(o.token_ids) if req.return_token_ids else None))
         generated = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(id=request_id, model=self.s.model_name, choices=choices,
                                       usage=usage_of(len(final.prompt_token_ids), generated,
@@ -135,14 +136,15 @@ class ServingChat:
                                     text = full[i][sent[i]:parsed.first] + parsed.after
                                     calls = [dict(c, index=k) for k, c in enumerate(parsed.tool_calls)]
                                 finish = _finish(finish, parsed)
-                        if not text and finish is None and not (ids and req.logprobs):
+                        if not text and finish is None and not (ids and (req.logprobs or req.return_token_ids)):
                             continue
                         logprobs = (chat_logprobs(ids, out.delta_logprobs.get(i) or [], top,
                                                   self.s.token_text)
                                     if req.logprobs else None)
                         choices.append(ChatStreamChoice(
                             index=i, delta=DeltaMessage(content=text, tool_calls=calls),
-                            logprobs=logprobs, finish_reason=finish, stop_reason=o.stop_reason))
+                            logprobs=logprobs, finish_reason=finish, stop_reason=o.stop_reason,
+                            token_ids=list(ids) if req.return_token_ids else None))
                         done[i] = finish is not None
                     if choices:
                         yield chunk(choices, usage_now() if continuous else None)

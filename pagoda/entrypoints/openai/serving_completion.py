@@ -90,7 +90,9 @@ class ServingCompletion:
                 choices.append(CompletionChoice(
                     index=p * req.n + o.index, text=prompt.text + o.text,
                     logprobs=self._logprobs(req, o.token_ids, o.logprobs, len(prompt.text), prompt_lp),
-                    finish_reason=o.finish_reason, stop_reason=o.stop_reason))
+                    finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                    token_ids=list(o.token_ids) if req.return_token_ids else None,
+                    prompt_token_ids=prompt.ids if req.return_token_ids else None))
         usage = usage_of(sum(len(p.ids) for p in prompts),
                          sum(len(o.token_ids) for f in finals for o in f.outputs),
                          sum(f.num_cached_tokens for f in finals))
@@ -136,17 +138,22 @@ class ServingCompletion:
             if not (text or ids or o.finish_reason):
                 return None  # e.g. a step that only prefilled part of a long prompt
             prefix_lp, prefix = None, ""
-            if not started[idx]:  # echo: the prompt goes out with the first chunk of each choice
+            first_chunk = not started[idx]
+            if first_chunk:  # echo: the prompt goes out with the first chunk of each choice
                 started[idx] = True
                 prefix = prompts[p].text
                 prefix_lp = self._prompt_logprobs(req, prompts[p], out)
-            if not (text or prefix or o.finish_reason or req.logprobs is not None):
+            if not (text or prefix or o.finish_reason or req.logprobs is not None
+                    or (req.return_token_ids and ids)):
                 return None
             logprobs = self._logprobs(req, ids, out.delta_logprobs.get(o.index), offsets[idx], prefix_lp)
             offsets[idx] += len(text)
             done[idx] = o.finish_reason is not None
             return CompletionChoice(index=idx, text=prefix + text, logprobs=logprobs,
-                                    finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+                                    finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+                                    token_ids=list(ids) if req.return_token_ids else None,
+                                    prompt_token_ids=prompts[p].ids if req.return_token_ids and first_chunk
+                                    else None)
 
         try:
             async with aclosing(merge(streams)) as merged:

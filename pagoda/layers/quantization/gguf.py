@@ -4,8 +4,9 @@ Q5_1/Q8_0/Q4_K/Q5_K/Q6_K rows are kept as they are and multiplied with directly
 the 8-bit groups' 10. `--quantization int4` puts a float checkpoint in the same format (Q4_1).
 
 Steps, as for every weight format of a layer: create (`GGUFLinearMethod(shard_sizes, k)`), load
-(`load(shard, blocks)` per checkpoint tensor), process after loading (`process(bias)`: merged
-shards are concatenated row-wise, one part per run of shards of one type), apply (`__call__`).
+(`load(shard, blocks)` per checkpoint tensor: the loader keeps a GGUF's blocks by HF name,
+pagoda/worker/loader.py), process after loading (`process(bias)`: merged shards are
+concatenated row-wise, one part per run of shards of one type), apply (`__call__`).
 
 Activations stay float32: quantizing them to llama.cpp's 8-bit blocks (for an integer dot
 product) changed the bundled model's greedy tokens at the 5th token of the fidelity prompts and
@@ -74,10 +75,6 @@ class GGUFLinearMethod:
                              f"({self.shard_sizes[shard]}, {self.k})")
         self.blocks[shard] = blocks
 
-    def complete(self) -> bool:
-        """Every shard holds blocks the kernel multiplies with (else the layer keeps floats)."""
-        return all(b is not None and can_pack(b.type, self.k) for b in self.blocks)
-
     def process(self, bias: Optional[torch.Tensor]) -> "GGUFLinearMethod":
         runs: list[tuple[int, int, list[torch.Tensor]]] = []  # (type, first column, rows)
         col = 0
@@ -100,21 +97,21 @@ class GGUFLinearMethod:
         return y.to(x.dtype).reshape(*shape[:-1], self.n)
 
 
-def pack(method: str, weight: torch.Tensor, loaded: GGUFLinearMethod,
+def pack(method: str, weight: torch.Tensor, shard_sizes: list[int], blocks: Optional[list],
          online_type: int) -> Optional[GGUFLinearMethod]:
-    """The packed weight a layer takes under --quantization `method` (int8 | int4), or None:
-    the checkpoint's own blocks where every shard came with them (`loaded`, or `weight.gguf` for a
-    weight loaded as a plain parameter), else for int4 `weight` quantized to `online_type`."""
+    """The packed weight a layer takes under --quantization `method` (gguf | int4), unprocessed,
+    or None: the checkpoint's own `blocks` (one per shard) when the kernel takes them all, else
+    for int4 the float `weight` quantized to `online_type`."""
     if weight.device.type != "cpu":
         return None
-    blocks = getattr(weight, "gguf", None)
-    if len(loaded.blocks) == 1 and loaded.blocks[0] is None and blocks is not None:
-        loaded.load(0, blocks)
-        weight.gguf = None  # a tied embedding keeps only its float table
-    if loaded.complete():
+    k = weight.shape[1]
+    if blocks and all(b is not None and can_pack(b.type, k) for b in blocks):
+        loaded = GGUFLinearMethod(shard_sizes, k)
+        for i, b in enumerate(blocks):
+            loaded.load(i, b)
         return loaded
-    if method == "int4" and can_pack(online_type, weight.shape[1]):
-        online = GGUFLinearMethod([weight.shape[0]], weight.shape[1])
+    if method == "int4" and can_pack(online_type, k):
+        online = GGUFLinearMethod([weight.shape[0]], k)
         online.load(0, quantize(weight.data, online_type))
         return online
     return None

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU figures still to measure, as one script per device call (each well under 10 minutes on
+# an H200). Run from the repository root on the device machine, with the server wheels carried
+# in .whl/ (see the device tool's README) — for example:
+#   bash benchmarks/gpu_session.sh tests        # tests/test_gpu*.py
+#   bash benchmarks/gpu_session.sh w1-http      # W1 offline and W1-HTTP, both shapes (issue 10)
+#   bash benchmarks/gpu_session.sh latency      # batch-1 decode, both shapes
+# Everything is written under $OUT (the device tool brings it back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+case "${1:-tests}" in
+  tests)
+    python3 -m pytest -q tests/test_gpu.py tests/test_gpu_sliding_window.py -p no:cacheprovider 2>&1 \
+      | tee "$OUT/test_gpu.txt" | tail -15 ;;
+  w1-http)
+    for shape in qwen3-0.6b llama3-8b; do
+      timeout 280 python3 benchmarks/w1_http_vs_offline.py --model-shape "$shape" --engine-core process \
+        --out "$OUT/w1_http_$shape.json" 2>&1 | tail -3
+    done ;;
+  latency)
+    OUT="$OUT" bash benchmarks/latency_b1.sh ;;
+  *)
+    echo "usage: $0 tests|w1-http|latency" >&2; exit 2 ;;
+esac

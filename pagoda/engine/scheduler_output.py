@@ -1,0 +1,50 @@
+"""What the scheduler tells the worker about one step: plain data only (ids, token ids, block
+ids, params), so the worker needs nothing from the engine and the step could be sent to another
+process or tensor-parallel rank as it is.
+
+The worker keeps each request's state (tokens, blocks) from step to step; a step names the new
+requests in full and, for requests it already knows, only what changed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pagoda.pooling_params import PoolingParams
+from pagoda.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Optional[SamplingParams]
+    pooling_params: Optional[PoolingParams]
+    block_ids: list[int]
+    num_computed_tokens: int       # prefix-cache hits: already in the KV cache
+    token_type_ids: Optional[list[int]] = None
+
+
+@dataclass
+class CachedRequestData:
+    """Requests the worker has seen before, in parallel lists."""
+    req_ids: list[str] = field(default_factory=list)
+    # True: the request was preempted and starts again with the blocks in new_block_ids (which
+    # then replace its old ones); False: new_block_ids are appended
+    resumed_from_preemption: list[bool] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
+    scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
+    # req_id -> tokens to compute this step, in the order the batch is laid out
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    total_num_scheduled_tokens: int = 0
+    # requests that ended since the last step (finished, aborted): the worker forgets them
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    def __bool__(self) -> bool:
+        return bool(self.num_scheduled_tokens)

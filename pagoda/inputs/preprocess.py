@@ -1,0 +1,157 @@
+"""Prompts -> engine-core requests: tokenizing (for text prompts) and validation, in one place.
+
+Everything a request can get wrong is checked here, in the front end, before the request
+reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
+prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a pooling task
+or `dimensions` the model does not serve. A request with n > 1 samples becomes n engine-core
+requests (ids "<id>#<i>") of one sample each. A pooling prompt is cut to its last
+`truncate_prompt_tokens` tokens (vLLM's rule) before the length check.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Union
+
+from pagoda.config import ModelConfig
+from pagoda.engine.messages import EngineCoreRequest
+from pagoda.pooling_params import PoolingParams
+from pagoda.sampling_params import SamplingParams
+
+PromptType = Union[str, list[int], dict]
+
+
+def child_ids(request_id: str, n: int) -> list[str]:
+    return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
+
+class InputProcessor:
+    def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any], max_logprobs: int):
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_logprobs = max_logprobs
+
+    def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],
+                                                                            Optional[list[int]]]:
+        """(text, token ids, token type ids) of a prompt: a string, token ids, or a dict with
+        "prompt_token_ids" (and optionally "prompt" / "token_type_ids") or "prompt"."""
+        types = None
+        if isinstance(prompt, dict):
+            types = prompt.get("token_type_ids")
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"]), types
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"{field}: text prompts need a tokenizer (started with "
+                                 "--skip-tokenizer-init); send token ids")
+            enc = self.tokenizer(prompt)
+            if self.model_config.uses_token_type_ids and "token_type_ids" in enc:
+                types = list(enc["token_type_ids"])
+            return prompt, list(enc.input_ids), types
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                     for t in prompt):
+            return None, list(prompt), types
+        raise ValueError(f"{field}: must be a string or a list of token ids")
+
+    def encode_pair(self, text_1: str, text_2: str, add_special_tokens: bool = True) -> dict:
+        """A text pair as one prompt, as a cross-encoder reads it: the tokenizer's pair encoding
+        ([CLS] a [SEP] b [SEP] with token types 0 / 1 for BERT, <s> a </s></s> b </s> for XLM-R,
+        plain concatenation for decoder tokenizers)."""
+        if self.tokenizer is None:
+            raise ValueError("text_1: text pairs need a tokenizer (started with --skip-tokenizer-init)")
+        enc = self.tokenizer(text_1, text_pair=text_2, add_special_tokens=add_special_tokens)
+        prompt = {"prompt_token_ids": list(enc.input_ids)}
+        if self.model_config.uses_token_type_ids and "token_type_ids" in enc:
+            prompt["token_type_ids"] = list(enc["token_type_ids"])
+        return prompt
+
+    def pooling_params(self, params: PoolingParams) -> PoolingParams:
+        """Refuse what the model cannot compute (ValueError naming the field)."""
+        mc = self.model_config
+        tasks = mc.supported_tasks
+        if params.task not in tasks:
+            why = (" (a score needs a cross-encoder with one label, or an embedding model)"
+                   if params.task == "score" else "")
+            raise ValueError(f"task: {mc.model} does not serve {params.task!r}{why}; it serves "
+                             f"{', '.join(tasks)}")
+        d = params.dimensions
+        if d is not None and d != mc.embedding_size:
+            size = mc.embedding_size
+            if mc.pooling_kind != "embed":
+                raise ValueError(f"dimensions: {mc.model} is not an embedding model")
+            if mc.matryoshka_dimensions is None:
+                raise ValueError(f"dimensions: {mc.model} does not support Matryoshka embeddings; it "
+                                 f"returns {size}-dimensional embeddings only (omit dimensions or pass "
+                                 f"{size})")
+            if d > size or (mc.matryoshka_dimensions and d not in mc.matryoshka_dimensions):
+                sizes = mc.matryoshka_dimensions or f"1..{size}"
+                raise ValueError(f"dimensions: {d} is not one of {mc.model}'s sizes ({sizes})")
+        t = params.truncate_prompt_tokens
+        if t is not None and t > mc.max_model_len:
+            raise ValueError(f"truncate_prompt_tokens: {t} is greater than max_model_len "
+                             f"({mc.max_model_len}); use -1 for max_model_len")
+        return params
+
+    def truncate(self, ids: list[int], types: Optional[list[int]], params: PoolingParams):
+        """The last truncate_prompt_tokens tokens (-1: max_model_len) of a pooling prompt."""
+        t = params.truncate_prompt_tokens
+        if t is None:
+            return ids, types
+        k = self.model_config.max_model_len if t == -1 else t
+        return ids[-k:], (types[-k:] if types else types)
+
+    def check_prompt(self, ids: list[int], pooling: bool, field: str = "prompt") -> None:
+        mc = self.model_config
+        if not ids:
+            raise ValueError(f"{field}: must not be empty")
+        bad = next((t for t in ids if not 0 <= t < mc.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{field}: token id {bad} is outside the vocabulary (0..{mc.vocab_size - 1})")
+        if pooling:
+            if len(ids) > mc.max_model_len:
+                raise ValueError(f"{field}: {len(ids)} tokens, but this model's maximum context length "
+                                 f"(max_model_len) is {mc.max_model_len}; shorten it")
+        elif len(ids) >= mc.max_model_len:
+            raise ValueError(f"{field}: {len(ids)} tokens, but max_model_len is {mc.max_model_len} "
+                             f"(the prompt must leave room for at least one output token)")
+
+    def sampling_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        mc = self.model_config
+        if params.max_tokens is not None and prompt_len + params.max_tokens > mc.max_model_len:
+            raise ValueError(f"max_tokens: {params.max_tokens} output tokens + {prompt_len} prompt tokens "
+                             f"exceed max_model_len {mc.max_model_len}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(params, name)
+            if v is not None and v > self.max_logprobs:
+                raise ValueError(f"{name}: {v} requested, but at most --max-logprobs "
+                                 f"{self.max_logprobs} are allowed")
+        return params.clone(eos_token_ids=mc.eos_token_ids,
+                            max_tokens=params.max_tokens or mc.max_model_len - prompt_len)
+
+    def process(self, request_id: str, prompt: PromptType,
+                params: Union[SamplingParams, PoolingParams],
+                arrival_time: Optional[float] = None) -> tuple[Optional[str], list[int], list[EngineCoreRequest]]:
+        """(prompt text, prompt ids, engine-core requests) or ValueError naming the field."""
+        arrival = arrival_time or time.time()
+        pooling = isinstance(params, PoolingParams)
+        if pooling != self.model_config.is_pooling:
+            kind = "a pooling" if self.model_config.is_pooling else "a generative"
+            raise ValueError(f"model: {self.model_config.model} is {kind} model: it does not "
+                             + ("generate text" if self.model_config.is_pooling else
+                                "pool (embed, classify, score)"))
+        text, ids, types = self.tokenize(prompt)
+        if pooling:
+            params = self.pooling_params(params)
+            if not self.model_config.uses_token_type_ids:
+                types = None
+            ids, types = self.truncate(ids, types, params)
+            self.check_prompt(ids, pooling)
+            if types is not None and len(types) != len(ids):
+                raise ValueError(f"token_type_ids: {len(types)} given for {len(ids)} tokens")
+            return text, ids, [EngineCoreRequest(request_id, ids, None, params, arrival,
+                                                 token_type_ids=types)]
+        self.check_prompt(ids, pooling)
+        sp = self.sampling_params(params, len(ids))
+        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival)
+                for i, cid in enumerate(child_ids(request_id, sp.n))]
+        return text, ids, reqs
