@@ -226,6 +226,12 @@ def test_physical_cores_count_smt_siblings_once(monkeypatch):
     assert cpu.default_threads() == (2, "physical cores")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert cpu.default_threads() == (1, "OMP_NUM_THREADS")
+    monkeypatch.setattr(cpu_build, "set_threads", lambda n: None)
+    assert cpu.set_threads(None, ranks_here=2) == 1 and cpu.set_threads(3, ranks_here=2) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu.set_threads(None, ranks_here=2) == 1  # 2 cores over two tensor-parallel ranks
+    monkeypatch.setattr(cpu, "_cgroup_quota", lambda: None)
+    assert cpu.set_threads(None) == 3 and cpu.set_threads(None, ranks_here=3) == 1
 
 
 def test_threads_reach_torch_and_the_kernels_on_any_thread():

@@ -63,10 +63,14 @@ def default_threads() -> tuple[int, str]:
     return physical_cores(), "physical cores"
 
 
-def set_threads(threads: Optional[int]) -> int:
-    """Apply --threads (None: default_threads()) to torch and pagoda's C kernels; returns it."""
+def set_threads(threads: Optional[int], ranks_here: int = 1) -> int:
+    """Apply --threads to torch and pagoda's C kernels; returns it. None: default_threads(),
+    shared out among the `ranks_here` worker processes of this host (tensor parallelism), so
+    that they do not oversubscribe the cores."""
     from pagoda.kernels import cpu_build
     n, why = (threads, "--threads") if threads else default_threads()
+    if not threads and ranks_here > 1:
+        n, why = max(1, n // ranks_here), f"{why} / {ranks_here} ranks on this host"
     cpu_build.set_threads(n)
     logger.info("CPU threads: %d (%s)", n, why)
     return n

@@ -53,7 +53,7 @@ class Worker:
         init_tensor_parallel(self.parallel)
         self.dtype = pick_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
-            threads.set_threads(args.threads)
+            threads.set_threads(args.threads, max(1, args.tensor_parallel_size // args.nnodes))
             cpu_build.build_in_background()  # the C kernels compile while the model loads
         self.platform = select_platform(self.device.type, args.attention_backend)
         self.source, self.model_config = resolve_model_config(args)
