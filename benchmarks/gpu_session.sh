@@ -5,6 +5,8 @@
 #   bash benchmarks/gpu_session.sh tests        # tests/test_gpu*.py
 #   bash benchmarks/gpu_session.sh w1-http      # W1 offline and W1-HTTP, both shapes (issue 10)
 #   bash benchmarks/gpu_session.sh latency      # batch-1 decode, both shapes
+#   bash benchmarks/gpu_session.sh structured   # W1 half under a JSON schema vs free (issue 14;
+#                                               # first `bash benchmarks/gpu_structured.sh prepare` here)
 # Everything is written under $OUT (the device tool brings it back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,6 +32,8 @@ case "${1:-tests}" in
     done ;;
   latency)
     OUT="$OUT" bash benchmarks/latency_b1.sh ;;
+  structured)
+    OUT="$OUT" NO_WHEELS=1 bash benchmarks/gpu_structured.sh ;;
   *)
-    echo "usage: $0 tests|w1-http|latency" >&2; exit 2 ;;
+    echo "usage: $0 tests|w1-http|latency|structured" >&2; exit 2 ;;
 esac
