@@ -18,9 +18,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's pagoda
 
 
 def best_of(fn, reps: int) -> float:
