@@ -177,10 +177,12 @@ class EngineArgs:
                       choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32",
                                "bf16", "fp16"))
     quantization: Optional[str] = flag(
-        None, "Weight quantization. int8: int8 weights (CPU: groups of 32 with int8 activations, "
-        "our AVX2 kernel; CUDA: weight-only per channel). none: weights in --dtype. Default: int8 "
-        "for a quantized GGUF on the CPU, else none.", aliases=("-q", "quantize"),
-        choices=("int8", "none"))
+        None, "Weight quantization. gguf (CPU): a GGUF's own 4/5/6/8-bit blocks kept packed and "
+        "multiplied with directly. int8: 8-bit weights (CPU: groups of 32 with a scale and min; "
+        "CUDA: weight-only per channel). int4 (CPU): float weights packed as 4-bit Q4_1 blocks for "
+        "the gguf kernel. Activations stay float. none: weights in --dtype. Default: gguf for a "
+        "quantized GGUF on the CPU, else none.", aliases=("-q", "quantize"),
+        choices=("gguf", "int8", "int4", "none"))
     max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
                                         "model's max_position_embeddings).", aliases=("session-len",))
     load_format: str = flag("auto", "auto = read the checkpoint; dummy = random weights of the "
@@ -189,6 +191,9 @@ class EngineArgs:
                                      "carry no text.")
     seed: int = flag(0, "Seed for requests that give none.")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES).")
+    threads: Optional[int] = flag(None, "CPU threads for the model (torch and pagoda's C kernels). "
+                                  "Default: OMP_NUM_THREADS if set, else one per physical core this "
+                                  "process may use.", aliases=("-t",))
     max_logprobs: int = flag(20, "Largest logprobs / top_logprobs a request may ask for.")
     served_model_name: Optional[list[str]] = flag(
         None, "Name(s) the API answers to (default: the model argument). The first is reported in "
@@ -351,8 +356,14 @@ class EngineArgs:
         if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and self.nnodes > 1:
             bad("nnodes", "data parallelism across several hosts is not supported; run one "
                 "--data-parallel-size per host")
-        if self.quantization not in (None, "int8", "none"):
-            bad("quantization", f"unknown method {self.quantization!r}; supported: int8, none")
+        if self.quantization not in (None, "gguf", "int8", "int4", "none"):
+            bad("quantization", f"unknown method {self.quantization!r}; supported: gguf, int8, int4, "
+                "none")
+        if self.quantization in ("gguf", "int4") and self.device.startswith("cuda"):
+            bad("quantization", f"{self.quantization} runs on the CPU only so far; use int8 or none on "
+                "CUDA")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be >= 1, got {self.threads}")
         if self.load_format not in ("auto", "dummy"):
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_threads.h"
+
 #pragma GCC optimize("fp-contract=off")  // the same roundings as the torch reference
 
 #define CHUNK 2048
@@ -50,7 +52,7 @@ void pagoda_sample_rows(const float* vals, int64_t stride, const int64_t* index,
                         const float* inv_temp, const float* min_p, const float* top_p,
                         const uint64_t* seed, const int64_t* pos, int64_t n, int64_t max_width,
                         int32_t use_top_p, int32_t max_rounds, int64_t* out) {
-    #pragma omp parallel if (n > 1 && n * max_width >= (1 << 20))
+    #pragma omp parallel num_threads(NTHREADS) if (n > 1 && n * max_width >= (1 << 20))
     {
         float* x = malloc(2 * (size_t)max_width * sizeof(float));
         float* e = x + max_width;
@@ -103,7 +105,7 @@ void pagoda_sample_rows(const float* vals, int64_t stride, const int64_t* index,
 void pagoda_penalties(float* logits, int64_t l_stride, const int32_t* state, int64_t s_stride,
                       const int64_t* batch_rows, const int64_t* state_rows, const float* rep,
                       const float* freq, const float* pres, int64_t n, int64_t vocab) {
-    #pragma omp parallel for if (n * vocab >= (1 << 20))
+    #pragma omp parallel for num_threads(NTHREADS) if (n * vocab >= (1 << 20))
     for (int64_t i = 0; i < n; i++) {
         float* x = logits + batch_rows[i] * l_stride;
         const int32_t* st = state + state_rows[i] * s_stride;
