@@ -42,8 +42,7 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list or numpy array on the device without a stream sync (a plain
     torch.tensor(..., device=cuda) copies from pageable memory and waits for the GPU, which would
     stall an overlapped step)."""
-    t = torch.from_numpy(np.ascontiguousarray(values)).to(dtype) if isinstance(values, np.ndarray) \
-        else torch.tensor(values, dtype=dtype)
+    t = torch.tensor(values, dtype=dtype)  # a numpy array is copied in one go (never aliased)
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)

@@ -329,12 +329,12 @@ class ModelRunner:
             slots = np.zeros(0, dtype=np.int64)
             bt = np.zeros((len(s.rows), 1), dtype=np.int32)
         qsl_l, sl_l = qsl.tolist(), seq_lens.tolist()
-        cross_rows = to_device(s.rows.tolist(), torch.long, dev) if self.cross is not None else None
+        cross_rows = to_device(s.rows, torch.long, dev) if self.cross is not None else None
         return AttentionMetadata(
-            slot_mapping=to_device(slots.tolist(), torch.long, dev),
+            slot_mapping=to_device(slots, torch.long, dev),
             query_start_loc=to_device(qsl_l, torch.int32, dev),
             seq_lens=to_device(sl_l, torch.int32, dev),
-            block_tables=to_device(bt.tolist(), torch.int32, dev),
+            block_tables=to_device(bt, torch.int32, dev),
             max_query_len=int(s.num_sched.max()), max_seq_len=int(seq_lens.max()),
             query_start_loc_cpu=qsl_l, seq_lens_cpu=sl_l, cross_rows=cross_rows)
 
@@ -421,11 +421,11 @@ class ModelRunner:
             meta = None
         else:
             meta = self._attention_metadata(s)
-            ids = to_device(s.input_ids.tolist(), torch.long, dev)
+            ids = to_device(s.input_ids, torch.long, dev)
             if len(s.pend_dst):
-                ids[to_device(s.pend_dst.tolist(), torch.long, dev)] = \
-                    self.prev_tokens[to_device(s.pend_src.tolist(), torch.long, dev)]
-            pos = to_device((s.positions if rope is None else rope).tolist(), torch.long, dev)
+                ids[to_device(s.pend_dst, torch.long, dev)] = \
+                    self.prev_tokens[to_device(s.pend_src, torch.long, dev)]
+            pos = to_device(s.positions if rope is None else rope, torch.long, dev)
             embeds = enc.inputs_embeds(req_ids, s.computed, s.num_sched, row0, ids) if images else None
             set_attention_metadata(meta)
             try:
@@ -450,7 +450,7 @@ class ModelRunner:
             if t:
                 c = int(s.computed[i])
                 types[starts[i]:s.cu[i]] = t[c:c + int(s.num_sched[i])]
-        return to_device(types.tolist(), torch.long, self.device)
+        return to_device(types, torch.long, self.device)
 
     def _sample_and_pool(self, s: _StepInputs, h: torch.Tensor, failed: dict[str, str],
                          graph: bool) -> PendingStep:
