@@ -103,7 +103,8 @@ class Worker:
             self.embedding_size = mc.embedding_size
         self.pooler = pooler
         self.runner = ModelRunner(model, hf, self.device, self.dtype, args.block_size, self.max_num_seqs,
-                                  mc.max_model_len, args.seed, pooler=pooler)
+                                  mc.max_model_len, args.seed, pooler=pooler,
+                                  kv_cache_dtype=args.kv_cache_dtype)
         self.num_blocks = 0
 
     # -- loading --------------------------------------------------------------------------------
@@ -175,6 +176,11 @@ class Worker:
         else:
             n = kvc.CPU_DEFAULT_KV_BYTES // block_bytes
         n = all_reduce_min(n)  # every rank must hold the same blocks
+        fmt = runner.kv_format
+        if fmt.kind is not None:
+            logger.info("KV cache %s: %d blocks (%d tokens), %d bytes a block; %.2fx the tokens of a "
+                        "16-bit cache in the same memory", fmt.kind, n, n * args.block_size,
+                        block_bytes, fmt.capacity_vs(torch.bfloat16))
         kvc.check_fits(n, args.block_size, max_model_len, on_cuda)
         return n
 
