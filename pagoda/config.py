@@ -108,6 +108,7 @@ _TASK_MEANING = {"auto": ("auto", "auto"), "generate": ("generate", "auto"),
                  "embed": ("pooling", "embed"), "embedding": ("pooling", "embed"),
                  "classify": ("pooling", "classify"), "score": ("pooling", "auto")}
 
+QUANT_METHODS = ("int8", "fp8", "int4", "awq", "gptq", "none")
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 # LMDeploy's --quant-policy: 0 = as the model, 4 = 4-bit KV, 8 = 8-bit KV
 _QUANT_POLICY = {"0": "auto", "4": "int4", "8": "int8"}
@@ -133,9 +134,12 @@ class EngineArgs:
                                "bf16", "fp16"))
     quantization: Optional[str] = flag(
         None, "Weight quantization. int8: int8 weights (CPU: groups of 32 with int8 activations, "
-        "our AVX2 kernel; CUDA: weight-only per channel). none: weights in --dtype. Default: int8 "
-        "for a quantized GGUF on the CPU, else none.", aliases=("-q", "quantize"),
-        choices=("int8", "none"))
+        "our AVX2 kernel; CUDA: weight-only per channel). fp8: float8 weights per channel with "
+        "per-token activation scales (fp8 tensor cores on Ada/Hopper). int4 (CUDA): 4-bit weights "
+        "in groups of 128, 16-bit activations. awq, gptq: 4-bit checkpoints, found from their "
+        "quantization_config (the flag may be left out). none: weights in --dtype. Default: the "
+        "checkpoint's format; int8 for a quantized GGUF on the CPU; else none.",
+        aliases=("-q", "quantize"), choices=QUANT_METHODS)
     max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
                                         "model's max_position_embeddings).", aliases=("session-len",))
     load_format: str = flag("auto", "auto = read the checkpoint; dummy = random weights of the "
@@ -267,8 +271,9 @@ class EngineArgs:
         if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and self.nnodes > 1:
             bad("nnodes", "data parallelism across several hosts is not supported; run one "
                 "--data-parallel-size per host")
-        if self.quantization not in (None, "int8", "none"):
-            bad("quantization", f"unknown method {self.quantization!r}; supported: int8, none")
+        if self.quantization is not None and self.quantization not in QUANT_METHODS:
+            bad("quantization", f"unknown method {self.quantization!r}; supported: "
+                f"{', '.join(QUANT_METHODS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad("kv-cache-dtype", f"unknown cache dtype {self.kv_cache_dtype!r}; use "
                 f"{', '.join(KV_CACHE_DTYPES)} (or --quant-policy 0, 4 or 8)")

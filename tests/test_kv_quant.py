@@ -10,6 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as in test_ke
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from conftest import scattered_blocks  # noqa: E402
 from pagoda.config import EngineArgs, engine_flags  # noqa: E402
 from pagoda.kernels.attention import paged_attention_torch, reshape_and_cache_torch  # noqa: E402
 from pagoda.kernels.kv_quant import KVQuant, dequantize, quantize, storage  # noqa: E402
@@ -66,16 +67,7 @@ def _paged_batch(kind, lens, qlens, kvh=2, heads=6, d=24, bs=4, seed=0):
     """A quantized cache holding every request's K/V (written by the torch reference), the
     queries of each request's last qlens tokens, and their metadata."""
     torch.manual_seed(seed)
-    per = [-(-n // bs) for n in lens]
-    nb = sum(per) + 3
-    perm = torch.randperm(nb)  # blocks scattered over the cache
-    bt = torch.zeros(len(lens), max(per), dtype=torch.int32)
-    i = 0
-    for r, p in enumerate(per):
-        bt[r, :p] = perm[i:i + p]
-        i += p
-    slots = torch.cat([bt[r].long().repeat_interleave(bs)[:n] * bs + torch.arange(n) % bs
-                       for r, n in enumerate(lens)])
+    nb, bt, slots = scattered_blocks(lens, bs)
     k = torch.randn(sum(lens), kvh, d) * 2
     v = torch.randn(sum(lens), kvh, d)
     cache, kvq = _cache(kind, nb, bs, kvh, d)

@@ -188,10 +188,11 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, dtype, USE_MASK: tl.constexpr,
+def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, USE_MASK: tl.constexpr,
              QUANT: tl.constexpr, KEY_AXIS: tl.constexpr):
-    """A K or V tile from the cache as `dtype`, dequantized. off / p_off: per-key offsets of the
-    data and of the (scale, zero) pairs; keys run along KEY_AXIS (1 for K^T, 0 for V)."""
+    """A K or V tile from the cache, dequantized to fp32 (QUANT 0: as stored). off / p_off:
+    per-key offsets of the data and of the (scale, zero) pairs; keys run along KEY_AXIS (1 for
+    K^T, 0 for V)."""
     if KEY_AXIS == 1:
         koff, dd, pk = off[None, :], d[:, None], p_off[None, :]
     else:
@@ -199,7 +200,7 @@ def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, dtype, USE_MASK: tl.con
     if QUANT == 0:
         return _load(cache_ptr + koff + dd, ok, USE_MASK)
     if QUANT == 3:
-        return (_load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale).to(dtype)
+        return _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale
     if QUANT == 2:
         byte = _load(cache_ptr + koff + dd // 2, ok, USE_MASK).to(tl.int32)
         code = (byte >> ((dd % 2) * 4)) & 15
@@ -207,7 +208,7 @@ def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, dtype, USE_MASK: tl.con
         code = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.int32)
     sc = _load(p_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
     zr = _load(p_ptr + pk + 1 + dd * 0, ok, USE_MASK).to(tl.float32)
-    return (code.to(tl.float32) * sc + zr).to(dtype)
+    return code.to(tl.float32) * sc + zr
 
 
 @triton.jit
@@ -227,7 +228,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr, vp_p
     kv_off = page * stride_cb + (k_pos % PAGE) * stride_cs + kv_head_off
     p_off = page * stride_pb + (k_pos % PAGE) * stride_ps + p_head_off
     k = _load_kv(k_cache_ptr, kp_ptr, kv_off, p_off, d, k_ok[None, :] & d_ok[:, None], k_sc,
-                 q.dtype, MASKED or D_MASK, QUANT, 1)                       # [D_PAD, BLOCK_N]
+                 MASKED or D_MASK, QUANT, 1).to(q.dtype)                    # [D_PAD, BLOCK_N]
     if SOFTCAP:  # cap_in = scale / cap, cap_out = cap * log2(e)
         s = _tanh(_mm(q, k, UPCAST, PREC) * cap_in) * cap_out
     else:
@@ -243,7 +244,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr, vp_p
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_kv(v_cache_ptr, vp_ptr, kv_off, p_off, d, k_ok[:, None] & d_ok[None, :], v_sc,
-                 q.dtype, MASKED or D_MASK, QUANT, 0)                       # [BLOCK_N, D_PAD]
+                 MASKED or D_MASK, QUANT, 0).to(q.dtype)                    # [BLOCK_N, D_PAD]
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
     return m_new, l_i, acc
 

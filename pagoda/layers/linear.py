@@ -8,6 +8,12 @@ which is what a decode step on the CPU is bound by):
   (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8 is about as fast but scales activations per
   tensor, and greedy outputs then diverged from float32 at the first token on most C1 prompts;
 - on CUDA, per output channel and weight-only (torch's int8 weight-only kernel).
+
+The other formats live in layers/quantization/ and are a layer's `quant` (create: the float
+weight is loaded; process: `quantize(method)` after loading; apply: `quant(x)`): fp8 (per
+channel, dynamic per-token activations), int4 (W4A16, groups of 128) and AWQ / GPTQ
+checkpoints, whose packed tensors (qweight, qzeros, scales, g_idx) are kept per shard while
+loading (`checkpoint_quant` set by the worker) and unpacked into the same W4A16 format.
 """
 from __future__ import annotations
 
@@ -30,6 +36,9 @@ def int8_supported(w: torch.Tensor) -> bool:
     if w.device.type != "cpu":
         return True
     return w.shape[1] % cpu_int8.GROUP == 0 and cpu_int8.available()
+
+
+PACKED_PARAMS = ("qweight", "qzeros", "scales", "g_idx")  # an AWQ / GPTQ layer's tensors
 
 
 class Int8Matmul:
@@ -70,12 +79,17 @@ class Linear(nn.Module):
         # output rows of each shard of a merged projection, in order
         self.shard_sizes = shard_sizes or [out_features]
         self.int8: Int8Matmul | None = None
+        self.quant = None             # a layers/quantization method: called instead of F.linear
+        self.checkpoint_quant = None  # quantization.checkpoint.CheckpointQuant of an AWQ/GPTQ model
+        self._packed: dict[int, dict[str, torch.Tensor]] = {}
 
     def load_full(self, param: str, tensor: torch.Tensor):
         """A checkpoint tensor for the whole (unmerged) layer."""
         self.load_shard(0, param, tensor)
 
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor):
+        if param in PACKED_PARAMS:
+            return self._load_packed(shard, param, tensor)
         start = sum(self.shard_sizes[:shard])
         size = self.shard_sizes[shard]
         target = self.weight if param == "weight" else self.bias
@@ -92,7 +106,70 @@ class Linear(nn.Module):
         self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None, groups)
         self.weight = None
 
+    def _load_packed(self, shard: int, param: str, tensor) -> None:
+        if self.checkpoint_quant is None:
+            raise ValueError(f"checkpoint has a {param} (a quantized layer) but its config names no "
+                             "AWQ/GPTQ quantization")
+        self._packed.setdefault(shard, {})[param] = (tensor if isinstance(tensor, torch.Tensor)
+                                                     else torch.as_tensor(tensor[:]))
+
+    def quantize(self, method: str) -> None:
+        """Put the loaded weight in --quantization `method`'s format: fp8 | int4 online, or the
+        AWQ / GPTQ shards kept while loading (on the CPU: dequantized once into the float
+        weight, which the matmul then reads)."""
+        from pagoda.layers.quantization import fp8, int4
+        bias = self.bias.data if self.bias is not None else None
+        if self._packed:
+            codes, scales, zeros, g_idx = self._unpack_shards()
+            if self.weight.device.type != "cuda":
+                self.weight.data.copy_(int4.from_groups(codes, scales, zeros, g_idx, self._group(),
+                                                        None, self.weight.dtype).dequantize())
+                return
+            self.quant = int4.from_groups(codes, scales, zeros, g_idx, self._group(), bias,
+                                          self.weight.dtype)
+        elif method == "fp8":
+            self.quant = fp8.Fp8LinearMethod(self.weight.data, bias)
+        elif method == "int4":
+            if self.in_features % int4.GROUP:
+                return  # stays float: no whole groups of 128
+            codes, scales, zeros = int4.rtn(self.weight.data)
+            self.quant = int4.Int4LinearMethod(codes, scales, zeros, int4.GROUP, bias, self.weight.dtype)
+        else:
+            return
+        self.weight = None
+
+    def _group(self) -> int:
+        g = self.checkpoint_quant.group
+        return self.in_features if g <= 0 else g
+
+    def _unpack_shards(self):
+        """The AWQ / GPTQ shards, unpacked and joined along N: codes [K, N], scales, zeros, g_idx."""
+        from pagoda.layers.quantization import awq, gptq
+        cq, parts = self.checkpoint_quant, []
+        for shard in range(len(self.shard_sizes)):
+            t = self._packed.get(shard, {})
+            need = ("qweight", "qzeros", "scales")
+            if any(n not in t for n in need):
+                raise ValueError(f"--quantization {cq.method}: a layer's shard {shard} lacks "
+                                 f"{[n for n in need if n not in t]}")
+            if cq.method == "awq":
+                parts.append((*awq.unpack(t["qweight"], t["qzeros"], t["scales"]), None))
+            else:
+                parts.append(gptq.unpack(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                         self._group(), cq.v2_zeros))
+        self._packed = {}
+        g_idx = parts[0][3]
+        if any(p[3] is not None and not torch.equal(p[3], g_idx) for p in parts[1:]):
+            raise ValueError("--quantization gptq: merged projections with different g_idx")
+        codes, zeros, scales = (torch.cat([p[i] for p in parts], 1) for i in range(3))
+        if tuple(codes.shape) != (self.in_features, self.out_features):
+            raise ValueError(f"--quantization {cq.method}: packed weight unpacks to "
+                             f"{tuple(codes.shape)}, the layer is ({self.in_features}, {self.out_features})")
+        return codes, scales, zeros, g_idx
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant(x)
         if self.int8 is not None:
             return self.int8(x)
         return F.linear(x, self.weight, self.bias)
@@ -131,6 +208,8 @@ class ColumnParallelLinear(Linear):
         self._starts = [(r * p // n) * (size // p) for size, p in zip(full, parts)]
 
     def load_shard(self, shard: int, param: str, tensor):
+        if param in PACKED_PARAMS:  # one rank only (quantized formats refuse tensor parallelism)
+            return super().load_shard(shard, param, tensor)
         size = self.shard_sizes[shard]
         super().load_shard(shard, param, _narrow_rows(tensor, self._starts[shard], size))
 
@@ -150,6 +229,8 @@ class RowParallelLinear(Linear):
         self.tp, self._start = n, tp_rank() * (in_features // n)
 
     def load_shard(self, shard: int, param: str, tensor):
+        if param in PACKED_PARAMS:
+            return super().load_shard(shard, param, tensor)
         if param == "weight":
             t = tensor[:, self._start:self._start + self.in_features]
             tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)

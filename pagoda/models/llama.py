@@ -16,7 +16,7 @@ from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.distributed.parallel_state import tp_size
-from pagoda.layers.linear import ColumnParallelLinear, Linear, RowParallelLinear
+from pagoda.layers.linear import PACKED_PARAMS, ColumnParallelLinear, Linear, RowParallelLinear
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
 
@@ -193,7 +193,7 @@ class LlamaForCausalLM(nn.Module):
                     loaded.add(f"{mod_name}.{pname}#{shard}")
                     break
             else:
-                if name not in params:
+                if name not in params and name.rpartition(".")[2] not in PACKED_PARAMS:
                     raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
                 mod_name, _, pname = name.rpartition(".")
                 mod = self.get_submodule(mod_name)

@@ -78,13 +78,15 @@ class Worker:
                 model = model_cls(hf, **kwargs)
         finally:
             torch.set_default_dtype(prev)
-        self.quantization = self._pick_quantization()
+        self.quantization = self._pick_quantization(model)
         # a GGUF's Q4/Q8 blocks go straight into the CPU's int8 groups (no float round trip)
         int8_groups = ({} if self.quantization == "int8" and self.device.type == "cpu"
                        and self.parallel.world_size == 1 else None)
         self._load_weights(model, int8_groups)
         if self.quantization == "int8":
             loader.quantize_int8(model, int8_groups)
+        elif self.quantization != "none":
+            self._quantize_linears(model)
         del int8_groups
         self.model = model.eval()
         self.startup.mark("weights")
@@ -126,17 +128,35 @@ class Worker:
                    disable=None)
         with loader.loading_threads():
             loaded = model.load_weights(bar)
+        # an AWQ / GPTQ layer's packed tensors stand for its weight
+        loaded = {n.replace(".qweight", ".weight") for n in loaded}
         missing = model.expected_weights() - loaded
         if missing:
             raise ValueError(f"--model: checkpoint is missing {len(missing)} weight(s), e.g. "
                              f"{sorted(missing)[:3]}")
 
-    def _pick_quantization(self) -> str:
+    def _pick_quantization(self, model) -> str:
         """vLLM runs a GGUF's quantized weights as they are; on the CPU our nearest fast path is
         int8 groups of 32, which hold Q4_0/Q4_1/Q8_0 blocks exactly (tests/test_cpu_kernels.py;
-        tests/test_fidelity.py runs the bundled GGUF this way against transformers)."""
+        tests/test_fidelity.py runs the bundled GGUF this way against transformers). An AWQ /
+        GPTQ checkpoint's linear layers are told its format before they load."""
+        from pagoda.layers.linear import Linear
+        from pagoda.layers.quantization import checkpoint
         q = self.args.quantization
         src = self.source
+        if not src.gguf_file:
+            q, ckpt = checkpoint.resolve(q, self.model_config.hf_config)
+            if ckpt is not None:
+                for m in model.modules():
+                    if isinstance(m, Linear):
+                        m.checkpoint_quant = ckpt
+        if q in checkpoint.CHECKPOINT_METHODS + checkpoint.ONLINE_METHODS:
+            if self.parallel.world_size > 1:
+                raise ValueError(f"--quantization: {q} runs on one device; use --tensor-parallel-size 1")
+            if q == "int4" and self.device.type != "cuda":
+                raise ValueError("--quantization: int4 (W4A16) runs on CUDA; on the CPU use int8")
+            if self.model_config.is_pooling and not self.model_config.pooling_model.decoder:
+                raise ValueError(f"--quantization: {q} is not supported for encoder (BERT, RoBERTa) models")
         if q is None:
             q = "none"
             if src.gguf_file and self.device.type == "cpu" and self.args.load_format != "dummy":
@@ -146,6 +166,16 @@ class Worker:
                     logger.info("GGUF weights are %s: running int8 on the CPU "
                                 "(--quantization none for %s)", ",".join(sorted(types)), self.dtype)
         return q
+
+    def _quantize_linears(self, model) -> None:
+        """fp8 / int4 / AWQ / GPTQ: every linear layer in that format (the LM head stays in
+        --dtype, as vLLM keeps it)."""
+        from pagoda.layers.linear import Linear
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.quantize(self.quantization)
+        logger.info("weights: %s (%d linear layers)", self.quantization,
+                    sum(isinstance(m, Linear) and m.quant is not None for m in model.modules()))
 
     # -- memory ---------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
