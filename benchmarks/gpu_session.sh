@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh tests        # tests/test_gpu*.py
 #   bash benchmarks/gpu_session.sh w1-http      # W1 offline and W1-HTTP, both shapes (issue 10)
 #   bash benchmarks/gpu_session.sh latency      # batch-1 decode, both shapes
+#   bash benchmarks/gpu_session.sh quant        # W1: KV auto/int8/fp8 (Qwen3-0.6B), bf16/fp8 weights (Llama-3-8B)
 # Everything is written under $OUT (the device tool brings it back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,10 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 case "${1:-tests}" in
   tests)
     python3 -m pytest -q tests/test_gpu.py tests/test_gpu_sliding_window.py -p no:cacheprovider 2>&1 \
-      | tee "$OUT/test_gpu.txt" | tail -15 ;;
+      | tee "$OUT/test_gpu.txt" | tail -15
+    # its own process: the CPU test files switch Triton to the interpreter
+    python3 -m pytest -q tests/test_gpu_quant.py -p no:cacheprovider 2>&1 \
+      | tee "$OUT/test_gpu_quant.txt" | tail -15 ;;
   w1-http)
     for shape in qwen3-0.6b llama3-8b; do
       timeout 280 python3 benchmarks/w1_http_vs_offline.py --model-shape "$shape" --engine-core process \
@@ -30,6 +34,8 @@ case "${1:-tests}" in
     done ;;
   latency)
     OUT="$OUT" bash benchmarks/latency_b1.sh ;;
+  quant)
+    python3 benchmarks/quant_w1.py --out "$OUT/quant_w1.json" 2>&1 | tee "$OUT/quant_w1.txt" ;;
   *)
-    echo "usage: $0 tests|w1-http|latency" >&2; exit 2 ;;
+    echo "usage: $0 tests|w1-http|latency|quant" >&2; exit 2 ;;
 esac
