@@ -2,7 +2,7 @@
 prompts, 128 generated tokens each (EOS ignored), greedy, through `pagoda serve` with the openai
 SDK; then Hugging Face transformers fp32 `generate` on the same 8 prompts in the same run.
 
-    .venv/bin/python benchmarks/c1_server.py [--threads 2] [--out c1.json]
+    .venv/bin/python benchmarks/c1_server.py [--threads 2] [--out c1.json] [pagoda serve flags...]
 
 Figures: single request (one at a time, tokens / end-to-end seconds, summed over the 8) and the
 aggregate with all 8 in flight at once (8 x 128 tokens / wall time from first send to last reply).
@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for pagoda and for HF")
     ap.add_argument("--out", help="write the figures as JSON here too")
     ap.add_argument("--skip-hf", action="store_true", help="only measure pagoda")
-    args = ap.parse_args()
+    args, serve_flags = ap.parse_known_args()  # anything else goes to `pagoda serve`
 
     gguf = bundled_gguf()
     prompts = synthetic_chat_prompts(N_PROMPTS)
@@ -92,9 +92,9 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cmd = [sys.executable, "-m", "pagoda.entrypoints.cli", "serve", "--port", str(port),
-           "--max-model-len", "2048", "--disable-log-requests", "--disable-log-stats"]
+           "--max-model-len", "2048", "--disable-log-requests", "--disable-log-stats", *serve_flags]
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "load_avg_at_start": os.getloadavg(), "threads": args.threads,
+              "load_avg_at_start": os.getloadavg(), "threads": args.threads, "serve_flags": serve_flags,
               "workload": f"C1: {N_PROMPTS} chat prompts x {OUT_LEN} tokens, greedy, EOS ignored"}
     print(f"{result['workload']}; {args.threads} threads; {result['machine']}", flush=True)
     with tempfile.NamedTemporaryFile(suffix=".log") as log:

@@ -100,6 +100,40 @@ def flag(default: Any, help: str, *, group: str = "Model", aliases: tuple[str, .
                                                          choices=choices, type=type, nargs=nargs)})
 
 
+STRUCTURED_OUTPUT_BACKENDS = ("auto", "xgrammar")
+_STRUCTURED_OUTPUTS_KEYS = {"backend": str, "disable_any_whitespace": bool, "disable_fallback": bool,
+                            "disable_additional_properties": bool}
+
+
+def structured_outputs_config(value: str | dict | None) -> dict:
+    """--structured-outputs-config: vLLM's JSON object ('{"backend": "xgrammar"}') or just a
+    backend name (what --guided-decoding-backend took)."""
+    if value is None or value == "":
+        value = {}
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            import json
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise argparse.ArgumentTypeError(f"not a JSON object: {e}")
+        else:
+            value = {"backend": text}
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    out = {"backend": "auto", "disable_any_whitespace": False}
+    for k, v in value.items():
+        want = _STRUCTURED_OUTPUTS_KEYS.get(k)
+        if want is None:
+            raise argparse.ArgumentTypeError(f"unknown key {k!r}; known: {', '.join(_STRUCTURED_OUTPUTS_KEYS)}")
+        out[k] = _bool(v) if want is bool else str(v)
+    if out["backend"] not in STRUCTURED_OUTPUT_BACKENDS:
+        raise argparse.ArgumentTypeError(f"backend {out['backend']!r} is not available; pagoda "
+                                         f"compiles grammars with xgrammar (use auto or xgrammar)")
+    return out
+
+
 RUNNERS = ("auto", "generate", "pooling")
 CONVERTS = ("auto", "none", "embed", "classify")
 TASKS = ("auto", "generate", "embed", "embedding", "classify", "score")
@@ -210,6 +244,12 @@ class EngineArgs:
                                    aliases=("-dp",))
     attention_backend: str = flag("auto", "auto (triton on CUDA, torch otherwise), torch or triton.",
                                   group="Scheduler", choices=("auto", "torch", "triton"))
+    structured_outputs_config: Optional[dict] = flag(
+        None, "Structured outputs (response_format, structured_outputs, guided_*): vLLM's JSON "
+        'object, e.g. \'{"backend": "xgrammar", "disable_any_whitespace": true}\', or a backend '
+        "name. Backends: auto = xgrammar. disable_any_whitespace: JSON without whitespace between "
+        "tokens.", group="Scheduler", aliases=("guided-decoding-backend",),
+        type=structured_outputs_config)
     # not a flag: transformers-style overrides used by tests/benchmarks
     extra: dict = field(default_factory=dict)
 
@@ -221,6 +261,10 @@ class EngineArgs:
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
         kv = str(self.kv_cache_dtype).strip().lower()
         self.kv_cache_dtype = {"fp8": "fp8_e4m3", **_QUANT_POLICY}.get(kv, kv)
+        try:
+            self.structured_outputs_config = structured_outputs_config(self.structured_outputs_config)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--structured-outputs-config: {e}") from None
         self._apply_task()
         self.validate()
 
@@ -379,6 +423,7 @@ class ModelConfig:
     # embed: sizes the model was trained to be truncated to (Matryoshka); [] = any size, None = none
     matryoshka_dimensions: Optional[list[int]] = None
     uses_token_type_ids: bool = False  # BERT-style segment ids (text pairs of cross-encoders)
+    is_encoder_decoder: bool = False   # Whisper: each request brings audio for its encoder
     # resolved by the engine core once it owns the device
     dtype: str = ""
     device: str = ""

@@ -1,6 +1,7 @@
 """SamplingParams: how one request is decoded. Names and meanings follow vLLM."""
 from __future__ import annotations
 
+import json as _json
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -17,6 +18,62 @@ def _check_int(name: str, v, lo: int, hi: int) -> None:
         raise ValueError(f"{name} must be an integer, got {v!r}.")
     if not lo <= v <= hi:
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}.")
+
+
+# the kinds of constraint a StructuredOutputsParams may carry (exactly one is set)
+STRUCTURED_OUTPUT_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain a request's output (vLLM's `StructuredOutputsParams`): exactly one of `json` (a
+    JSON schema, dict or string), `regex`, `choice` (one of these strings), `grammar` (EBNF, or
+    Lark when it has a `start` rule), `json_object` (any JSON object) or `structural_tag`
+    (xgrammar's structural-tag JSON). Plain data: it crosses to the engine core with the request,
+    which compiles it (pagoda.structured_output) and masks the logits every step."""
+    json: Optional[Union[str, dict]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = None
+    # JSON only: no whitespace between tokens / a regex every whitespace run must match
+    disable_any_whitespace: bool = False
+    whitespace_pattern: Optional[str] = None
+
+    def __post_init__(self):
+        if self.json_object is False:
+            self.json_object = None
+        given = [k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs: exactly one of {', '.join(STRUCTURED_OUTPUT_KINDS)} "
+                             f"must be set, got {', '.join(given) if given else 'none'}.")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(
+                    isinstance(c, str) for c in self.choice):
+                raise ValueError("choice: must be a non-empty list of strings.")
+            self.choice = list(self.choice)
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError("json: must be a JSON schema (an object or its JSON text).")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_OUTPUT_KINDS if getattr(self, k) is not None)
+
+    @property
+    def spec(self) -> str:
+        """The constraint as text (a JSON schema serialized, choices as a JSON list)."""
+        v = getattr(self, self.kind)
+        if self.kind in ("json", "choice") and not isinstance(v, str):
+            return _json.dumps(v, ensure_ascii=False)
+        return "" if v is True else v
+
+    def key(self) -> tuple:
+        """What the compiled grammar depends on: the cache key of compilations."""
+        return (self.kind, self.spec, self.disable_any_whitespace, self.whitespace_pattern)
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
 
 
 @dataclass
@@ -41,8 +98,12 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    guided_decoding: Optional[StructuredOutputsParams] = field(default=None, repr=False)  # vLLM's old name
     # filled in by the engine (generation_config.json / tokenizer)
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # Whisper (generation_config.json's begin_suppress_tokens): never the first output token
+    begin_suppress_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -53,6 +114,12 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.guided_decoding is not None:
+            if self.structured_outputs is not None:
+                raise ValueError("structured_outputs: give structured_outputs or guided_decoding, not both.")
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self.validate()
 
     def validate(self):

@@ -371,6 +371,26 @@ def test_rotary_in_place_on_qkv_views(gen, dtype, rot_dim):
     assert torch.equal(qkv[:, (hq + hk) * d:], v_before)     # v untouched
 
 
+
+def test_rotary_reference_takes_the_step_pair_eagerly_or_lazily(gen):
+    """The layer hands the torch reference a function that gathers cos/sin once per step (the
+    torch backend on CUDA takes this path); it must rotate as if given the pair itself."""
+    from pagoda.kernels.rotary import gather_cos_sin
+    t, hq, hk, d = 7, 4, 2, 32
+    q, k = randn(gen, t, hq, d), randn(gen, t, hk, d)
+    cache = cos_sin_cache(64, d)
+    pos = torch.randint(0, 64, (t,), generator=gen)
+    plain = rotary_embedding_torch(pos, q, k, cache)
+    calls = []
+    lazy = rotary_embedding_torch(pos, q, k, cache,
+                                  lambda: calls.append(1) or gather_cos_sin(pos, cache))
+    eager = rotary_embedding_torch(pos, q, k, cache, gather_cos_sin(pos, cache))
+    assert calls == [1]
+    for got in (lazy, eager):
+        assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    assert not torch.equal(plain[0], q)  # it did rotate
+
+
 # ---------------------------------------------------------------- activation
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -21,7 +21,7 @@ from server_utils import PagodaServer
 pytestmark = pytest.mark.slow
 
 MAX_EXAMPLES = 20
-GENERATION_CAPS = {"n": 2, "max_tokens": 4, "max_completion_tokens": 4}
+GENERATION_CAPS = {"n": 2, "max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4}
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +32,15 @@ def server():
 
 def _bound(case) -> None:
     body = case.body
-    if case.path.endswith("completions") and isinstance(body, dict):
+    if case.path.endswith(("completions", "responses")) and isinstance(body, dict):
         for key, cap in GENERATION_CAPS.items():
             value = body.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > cap:
                 body[key] = cap
         if "chat" in case.path and "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = GENERATION_CAPS["max_tokens"]
+        if case.path.endswith("responses") and "max_output_tokens" not in body:
+            body["max_output_tokens"] = GENERATION_CAPS["max_output_tokens"]
 
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -18,6 +18,7 @@ from pagoda.config import EngineArgs
 from pagoda.engine.core_client import AsyncMPClient, EngineAddresses, EngineCoreHandle, EngineDeadError
 from pagoda.engine.messages import EngineCoreOutputs, EngineReady, SchedulerStats
 from pagoda.engine.output_processor import OutputProcessor, RequestFailedError
+from pagoda.inputs.audio import AudioProcessor
 from pagoda.inputs.preprocess import InputProcessor, PromptType
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
@@ -92,7 +93,8 @@ class AsyncLLM:
         if ready is not None:
             mc.dtype, mc.device = ready.dtype, ready.device
         self.model_config = mc
-        self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs)
+        self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs,
+                                        AudioProcessor.for_model(mc, src.config_dir, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.clients = [AsyncMPClient(a, client_index) for a in addresses]
         self.client = self.clients[0]

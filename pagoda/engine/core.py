@@ -10,6 +10,11 @@ and launches step N+1 while the GPU still runs step N, and step N+1 takes the id
 step N's device tensor. A request that finishes at step N drops the token step N+1 computed for
 it, so outputs equal the step-by-step path's. Steps whose sampling reads the token history on
 the host (penalties) or returns logprobs run step by step.
+
+Structured outputs stay overlapped: a constrained request's bitmask for step N+1 depends on the
+token of step N, so the engine hands the runner a bitmask that is filled on demand — the runner
+queues step N+1's forward pass, then asks for it; filling resolves step N (the matchers advance
+with its tokens) and computes the rows while the device runs the forward pass.
 """
 from __future__ import annotations
 
@@ -27,7 +32,8 @@ from pagoda.engine.messages import (EngineCoreOutput, EngineCoreOutputs, EngineC
                                     EngineReady, FinishReason)
 from pagoda.engine.request import Request
 from pagoda.engine.scheduler import Scheduler
-from pagoda.engine.scheduler_output import SchedulerOutput
+from pagoda.engine.scheduler_output import GrammarBitmask, SchedulerOutput
+from pagoda.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger("pagoda.engine")
 
@@ -49,8 +55,13 @@ class EngineCore:
         if worker.device.type == "cuda":  # compile every kernel variant before the first request
             self.model_executor.warm_up()
         self.kv_cache_manager = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
+        # structured outputs: grammars compile in its thread pool, their matchers live here
+        self.structured_output = StructuredOutputManager(
+            self.model_config.vocab_size, self._load_tokenizer, args.structured_outputs_config,
+            pin_memory=worker.device.type == "cuda")
         self.scheduler = Scheduler(self.kv_cache_manager, worker.max_num_seqs,
-                                   worker.max_num_batched_tokens, self.model_config.max_model_len)
+                                   worker.max_num_batched_tokens, self.model_config.max_model_len,
+                                   self.structured_output)
         # read sampled ids back one step late so host work overlaps the GPU; on the CPU the model
         # runs on the host anyway, so there is nothing to overlap
         self.overlap = worker.device.type == "cuda"
@@ -68,6 +79,11 @@ class EngineCore:
     def worker(self):
         return self.model_executor.driver_worker
 
+    def _load_tokenizer(self):
+        """The tokenizer grammars are compiled against (loaded by the first compilation)."""
+        from pagoda.worker import loader
+        return loader.load_tokenizer(self.worker.source, self.args.trust_remote_code)
+
     def ready_message(self) -> EngineReady:
         w = self.worker
         return EngineReady(self.kv_cache_manager.num_blocks, self.args.block_size, w.max_num_seqs,
@@ -78,6 +94,10 @@ class EngineCore:
     # -- requests -------------------------------------------------------------------------------
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request.from_engine_core_request(request))
+        p = request.sampling_params
+        if p is not None and p.structured_outputs is not None:  # compiles in the background
+            self.structured_output.add_request(request.request_id, p.structured_outputs,
+                                               p.eos_token_ids)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, FinishReason.ABORT)
@@ -89,17 +109,28 @@ class EngineCore:
     def step(self) -> EngineCoreOutputs:
         """Schedule and launch one step, then resolve the step launched before it."""
         t0 = time.time()
+        so = self.structured_output
+        outputs: list[EngineCoreOutput] = self._grammar_failures() if so.has_requests else []
         sched = self.scheduler.schedule()
         prev, self._inflight = self._inflight, None
         if not sched and prev is None:
-            return EngineCoreOutputs([], t0, self._stats(0, 0, 0.0, ""))
-        outputs: list[EngineCoreOutput] = []
+            if not outputs and so.has_requests:
+                so.wait_for_any(0.01)  # only requests whose grammar compiles: do not spin
+            return EngineCoreOutputs(outputs, t0, self._stats(0, 0, 0.0, ""))
         reqs = self.scheduler.requests
+
+        def resolve_prev() -> None:
+            nonlocal prev
+            if prev is not None:
+                p, prev = prev, None
+                outputs.extend(self._resolve(p))
+
         sync = not self.overlap or not all(reqs[r].overlappable for r in sched.num_scheduled_tokens)
         if prev is not None and (sync or not sched):  # this step must see real tokens
-            outputs += self._resolve(prev)
-            prev = None
+            resolve_prev()
             self._drop_finished(sched)
+        if sched and so.has_requests:
+            self._attach_grammar(sched, resolve_prev)
         launched = None
         n_prompt = 0
         if sched:
@@ -117,8 +148,7 @@ class EngineCore:
             if pending is not None:
                 self.scheduler.on_launched(sched)
                 launched = (sched, pending)
-        if prev is not None:
-            outputs += self._resolve(prev)
+        resolve_prev()
         graph = False
         if launched is not None:
             graph = bool(getattr(launched[1].output, "graph", False))
@@ -134,6 +164,31 @@ class EngineCore:
             rec[0] += 1
             rec[1] += dt
         return EngineCoreOutputs(outputs, time.time(), self._stats(n_prompt, n_gen, dt, kind))
+
+    def _attach_grammar(self, sched: SchedulerOutput, resolve_prev) -> None:
+        """Structured outputs: the bitmask of the step's constrained rows, filled when the runner
+        asks for it (after queueing the forward pass): first the previous step is resolved, so
+        every matcher has accepted its latest token, then the rows are filled."""
+        so = self.structured_output
+        ids = so.sampling_requests(sched.num_scheduled_tokens, self.scheduler.requests)
+        if not ids:
+            return
+        grammar = sched.grammar = GrammarBitmask(ids)
+
+        def fill() -> None:
+            resolve_prev()
+            grammar.bitmask = so.fill(ids)
+        grammar.fill = fill
+
+    def _grammar_failures(self) -> list[EngineCoreOutput]:
+        """Requests whose grammar did not compile end with an error (the front end validated
+        them, so this is rare: a grammar xgrammar parses but cannot compile)."""
+        failed = self.structured_output.take_failures()
+        if not failed:
+            return []
+        why = dict(failed)
+        return [EngineCoreOutput(r.request_id, finish_reason=FinishReason.ERROR, error=why[r.request_id])
+                for r in self.scheduler.finish_requests(list(why), FinishReason.ERROR)]
 
     def _drop_finished(self, sched: SchedulerOutput) -> None:
         """Requests that the step just resolved finished are taken out of the next step."""
@@ -174,6 +229,7 @@ class EngineCore:
         return s
 
     def shutdown(self) -> None:
+        self.structured_output.shutdown()
         if self._inflight is not None:
             try:
                 self._inflight[1].result()

@@ -76,8 +76,9 @@ class KVCacheManager:
         return hits
 
     def register_full_blocks(self, seq: Request, num_tokens: int) -> None:
-        """Hash every block of seq that is full once num_tokens are computed."""
-        if not self.enable_prefix_caching:
+        """Hash every block of seq that is full once num_tokens are computed (not a decoder's that
+        reads audio: its KV depends on more than its tokens)."""
+        if not self.enable_prefix_caching or seq.has_encoder_input:
             return
         bs = self.block_size
         # a block whose tokens are still in flight on the device is hashed by a later call

@@ -13,6 +13,7 @@ from typing import Optional, Union
 from pagoda.config import EngineArgs, data_parallel_rank_args
 from pagoda.engine.core_client import InprocClient
 from pagoda.engine.output_processor import OutputProcessor
+from pagoda.inputs.audio import AudioProcessor
 from pagoda.inputs.preprocess import InputProcessor, PromptType
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
@@ -35,7 +36,9 @@ class LLMEngine:
             worker.source, args.trust_remote_code)
         self.model_config.eos_token_ids = eos_token_ids(worker.source, self.model_config.hf_config,
                                                         self.tokenizer)
-        self.processor = InputProcessor(self.model_config, self.tokenizer, args.max_logprobs)
+        self.processor = InputProcessor(self.model_config, self.tokenizer, args.max_logprobs,
+                                        AudioProcessor.for_model(self.model_config, worker.source.config_dir,
+                                                                 self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         # False: step() reports only finished requests (offline batches skip per-step outputs)
         self.stream_outputs = True
@@ -93,13 +96,12 @@ class LLMEngine:
             if len(self.engine_cores) > 1 and not core.has_work():
                 continue
             out = core.step()
-            res, to_abort = self.output_processor.process_outputs(out.outputs, out.timestamp)
+            res, to_abort = self.output_processor.process_outputs(
+                out.outputs, out.timestamp, final_only=not self.stream_outputs)
             for o in out.outputs:
                 if o.finished:
                     self._engine_of.pop(o.request_id, None)
             self._abort(to_abort)
             self.last_stats = out.scheduler_stats
             results += res
-        if self.stream_outputs:
-            return results
-        return [r for r in results if r.finished]
+        return results

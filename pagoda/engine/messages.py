@@ -32,6 +32,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float = 0.0
     client_index: int = 0          # which API server process gets this request's outputs
     token_type_ids: Optional[list[int]] = None
+    encoder_features: Optional["Tensor"] = None  # Whisper: log-mel features of one 30 s window
 
 
 class Tensor(msgspec.Struct, array_like=True):

@@ -108,9 +108,10 @@ class OutputProcessor:
         return ids, (self._output(parent) if not isinstance(parent.params, PoolingParams) else None)
 
     # -- one step's outputs ---------------------------------------------------------------------
-    def process_outputs(self, outputs: list[EngineCoreOutput], timestamp: float
-                        ) -> tuple[list, list[str]]:
-        """Returns (outputs of the requests this step touched, engine ids to abort)."""
+    def process_outputs(self, outputs: list[EngineCoreOutput], timestamp: float,
+                        final_only: bool = False) -> tuple[list, list[str]]:
+        """Returns (outputs of the requests this step touched, engine ids to abort); with
+        `final_only`, of the requests that finished (offline generate builds no per-step outputs)."""
         touched: dict[str, _Parent] = {}
         to_abort: list[str] = []
         for eo in outputs:
@@ -146,6 +147,8 @@ class OutputProcessor:
             if parent.finished:
                 parent.metrics.finished_time = timestamp
                 self.parents.pop(rid, None)
+            elif final_only:
+                continue
             results.append(self._result(parent))
         return results, to_abort
 

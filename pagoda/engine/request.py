@@ -24,12 +24,18 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int],
                  sampling_params: Optional[SamplingParams] = None,
                  pooling_params: Optional[PoolingParams] = None, arrival_time: Optional[float] = None,
-                 client_index: int = 0, token_type_ids: Optional[list[int]] = None):
+                 client_index: int = 0, token_type_ids: Optional[list[int]] = None,
+                 encoder_features=None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids
+        # encoder-decoder models (Whisper): the audio features, dropped once sent to the worker;
+        # the encoder's positions count against the token budget of the step that admits it
+        self.encoder_features = encoder_features
+        self.has_encoder_input = encoder_features is not None
+        self.num_encoder_tokens = encoder_features.shape[-1] // 2 if encoder_features is not None else 0
         self.arrival_time = arrival_time or time.time()
         self.client_index = client_index
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -59,7 +65,8 @@ class Request:
     @classmethod
     def from_engine_core_request(cls, r: EngineCoreRequest) -> "Request":
         return cls(r.request_id, r.prompt_token_ids, r.sampling_params, r.pooling_params,
-                   r.arrival_time, r.client_index, r.token_type_ids)
+                   r.arrival_time, r.client_index, r.token_type_ids,
+                   r.encoder_features.numpy() if r.encoder_features is not None else None)
 
     @property
     def is_pooling(self) -> bool:

@@ -29,8 +29,10 @@ from pagoda.worker.outputs import ModelRunnerOutput
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, structured_output=None):
         self.kv = kv_cache_manager
+        # pagoda.structured_output.StructuredOutputManager: grammar readiness and matchers
+        self.structured_output = structured_output
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -77,6 +79,8 @@ class Scheduler:
             del self._known[req.request_id]
             self._finished_since_sent.add(req.request_id)
         self._preempted_since_sent.discard(req.request_id)
+        if self.structured_output is not None:  # structured outputs: drop its matcher
+            self.structured_output.remove(req.request_id)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -124,18 +128,29 @@ class Scheduler:
                 num[req] = n
                 budget -= n
                 i += 1
+        so = self.structured_output
+        compiling: list[Request] = []  # structured outputs: grammar not compiled yet, not admitted
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.num_pending:
                 break  # preempted with a token still in flight: back next step
-            # prompt logprobs need logits for every prompt position: no prefix reuse for them
-            cached = [] if (req.needs_prompt_logprobs or not kv.num_blocks) else kv.find_cached_prefix(req)
+            if so is not None and not so.is_ready(req.request_id):
+                compiling.append(self.waiting.popleft())
+                continue
+            # prompt logprobs need logits for every prompt position: no prefix reuse for them;
+            # nor for a decoder reading audio (its KV depends on the audio, not only the tokens)
+            cached = ([] if (req.needs_prompt_logprobs or not kv.num_blocks or req.has_encoder_input)
+                      else kv.find_cached_prefix(req))
             n = req.num_tokens - req.num_computed_tokens - len(cached) * bsz
+            # the encoder runs in the step that first sends the request: its positions are paid here
+            enc = req.num_encoder_tokens if req.encoder_features is not None else 0
+            if enc and enc + n > budget and num:
+                break  # wait for a step with room for the encoder (alone, if it is that long)
             if req.is_pooling and not kv.num_blocks:  # an encoder (no KV cache to resume from)
                 if n > budget and num:
                     break  # read whole: wait for a step with room (alone, if it is that long)
             else:
-                n = min(n, budget)
+                n = min(n, max(budget - enc, 1))
             if kv.num_blocks and not kv.allocate(req, n, cached):
                 break
             self.waiting.popleft()
@@ -146,7 +161,8 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             num[req] = n
-            budget -= n
+            budget -= n + enc
+        self.waiting.extendleft(reversed(compiling))
         return self._output(num)
 
     def _output(self, num: dict[Request, int]) -> SchedulerOutput:
@@ -161,7 +177,9 @@ class Scheduler:
             if sent is None:
                 out.scheduled_new_reqs.append(NewRequestData(
                     rid, req.prompt_token_ids, req.sampling_params, req.pooling_params,
-                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids))
+                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids,
+                    req.encoder_features))
+                req.encoder_features = None  # the worker keeps what the encoder makes of them
             else:
                 resumed = rid in self._preempted_since_sent
                 self._preempted_since_sent.discard(rid)
@@ -176,7 +194,9 @@ class Scheduler:
         """The step is on the device: count its tokens as computed; each request that samples a
         token gets a placeholder until `update_from_output` brings its value."""
         for rid, n in sched.num_scheduled_tokens.items():
-            req = self.requests[rid]
+            req = self.requests.get(rid)
+            if req is None:  # finished while the step launched (structured outputs' deferred fill)
+                continue
             req.num_computed_tokens += n
             if req.num_computed_tokens >= req.num_tokens and not req.is_pooling:
                 req.num_pending += 1
@@ -185,6 +205,7 @@ class Scheduler:
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Resolve a launched step: new tokens, stop checks, finished requests, outputs."""
         outputs: dict[str, EngineCoreOutput] = {}
+        so_reqs = self.structured_output.requests if self.structured_output is not None else None
 
         def out_for(req: Request) -> EngineCoreOutput:
             o = outputs.get(req.request_id)
@@ -212,6 +233,8 @@ class Scheduler:
             tok = result.sampled_token_ids[k]
             req.num_pending -= 1
             req.all_token_ids.append(tok)
+            if so_reqs and rid in so_reqs:  # structured outputs: advance the request's matcher
+                self.structured_output.accept(rid, tok)
             self.generation_tokens_total += 1
             o = out_for(req)
             o.new_token_ids.append(tok)

@@ -8,7 +8,9 @@ requests in full and, for requests it already knows, only what changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Callable, Optional
+
+import numpy as np
 
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
@@ -23,6 +25,9 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int       # prefix-cache hits: already in the KV cache
     token_type_ids: Optional[list[int]] = None
+    # encoder-decoder models: the audio's log-mel features [mel bins, frames], sent once (the
+    # worker keeps what the encoder makes of them for the request's life)
+    encoder_features: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -37,6 +42,34 @@ class CachedRequestData:
 
 
 @dataclass
+class GrammarBitmask:
+    """Structured outputs: the token bitmask of this step's constrained requests that sample a
+    token (pagoda.structured_output fills it; the runner applies it to their logits rows only).
+
+    Row i of `bitmask` (int32 [len(req_ids), ceil(vocab / 32)], on the host, bit set = token
+    allowed) belongs to req_ids[i]. On overlapped steps a row depends on the token the previous
+    step sampled, which is read back only after this step was launched: the bitmask then comes
+    from `fill`, which the runner calls once the step's forward pass is queued (so the grammar
+    work runs while the device computes); `get()` does that at most once.
+    """
+    req_ids: list[str]
+    bitmask: Any = None                       # torch.int32 tensor (host; pinned on CUDA)
+    fill: Optional[Callable[[], None]] = None
+    error: Optional[BaseException] = None     # fill failed: every get() raises it
+
+    def get(self):
+        if self.bitmask is None and self.fill is not None:
+            fill, self.fill = self.fill, None
+            try:
+                fill()
+            except BaseException as e:
+                self.error = e
+        if self.error is not None:
+            raise self.error
+        return self.bitmask
+
+
+@dataclass
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData] = field(default_factory=list)
     scheduled_cached_reqs: CachedRequestData = field(default_factory=CachedRequestData)
@@ -45,6 +78,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     # requests that ended since the last step (finished, aborted): the worker forgets them
     finished_req_ids: set[str] = field(default_factory=set)
+    # structured outputs: the constrained rows' token bitmask (None: no constrained request samples)
+    grammar: Optional[GrammarBitmask] = None
 
     def __bool__(self) -> bool:
         return bool(self.num_scheduled_tokens)

@@ -169,6 +169,10 @@ class MultiprocExecutor:
         self._call("warm_up")
 
     def execute_model(self, scheduler_output):
+        if scheduler_output.grammar is not None:
+            # the other ranks must mask the same rows (their next inputs are their own samples),
+            # so the bitmask is filled before it is sent: structured steps are not overlapped here
+            scheduler_output.grammar.get()
         self._step += 1
         self._publish(("launch", self._step, scheduler_output))
         return _MirroredStep(self, self._step, self.driver_worker.execute_model(scheduler_output))

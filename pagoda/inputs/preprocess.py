@@ -2,10 +2,14 @@
 
 Everything a request can get wrong is checked here, in the front end, before the request
 reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
-prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a pooling task
-or `dimensions` the model does not serve. A request with n > 1 samples becomes n engine-core
-requests (ids "<id>#<i>") of one sample each. A pooling prompt is cut to its last
-`truncate_prompt_tokens` tokens (vLLM's rule) before the length check.
+prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a structured-
+outputs schema or grammar that does not parse, a pooling task or `dimensions` the model does not
+serve. A request with n > 1 samples becomes n engine-core requests (ids "<id>#<i>") of one sample
+each. A pooling prompt is cut to its last `truncate_prompt_tokens` tokens (vLLM's rule) before the
+length check. An encoder-decoder (Whisper) prompt also carries its audio: `{"prompt" |
+"prompt_token_ids": the decoder prompt (default <|startoftranscript|><|en|><|transcribe|>
+<|notimestamps|>), "multi_modal_data": {"audio": (waveform, sample rate)}}` (vLLM's shape; at
+most 30 s), or `"encoder_features"` already computed (the transcription endpoints' way).
 """
 from __future__ import annotations
 
@@ -13,9 +17,10 @@ import time
 from typing import Any, Optional, Union
 
 from pagoda.config import ModelConfig
-from pagoda.engine.messages import EngineCoreRequest
+from pagoda.engine.messages import EngineCoreRequest, Tensor
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
+from pagoda.structured_output.grammar import validate_structured_outputs
 
 PromptType = Union[str, list[int], dict]
 
@@ -25,10 +30,12 @@ def child_ids(request_id: str, n: int) -> list[str]:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any], max_logprobs: int):
+    def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any], max_logprobs: int,
+                 audio: Optional[Any] = None):
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_logprobs = max_logprobs
+        self.audio = audio  # inputs.audio.AudioProcessor of an encoder-decoder (Whisper) model
 
     def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],
                                                                             Optional[list[int]]]:
@@ -44,7 +51,8 @@ class InputProcessor:
             if self.tokenizer is None:
                 raise ValueError(f"{field}: text prompts need a tokenizer (started with "
                                  "--skip-tokenizer-init); send token ids")
-            enc = self.tokenizer(prompt)
+            # a Whisper decoder prompt is written out whole (its tokenizer would add its own prefix)
+            enc = self.tokenizer(prompt, add_special_tokens=self.audio is None)
             if self.model_config.uses_token_type_ids and "token_type_ids" in enc:
                 types = list(enc["token_type_ids"])
             return prompt, list(enc.input_ids), types
@@ -125,6 +133,8 @@ class InputProcessor:
             if v is not None and v > self.max_logprobs:
                 raise ValueError(f"{name}: {v} requested, but at most --max-logprobs "
                                  f"{self.max_logprobs} are allowed")
+        if params.structured_outputs is not None:  # a schema/grammar that does not parse: caller's error
+            validate_structured_outputs(params.structured_outputs)
         return params.clone(eos_token_ids=mc.eos_token_ids,
                             max_tokens=params.max_tokens or mc.max_model_len - prompt_len)
 
@@ -139,6 +149,10 @@ class InputProcessor:
             raise ValueError(f"model: {self.model_config.model} is {kind} model: it does not "
                              + ("generate text" if self.model_config.is_pooling else
                                 "pool (embed, classify, score)"))
+        features = self.encoder_features(prompt)
+        if features is not None and isinstance(prompt, dict) and not (
+                "prompt" in prompt or "prompt_token_ids" in prompt):
+            prompt = {"prompt_token_ids": self.audio.decoder_prompt(None, "transcribe")}
         text, ids, types = self.tokenize(prompt)
         if pooling:
             params = self.pooling_params(params)
@@ -152,6 +166,32 @@ class InputProcessor:
                                                  token_type_ids=types)]
         self.check_prompt(ids, pooling)
         sp = self.sampling_params(params, len(ids))
-        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival)
+        if features is not None:
+            sp = sp.clone(**self.audio.sampling_changes(sp.logit_bias))
+        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival, encoder_features=features)
                 for i, cid in enumerate(child_ids(request_id, sp.n))]
         return text, ids, reqs
+
+    def encoder_features(self, prompt: PromptType) -> Optional[Tensor]:
+        """An encoder-decoder prompt's audio as log-mel features (None for other models);
+        ValueError naming the field when the audio is missing, misplaced or too long."""
+        mm = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
+        given = prompt.get("encoder_features") if isinstance(prompt, dict) else None
+        if self.audio is None:
+            if mm is not None or given is not None:
+                raise ValueError(f"multi_modal_data: {self.model_config.model} takes text only")
+            return None
+        if given is None:
+            audio = mm.get("audio") if isinstance(mm, dict) else None
+            if audio is None:
+                raise ValueError(f"multi_modal_data: {self.model_config.model} transcribes audio; "
+                                 "give {\"audio\": (waveform, sample_rate)} (or use "
+                                 "/v1/audio/transcriptions)")
+            import numpy as np
+            from pagoda.inputs.audio import SAMPLE_RATE, resample
+            wave, sr = audio if isinstance(audio, tuple) else (audio, SAMPLE_RATE)
+            wave = np.asarray(wave, dtype=np.float32)
+            if wave.ndim != 1:
+                raise ValueError("multi_modal_data: audio must be one channel (a 1-D waveform)")
+            given = self.audio.features(resample(wave, int(sr)) if sr != SAMPLE_RATE else wave)
+        return Tensor.of(given)

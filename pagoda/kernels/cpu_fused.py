@@ -59,8 +59,7 @@ def rotary_embedding_cpu(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
     `cos_sin`, for the torch fallback, may be the gathered pair or a function returning it."""
     if not (_ok(q, k, cos_sin_cache) and _rotatable(q) and _rotatable(k)
             and positions.dtype == torch.int64 and positions.is_contiguous()):
-        return rotary_embedding_torch(positions, q, k, cos_sin_cache,
-                                      cos_sin() if callable(cos_sin) else cos_sin)
+        return rotary_embedding_torch(positions, q, k, cos_sin_cache, cos_sin)
     rot = cos_sin_cache.shape[1]
     for x in (q, k):
         _lib().pagoda_rotary(x.data_ptr(), x.shape[0], x.stride(0), x.shape[1], x.shape[2], rot,

@@ -17,7 +17,10 @@ def gather_cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor):
 def rotary_embedding_torch(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                            cos_sin_cache: torch.Tensor, cos_sin=None) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, Hq, D], k: [T, Hk, D]; rotates the first rotary_dim features, returns new q, k.
-    `cos_sin` may carry gather_cos_sin's result when it was computed once for the step."""
+    `cos_sin` may carry gather_cos_sin's result, or a function returning it (computed once for the
+    step, on first use)."""
+    if callable(cos_sin):
+        cos_sin = cos_sin()
     cos, sin = cos_sin if cos_sin is not None else gather_cos_sin(positions, cos_sin_cache)
     half = cos.shape[-1]
 

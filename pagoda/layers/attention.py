@@ -1,5 +1,6 @@
-"""Attention layers: causal over the paged KV cache (decoders), and non-causal over each
-sequence's own tokens (encoders: BERT, vision towers).
+"""Attention layers: causal over the paged KV cache (decoders), non-causal over each
+sequence's own tokens (encoders: BERT, vision towers), and cross-attention from a decoder's
+tokens to its request's encoder output (Whisper).
 
 The per-step metadata (one flattened batch) is set once by the model runner with
 `set_attention_metadata` and read by every layer, so model code never threads it through.
@@ -26,6 +27,8 @@ class AttentionMetadata:
     max_seq_len: int
     query_start_loc_cpu: Optional[list[int]] = None
     seq_lens_cpu: Optional[list[int]] = None
+    # encoder-decoder models: each request's row in the cross-attention K/V store (int64 [num_reqs])
+    cross_rows: Optional[torch.Tensor] = None
     # values every layer derives alike from this step's metadata, computed by the first layer
     cache: dict = field(default_factory=dict)
 
@@ -92,3 +95,36 @@ class EncoderAttention(nn.Module):
         m = get_attention_metadata()
         return self.ops.varlen_attention(q, k, v, m.query_start_loc, self.scale, m.query_start_loc_cpu,
                                          step_cache=m.cache)
+
+
+class CrossAttention(nn.Module):
+    """Each query token attends to every position of its own request's encoder output. The K/V
+    were computed once per request (`cross_kv`, [2, rows, positions, heads, head_dim], bound by
+    the model runner); the step's metadata names each request's row (`cross_rows`). Queries are
+    laid out per request (padded to the step's longest) so one batched attention serves a
+    mixed step; a decode step (one token each) needs no padding."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = num_heads, head_dim, scale
+        self.cross_kv: torch.Tensor = torch.empty(0)
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        m = get_attention_metadata()
+        k = self.cross_kv[0, m.cross_rows].transpose(1, 2)  # [B, heads, S, head_dim]
+        v = self.cross_kv[1, m.cross_rows].transpose(1, 2)
+        if m.max_query_len == 1:
+            o = torch.nn.functional.scaled_dot_product_attention(q.unsqueeze(2), k, v, scale=self.scale)
+            return o.squeeze(2)
+        idx = m.cache.get("cross_pad")
+        if idx is None:  # (request, offset) of each token: the same for every layer of the step
+            qsl = m.query_start_loc_cpu
+            req = torch.repeat_interleave(torch.arange(len(qsl) - 1),
+                                          torch.tensor([b - a for a, b in zip(qsl, qsl[1:])]))
+            off = torch.arange(q.shape[0]) - torch.tensor(qsl[:-1])[req]
+            idx = m.cache["cross_pad"] = (req.to(q.device), off.to(q.device))
+        req, off = idx
+        padded = q.new_zeros(len(m.query_start_loc_cpu) - 1, m.max_query_len, self.num_heads, self.head_dim)
+        padded[req, off] = q
+        o = torch.nn.functional.scaled_dot_product_attention(padded.transpose(1, 2), k, v, scale=self.scale)
+        return o.transpose(1, 2)[req, off]

@@ -18,6 +18,8 @@ _MODELS = {
     "Gemma3ForCausalLM": ("gemma3", "Gemma3ForCausalLM"),
     # text-only: the vision tower and projector weights are skipped
     "Gemma3ForConditionalGeneration": ("gemma3", "Gemma3ForConditionalGeneration"),
+    # speech: an audio encoder, a text decoder on the KV cache (/v1/audio/transcriptions)
+    "WhisperForConditionalGeneration": ("whisper", "WhisperForConditionalGeneration"),
 }
 
 # architectures that pool natively: (module, class, kind); kind "embed" serves vectors,
@@ -68,6 +70,7 @@ def _architectures(config) -> list[str]:
                   # a Gemma3ForConditionalGeneration's text_config (what the engine runs) and
                   # GGUF-converted configs carry no architectures
                   "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration",
+                  "whisper": "WhisperForConditionalGeneration",
                   }.get(getattr(config, "model_type", ""), "")]
     return archs
 

@@ -108,14 +108,18 @@ class Sampler:
             if rows:
                 logits = logits.index_put((to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)),
                                           to_device(vals, torch.float32, dev), accumulate=True)
-        # min_tokens: no stop/EOS token before the minimum length
+        # min_tokens: no stop/EOS token before the minimum length; begin-suppressed tokens
+        # never come first
         rows, cols = [], []
         for i, p in enumerate(ps):
+            banned = []
             if p.min_tokens and meta.num_output_tokens[i] < p.min_tokens:
-                stops = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
-                for t in stops:
-                    if 0 <= t < V:
-                        rows.append(i), cols.append(t)
+                banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(p.eos_token_ids))
+            if p.begin_suppress_token_ids and meta.num_output_tokens[i] == 0:
+                banned += p.begin_suppress_token_ids
+            for t in banned:
+                if 0 <= t < V:
+                    rows.append(i), cols.append(t)
         if rows:
             logits[to_device(rows, torch.long, dev), to_device(cols, torch.long, dev)] = float("-inf")
         if meta.output_token_ids is not None:  # penalties read the token history

@@ -36,7 +36,9 @@ def resolve_model_config(args: EngineArgs, tokenizer: Optional[Any] = None) -> t
         raise ValueError("--model: GGUF encoder models are not supported; pass an HF directory")
     if pm is None or pm.decoder:
         hf = text_config(hf)
-    max_pos = int(getattr(hf, "max_position_embeddings", 0) or 0) or 2048
+    # Whisper: the decoder's learned positions bound the text
+    max_pos = int(getattr(hf, "max_position_embeddings", 0) or getattr(hf, "max_target_positions", 0)
+                  or 0) or 2048
     if pm is not None and pm.module == "roberta":  # positions start after padding_idx
         max_pos -= int(hf.pad_token_id) + 1
     if args.max_model_len and args.max_model_len > max_pos:
@@ -47,7 +49,8 @@ def resolve_model_config(args: EngineArgs, tokenizer: Optional[Any] = None) -> t
         max_model_len=args.max_model_len or max_pos, vocab_size=int(hf.vocab_size),
         architecture=architecture_of(hf), runner="pooling" if pm is not None else "generate",
         hf_config=hf, generation_config=dict(src.generation_config),
-        eos_token_ids=eos_token_ids(src, hf, tokenizer))
+        eos_token_ids=eos_token_ids(src, hf, tokenizer),
+        is_encoder_decoder=bool(getattr(hf, "is_encoder_decoder", False)) and pm is None)
     if pm is not None:
         _pooling_config(mc, pm, src)
     return src, mc

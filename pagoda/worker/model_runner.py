@@ -7,7 +7,9 @@ new tokens of every request back to back, their positions, the cache slot each n
 block tables, query start offsets and KV lengths — the attention metadata, built here and only
 here. Logits are computed only for rows that need them (the last token of each request that
 finished its prompt, plus every prompt row of requests asking for prompt logprobs); pooling
-requests end in the pooler instead.
+requests end in the pooler instead. An encoder-decoder model (Whisper) runs its encoder once for
+each new request that brings audio features, in the step that first schedules it, and keeps the
+result's cross-attention K/V in the request's batch row (`worker.cross_attention`).
 
 `launch` queues a step and returns without waiting for its sampled ids (they stay on the
 device; the next step reads its inputs from there); `PendingStep.result()` waits for them.
@@ -26,6 +28,7 @@ import torch
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
 from pagoda.layers.pooler import Pooler
 from pagoda.layers.quantization.kv_cache import KVCacheFormat
+from pagoda.sample.grammar_bitmask import apply_token_bitmask
 from pagoda.sample.metadata import SamplingMetadata
 from pagoda.sample.sampler import Sampler, needs_token_history, prompt_logprobs_rows, to_device
 from pagoda.worker import kv_cache as kvc
@@ -96,6 +99,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size))
+        self.cross = None  # worker.cross_attention.CrossAttentionStore (encoder-decoder models)
+        if getattr(model, "is_encoder_decoder", False):
+            from pagoda.worker.cross_attention import CrossAttentionStore
+            self.cross = CrossAttentionStore(model, max_num_seqs, dtype, device)
         self.cpu_decoder = None   # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
         self.graph_runner = None  # worker.cuda_graphs.CudaGraphRunner: decode steps from CUDA graphs
         # the previous launch's sampled ids (device) and, per request, its row in that tensor:
@@ -106,6 +113,7 @@ class ModelRunner:
         # and the engine has read step k's ids back before it launches step k+2
         self._out_bufs: list[torch.Tensor] = []
         self._launches = 0
+        self.grammar = None  # the step's structured-outputs bitmask (SchedulerOutput.grammar)
 
     @property
     def has_kv_cache(self) -> bool:
@@ -150,6 +158,8 @@ class ModelRunner:
         meta = AttentionMetadata(slots, torch.tensor(qsl, dtype=torch.int32, device=self.device),
                                  torch.tensor(lens, dtype=torch.int32, device=self.device), bt,
                                  max(lens), max(lens), qsl, lens)
+        if self.cross is not None:  # every sequence reads the first row's (throwaway) K/V
+            meta.cross_rows = torch.zeros(nseq, dtype=torch.long, device=self.device)
         set_attention_metadata(meta)
         try:
             h = self.model(ids, pos)
@@ -179,6 +189,7 @@ class ModelRunner:
         for rid in sched.finished_req_ids:
             batch.remove(rid)
             self._prev_rows.pop(rid, None)
+        encode: list[tuple[str, np.ndarray]] = []
         for new in sched.scheduled_new_reqs:
             try:
                 gen = None
@@ -188,9 +199,16 @@ class ModelRunner:
                 batch.add(CachedRequestState(new.req_id, new.prompt_token_ids, p, new.pooling_params,
                                              list(new.block_ids), new.num_computed_tokens,
                                              new.token_type_ids, gen))
+                features = getattr(new, "encoder_features", None)
+                if features is not None:
+                    if self.cross is None:
+                        raise ValueError("audio features sent to a model without an encoder")
+                    encode.append((new.req_id, features))
             except Exception as e:  # this request cannot be prepared: it alone fails
                 logger.exception("request %s could not be added to the batch", new.req_id)
                 failed[new.req_id] = f"{type(e).__name__}: {e}"
+        if encode:
+            self._encode(encode, failed)
         c = sched.scheduled_cached_reqs
         for rid, resumed, blocks, computed in zip(c.req_ids, c.resumed_from_preemption,
                                                   c.new_block_ids, c.num_computed_tokens):
@@ -203,6 +221,23 @@ class ModelRunner:
             else:
                 state.block_ids.extend(blocks)
                 batch.append_blocks(rid, blocks)
+
+    def _encode(self, reqs: list[tuple[str, np.ndarray]], failed: dict[str, str]) -> None:
+        """The encoder over these new requests' features at once; if that fails, one by one, so
+        only a request that fails on its own is failed."""
+        batch = self.batch
+        try:
+            self.cross.fill([batch.row_of[r] for r, _ in reqs], [f for _, f in reqs])
+            return
+        except Exception:
+            if len(reqs) > 1:
+                logger.exception("encoder over %d requests failed; running them one by one", len(reqs))
+        for rid, f in reqs:
+            try:
+                self.cross.fill([batch.row_of[rid]], [f])
+            except Exception as e:
+                logger.exception("request %s failed in the encoder", rid)
+                failed[rid] = f"{type(e).__name__}: {e}"
 
     # -- inputs ---------------------------------------------------------------------------------
     def _inputs(self, req_ids: list[str], num_sched: list[int]) -> _StepInputs:
@@ -245,19 +280,21 @@ class ModelRunner:
             slots = np.zeros(0, dtype=np.int64)
             bt = np.zeros((len(s.rows), 1), dtype=np.int32)
         qsl_l, sl_l = qsl.tolist(), seq_lens.tolist()
+        cross_rows = to_device(s.rows.tolist(), torch.long, dev) if self.cross is not None else None
         return AttentionMetadata(
             slot_mapping=to_device(slots.tolist(), torch.long, dev),
             query_start_loc=to_device(qsl_l, torch.int32, dev),
             seq_lens=to_device(sl_l, torch.int32, dev),
             block_tables=to_device(bt.tolist(), torch.int32, dev),
             max_query_len=int(s.num_sched.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl_l, seq_lens_cpu=sl_l)
+            query_start_loc_cpu=qsl_l, seq_lens_cpu=sl_l, cross_rows=cross_rows)
 
     # -- one step -------------------------------------------------------------------------------
     @torch.inference_mode()
     def launch(self, sched) -> PendingStep:
         """Queue one step on the device and return without waiting for it."""
         failed: dict[str, str] = {}
+        self.grammar = sched.grammar  # structured outputs: applied just before the sampler
         self._update_states(sched, failed)
         req_ids = [r for r in sched.num_scheduled_tokens if r not in failed]
         if not req_ids:
@@ -406,6 +443,7 @@ class ModelRunner:
         if plp:  # sampling rows are the ones not claimed by prompt logprobs
             taken = {r0 + j for _, r0, m, _ in plp for j in range(m)}
             sl = logits[to_device([i for i in range(len(logit_rows)) if i not in taken], torch.long, dev)]
+        sl = apply_token_bitmask(sl, self.grammar, sample_ids)  # structured outputs' rows only
         res = self.sampler(sl, self._sampling_metadata(sample_ids))
         out.req_ids = sample_ids
         out.logprobs = res.logprobs
@@ -424,7 +462,7 @@ class ModelRunner:
         params = [st.sampling_params for st in states]
         history = any(needs_token_history(p) for p in params)
         plain = all(p.greedy and p.logprobs is None and not p.logit_bias and not p.min_tokens
-                    and not needs_token_history(p) for p in params)
+                    and not p.begin_suppress_token_ids and not needs_token_history(p) for p in params)
         return SamplingMetadata(
             params, [st.generator for st in states], [len(st.output_token_ids) for st in states],
             [st.prompt_token_ids for st in states] if history else None,

@@ -96,6 +96,13 @@ class Worker:
         if on_cuda:  # big cards batch more, as vLLM does on 70+ GiB (CUDA graphs stop at 512)
             mem = torch.cuda.get_device_properties(self.device).total_memory
             default_seqs = 512 if mem >= 70 * 2**30 else 256
+        if getattr(model, "is_encoder_decoder", False) and not args.max_num_seqs:
+            # each running request keeps its audio's cross-attention K/V (one store row per slot)
+            from pagoda.worker.cross_attention import CrossAttentionStore
+            row = CrossAttentionStore.bytes_per_row(model, self.dtype)
+            limit = (torch.cuda.get_device_properties(self.device).total_memory // 10 if on_cuda
+                     else kvc.CPU_DEFAULT_KV_BYTES)
+            default_seqs = max(1, min(default_seqs, limit // row))
         self.max_num_seqs = args.max_num_seqs or default_seqs
         self.max_num_batched_tokens = args.max_num_batched_tokens or (8192 if on_cuda else 2048)
         pooler = None
@@ -219,7 +226,8 @@ class Worker:
             self.runner.allocate_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         on_cuda = self.device.type == "cuda"
-        if on_cuda and not self.args.enforce_eager and self.platform.ops.triton and self.runner.has_kv_cache:
+        if (on_cuda and not self.args.enforce_eager and self.platform.ops.triton and self.runner.has_kv_cache
+                and self.runner.cross is None):  # cross-attention runs eagerly
             self.runner.capture_cuda_graphs(self.max_num_seqs, self.model_config.max_model_len)
         self.startup.mark("kv cache")
 
@@ -271,7 +279,7 @@ def _step(new=(), cached=()):
     """A scheduler step as plain data (the fields the model runner reads), for the warm-up:
     new = (req id, prompt ids, blocks, tokens now, params); cached = (req id, computed, tokens)."""
     from types import SimpleNamespace as NS
-    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(),
+    step = NS(scheduled_new_reqs=[], num_scheduled_tokens={}, finished_req_ids=set(), grammar=None,
               scheduled_cached_reqs=NS(req_ids=[], resumed_from_preemption=[], new_block_ids=[],
                                        num_computed_tokens=[]))
     for rid, ids, blocks, n, params in new:

@@ -13,6 +13,9 @@ from typing import Any
 
 from pagoda.config import EngineArgs, Flag, add_flags, load_config_file, parse_bytes
 
+from .reasoning_parsers import REASONING_PARSERS
+from .tool_parsers import TOOL_CALL_PARSERS
+
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -50,6 +53,9 @@ SERVER_FLAGS: list[Flag] = [
          "beyond it requests get 429 with Retry-After. Default: unlimited.", group="Server"),
     Flag("max-request-body-size", parse_bytes, 16 << 20, "Largest request body (e.g. 1MiB); larger "
          "gets 413.", group="Server"),
+    Flag("max-audio-file-size", parse_bytes, 25 << 20, "Largest audio file accepted by "
+         "/v1/audio/transcriptions and /v1/audio/translations (OpenAI's limit: 25 MB); larger "
+         "gets 413.", group="Server"),
     Flag("shutdown-timeout", float, 30.0, "Seconds in-flight requests may take to finish after "
          "SIGTERM/SIGINT before they are aborted.", group="Server"),
     Flag("api-server-count", int, 1, "API server processes in front of one engine core, all on "
@@ -76,7 +82,16 @@ SERVER_FLAGS: list[Flag] = [
     Flag("enable-auto-tool-choice", None, False, "Parse tool calls out of chat outputs (requests "
          "with `tools`; tool_choice auto) with --tool-call-parser.", group="Chat", boolean=True),
     Flag("tool-call-parser", str, None, "Format of the model's tool calls: hermes (Qwen2.5, Qwen3, "
-         "Hermes).", group="Chat", choices=("hermes",)),
+         "Hermes), llama3_json (Llama 3.1/3.2 JSON), mistral, pythonic (Llama 3.2/4), qwen3_coder "
+         "(Qwen3-Coder's XML).", group="Chat", choices=TOOL_CALL_PARSERS),
+    Flag("reasoning-parser", str, None, "Split the model's <think>...</think> into the message's "
+         "reasoning_content (streamed as delta.reasoning_content): qwen3 or deepseek_r1.",
+         group="Chat", choices=REASONING_PARSERS),
+    Flag("responses-store-size", int, 1000, "Responses API: the most responses kept in memory for "
+         "GET /v1/responses/{id} and previous_response_id (the least recently used go first).",
+         group="Chat"),
+    Flag("responses-store-ttl", float, 3600.0, "Responses API: seconds a stored response is kept "
+         "after its last use.", group="Chat"),
     Flag("disable-log-requests", None, False, "Do not log each request (nor uvicorn's access log).",
          group="Logging", boolean=True),
     Flag("disable-log-stats", None, False, "Do not log the periodic throughput / KV-cache line.",
@@ -187,6 +202,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--max-concurrent-requests: must be >= 1, got {args.max_concurrent_requests}")
     if args.max_request_body_size is None or args.max_request_body_size < 1:
         raise ValueError(f"--max-request-body-size: must be > 0, got {args.max_request_body_size}")
+    if args.max_audio_file_size is None or args.max_audio_file_size < 1:
+        raise ValueError(f"--max-audio-file-size: must be > 0, got {args.max_audio_file_size}")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout: must be >= 0, got {args.shutdown_timeout}")
     if args.log_stats_interval <= 0:
@@ -200,6 +217,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.api_key is not None and not args.api_key:
         raise ValueError("--api-key: must not be empty")
     if args.enable_auto_tool_choice and not args.tool_call_parser:
-        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes)")
+        raise ValueError(f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})")
+    if args.responses_store_size < 0:
+        raise ValueError(f"--responses-store-size: must be >= 0, got {args.responses_store_size}")
+    if args.responses_store_ttl <= 0:
+        raise ValueError(f"--responses-store-ttl: must be > 0 seconds, got {args.responses_store_ttl}")
     args.chat_template = _load_chat_template(args.chat_template)
     return args

@@ -4,7 +4,7 @@ Outermost first, as ``server.build_app`` stacks them:
   RequestContext  X-Request-Id in and out, HTTP metrics by route template
   (CORS)          Starlette's, when --allowed-origins is set
   APIKey          401 without the key, on every route but /health, /ping and the chat page's files
-  BodySizeLimit   413 past --max-request-body-size
+  BodySizeLimit   413 past --max-request-body-size (audio uploads: past --max-audio-file-size)
   Admission       429 past --max-concurrent-requests, 503 while draining on SIGTERM
 """
 from __future__ import annotations
@@ -27,7 +27,11 @@ from .errors import error_response
 # model work: admission control (--max-concurrent-requests, draining) and the /load count
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/pooling",
                               "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank", "/v2/rerank",
-                              "/invocations"})
+                              "/invocations", "/v1/responses", "/v1/audio/transcriptions",
+                              "/v1/audio/translations"})
+AUDIO_PATHS = frozenset({"/v1/audio/transcriptions", "/v1/audio/translations"})
+# an audio upload's body is its file plus the form's other fields and multipart framing
+AUDIO_FORM_OVERHEAD = 1 << 20
 OPEN_PATHS = frozenset({"/health", "/ping"})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII, no spaces: safe to echo
 
@@ -112,21 +116,29 @@ class BodySizeLimitMiddleware:
     the client sees the 413 instead of a connection reset in the middle of its upload.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, drain_limit: int = 64 << 20):
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_limit: int = 64 << 20,
+                 max_audio_bytes: int = 25 << 20):
         self.app = app
         self.max_bytes = max_bytes
-        self.drain_limit = max(drain_limit, max_bytes)
+        self.max_audio_bytes = max_audio_bytes
+        self.drain_limit = max(drain_limit, max_bytes, max_audio_bytes + AUDIO_FORM_OVERHEAD)
 
-    def _too_large(self) -> ASGIApp:
+    def _too_large(self, audio: bool) -> ASGIApp:
+        if audio:
+            return error_response(f"The audio file is too large: the limit is {self.max_audio_bytes} "
+                                  "bytes (--max-audio-file-size).", 413, param="file",
+                                  code="request_too_large")
         return error_response(f"Request body too large: the limit is {self.max_bytes} bytes "
                               "(--max-request-body-size).", 413, code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        audio = route_path(scope) in AUDIO_PATHS
+        limit = self.max_audio_bytes + AUDIO_FORM_OVERHEAD if audio else self.max_bytes
         length = Headers(scope=scope).get("content-length")
         if length is not None and length.isdigit() and int(length) > self.drain_limit:
-            return await self._too_large()(scope, receive, send)
+            return await self._too_large(audio)(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -134,14 +146,14 @@ class BodySizeLimitMiddleware:
                 return
             body = message.get("body", b"")
             size += len(body)
-            if size <= self.max_bytes:
+            if size <= limit:
                 chunks.append(body)
             elif size > self.drain_limit:
                 break
             if not message.get("more_body", False):
                 break
-        if size > self.max_bytes:
-            return await self._too_large()(scope, receive, send)
+        if size > limit:
+            return await self._too_large(audio)(scope, receive, send)
         body, replayed = b"".join(chunks), False
 
         async def replay() -> Message:

@@ -55,6 +55,35 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: Optional[bool] = False
 
 
+class JsonSchemaFormat(OpenAIModel):
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="The JSON schema "
+                                              "the output must follow.")
+    strict: Optional[bool] = Field(None, description="Accepted; the schema is always enforced.")
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's response_format: text (no constraint), json_object (any JSON object) or
+    json_schema (output valid against `json_schema.schema`)."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
+class StructuredOutputsRequest(OpenAIModel):
+    """vLLM's `structured_outputs` object: exactly one of json, regex, choice, grammar,
+    json_object, structural_tag."""
+    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json", description="A JSON schema.")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = Field(None, description="EBNF (GBNF) or Lark.")
+    json_object: Optional[bool] = None
+    structural_tag: Optional[str] = Field(None, description="xgrammar's structural-tag JSON.")
+    disable_any_whitespace: bool = False
+    whitespace_pattern: Optional[str] = Field(None, description="JSON: a regex every whitespace "
+                                              "run must match.")
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completion requests; names follow OpenAI, then vLLM."""
     model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
@@ -82,6 +111,16 @@ class SamplingFields(OpenAIModel):
     return_token_ids: bool = Field(False, description="vLLM's extra: each choice (and each "
                                    "streamed chunk) carries its token_ids; the response its "
                                    "prompt_token_ids. Chunks are sent for every new token then.")
+    # structured outputs: at most one of these (OpenAI's, vLLM's, vLLM's older fields)
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
+    guided_json: Optional[Union[dict[str, Any], str]] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_whitespace_pattern: Optional[str] = None
+    guided_decoding_backend: Optional[str] = Field(None, description="Accepted: pagoda's backend "
+                                                   "is xgrammar.")
 
 
 class TextPart(OpenAIModel):
@@ -107,7 +146,11 @@ class ChatCompletionRequest(SamplingFields):
     tools: Optional[list[dict[str, Any]]] = Field(None, description="Passed to the chat template; "
                                                   "calls are parsed with --enable-auto-tool-choice.")
     tool_choice: Optional[Union[str, dict[str, Any]]] = Field(
-        None, description="none or auto (named / required need guided decoding: 400).")
+        None, description="none, auto (with --enable-auto-tool-choice), required, or "
+        '{"type": "function", "function": {"name": ...}}: required and named calls are generated '
+        "through a grammar of the tools' schemas.")
+    parallel_tool_calls: Optional[bool] = Field(True, description="With tool_choice required: "
+                                                "false allows one call only.")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: Optional[str] = None
@@ -259,6 +302,8 @@ class ChatLogprobs(ResponseModel):
 class ChatResponseMessage(ResponseModel):
     role: str = "assistant"
     content: Optional[str] = None
+    # --reasoning-parser: the model's thinking (vLLM's field)
+    reasoning_content: Optional[str] = Field(None, exclude_if=lambda v: v is None)
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
 
 
@@ -288,6 +333,7 @@ class ChatCompletionResponse(ResponseModel):
 class DeltaMessage(ResponseModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
 
     @model_serializer(mode="wrap")
@@ -454,3 +500,135 @@ class DetokenizeResponse(ResponseModel):
 
 class VersionResponse(ResponseModel):
     version: str
+
+
+# ------------------------------------------------------------------------------ Responses API
+
+class ResponseTextFormat(OpenAIModel):
+    """text.format: text, json_object, or json_schema (name, schema, strict)."""
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: Optional[str] = None
+    description: Optional[str] = None
+    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseTextConfig(OpenAIModel):
+    format: Optional[ResponseTextFormat] = None
+
+
+class ResponsesRequest(OpenAIModel):
+    model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
+    input: Union[str, list[dict[str, Any]]] = Field(..., description="A string (one user message) or "
+                                                    "a list of items: messages ({role, content}), "
+                                                    "function_call and function_call_output items.")
+    instructions: Optional[str] = Field(None, description="A system message for this response only "
+                                        "(not carried over by previous_response_id).")
+    previous_response_id: Optional[str] = Field(None, description="Continue the conversation of a "
+                                                "stored response.")
+    store: Optional[bool] = Field(True, description="Keep the response for GET /v1/responses/{id} "
+                                  "and previous_response_id (in memory, --responses-store-size/-ttl).")
+    background: Optional[bool] = Field(False, description="Return at once (status queued) and run "
+                                       "in the server; poll, stream or cancel it by id.")
+    stream: Optional[bool] = False
+    tools: Optional[list[dict[str, Any]]] = Field(None, description="Function tools: {type: function, "
+                                                  "name, description, parameters, strict}.")
+    tool_choice: Optional[Union[str, dict[str, Any]]] = "auto"
+    parallel_tool_calls: Optional[bool] = True
+    text: Optional[ResponseTextConfig] = None
+    max_output_tokens: Optional[Count] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    reasoning: Optional[dict[str, Any]] = Field(None, description="{effort}: none or minimal turns "
+                                                "thinking off (chat_template_kwargs.enable_thinking).")
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+    truncation: Optional[Literal["auto", "disabled"]] = None
+
+
+class ResponseOutputText(ResponseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ResponseOutputMessage(ResponseModel):
+    id: str
+    type: Literal["message"] = "message"
+    role: Literal["assistant"] = "assistant"
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+    content: list[ResponseOutputText] = Field(default_factory=list)
+
+
+class ResponseFunctionCall(ResponseModel):
+    id: str
+    type: Literal["function_call"] = "function_call"
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+class ResponseReasoningText(ResponseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ResponseReasoningItem(ResponseModel):
+    id: str
+    type: Literal["reasoning"] = "reasoning"
+    summary: list[dict[str, Any]] = Field(default_factory=list)
+    content: list[ResponseReasoningText] = Field(default_factory=list)
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+ResponseOutputItem = Union[ResponseOutputMessage, ResponseFunctionCall, ResponseReasoningItem]
+
+
+class ResponseInputTokensDetails(ResponseModel):
+    cached_tokens: int = 0
+
+
+class ResponseOutputTokensDetails(ResponseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(ResponseModel):
+    input_tokens: int = 0
+    input_tokens_details: ResponseInputTokensDetails = Field(default_factory=ResponseInputTokensDetails)
+    output_tokens: int = 0
+    output_tokens_details: ResponseOutputTokensDetails = Field(default_factory=ResponseOutputTokensDetails)
+    total_tokens: int = 0
+
+
+class ResponseErrorInfo(ResponseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(ResponseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int = Field(default_factory=_now)
+    completed_at: Optional[int] = None
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    model: str
+    output: list[ResponseOutputItem] = Field(default_factory=list)
+    error: Optional[ResponseErrorInfo] = None
+    incomplete_details: Optional[dict[str, Any]] = None
+    instructions: Optional[str] = None
+    previous_response_id: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    parallel_tool_calls: bool = True
+    tool_choice: Union[str, dict[str, Any]] = "auto"
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    text: Optional[dict[str, Any]] = None
+    reasoning: Optional[dict[str, Any]] = None
+    store: bool = True
+    background: bool = False
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+    truncation: Optional[str] = None
+    usage: Optional[ResponseUsage] = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,8 +29,10 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Classifica
                        ClassificationResponse, CompletionRequest, CompletionResponse,
                        DetokenizeRequest, DetokenizeResponse, EmbeddingRequest, EmbeddingResponse,
                        ErrorResponse, ModelCard, ModelList, PoolingRequest, PoolingResponse,
-                       RerankRequest, RerankResponse, ScoreRequest, ScoreResponse, ServerLoadResponse,
-                       TokenizeChatRequest, TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
+                       RerankRequest, RerankResponse, ResponseObject, ResponsesRequest, ScoreRequest,
+                       ScoreResponse, ServerLoadResponse, TokenizeChatRequest,
+                       TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
+from .responses_store import ResponseStore
 from .serving_base import OpenAIServing
 from .serving_chat import ServingChat
 from .serving_classification import ServingClassification
@@ -38,8 +40,10 @@ from .serving_completion import ServingCompletion
 from .serving_embedding import ServingEmbedding
 from .serving_models import ServingModels
 from .serving_pooling import ServingPooling
+from .serving_responses import ServingResponses
 from .serving_score import ServingScore
 from .serving_tokenize import ServingTokenize
+from .serving_transcription import OPENAPI_FORM, ServingTranscription
 from .streams import ClientDisconnected
 
 logger = logging.getLogger("pagoda.server")
@@ -48,6 +52,10 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 4
 _STREAM = {"text/event-stream": {"schema": {"type": "string"},
                                  "description": "with \"stream\": true: server-sent events, "
                                                 "ending with `data: [DONE]`"}}
+_EVENTS = {"text/event-stream": {"schema": {"type": "string"},
+                                 "description": "with stream=true: typed server-sent events "
+                                                "(`event: response.output_text.delta`, ...), each "
+                                                "with a sequence_number"}}
 
 
 def _is_union_tag(part) -> bool:
@@ -104,12 +112,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(f"Internal server error ({type(exc).__name__}).", 500)
 
 
-def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState) -> None:
-    chat, completion = ServingChat(serving), ServingCompletion(serving)
+def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState,
+                responses: ServingResponses, max_audio_bytes: int = 25 << 20) -> None:
+    chat, completion = responses.chat, ServingCompletion(serving)
     models, tokenize = ServingModels(serving), ServingTokenize(serving)
     embedding = ServingEmbedding(serving)
     pooling, classification = ServingPooling(serving), ServingClassification(serving)
     scoring = ServingScore(serving)
+    transcription = ServingTranscription(serving, max_audio_bytes)
     engine = serving.engine
 
     def require_generative(model: str | None) -> None:
@@ -118,6 +128,10 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
             raise OpenAIError(f"The model `{serving.model_name}` is a pooling model: it serves "
                               f"{', '.join(serving.pooling_routes())} only.", param="model",
                               code="unsupported")
+        if engine.model_config.is_encoder_decoder:
+            raise OpenAIError(f"The model `{serving.model_name}` is a speech model: it serves "
+                              "/v1/audio/transcriptions and /v1/audio/translations only.",
+                              param="model", code="unsupported")
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, tags=["OpenAI"],
               responses={200: {"content": _STREAM}, **_ERRORS})
@@ -130,6 +144,23 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
     async def create_completion(request: CompletionRequest, raw: Request):
         require_generative(request.model)
         return await completion.create(request, raw)
+
+    @app.post("/v1/responses", response_model=ResponseObject, tags=["OpenAI"],
+              responses={200: {"content": _EVENTS}, **_ERRORS})
+    async def create_response(request: ResponsesRequest, raw: Request):
+        require_generative(request.model)
+        return await responses.create(request, raw)
+
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject, tags=["OpenAI"],
+             responses={200: {"content": _EVENTS}, **_ERRORS})
+    async def retrieve_response(response_id: str, stream: bool = False,
+                                starting_after: Optional[int] = None):
+        return await responses.retrieve(response_id, stream, starting_after)
+
+    @app.post("/v1/responses/{response_id}/cancel", response_model=ResponseObject, tags=["OpenAI"],
+              responses=_ERRORS)
+    async def cancel_response(response_id: str):
+        return await responses.cancel(response_id)
 
     @app.post("/v1/embeddings", response_model=EmbeddingResponse, tags=["OpenAI"], responses=_ERRORS)
     async def create_embedding(request: EmbeddingRequest, raw: Request):
@@ -158,6 +189,21 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
                           tags=["Pooling"], responses=_ERRORS,
                           operation_id=f"rerank_{path.strip('/').replace('/', '_')}",
                           summary="Rerank documents by relevance to a query")
+
+    audio_doc = dict(methods=["POST"], tags=["OpenAI"], response_class=Response, openapi_extra=OPENAPI_FORM,
+                     responses={200: {"description": "json / verbose_json: a JSON object; text, srt, "
+                                      "vtt: text; stream: server-sent events"}, **_ERRORS})
+
+    async def create_transcription(raw: Request):
+        return await transcription.create(raw, translate=False)
+
+    async def create_translation(raw: Request):
+        return await transcription.create(raw, translate=True)
+
+    app.add_api_route("/v1/audio/transcriptions", create_transcription, summary="Transcribe audio",
+                      **audio_doc)
+    app.add_api_route("/v1/audio/translations", create_translation,
+                      summary="Translate audio into English text", **audio_doc)
 
     # SageMaker: one route for every kind of request, told apart by the body's shape (vLLM's rule)
     invocation_routes = [
@@ -245,7 +291,11 @@ def build_app(engine: Any, args: Any) -> FastAPI:
                                                                 False),
                             tool_call_parser=(getattr(args, "tool_call_parser", None)
                                               if getattr(args, "enable_auto_tool_choice", False)
-                                              else None))
+                                              else None),
+                            reasoning_parser=getattr(args, "reasoning_parser", None))
+    responses = ServingResponses(serving, ServingChat(serving),
+                                 ResponseStore(getattr(args, "responses_store_size", 1000),
+                                               getattr(args, "responses_store_ttl", 3600.0)))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -259,6 +309,7 @@ def build_app(engine: Any, args: Any) -> FastAPI:
             if stats_task:
                 stats_task.cancel()
             await engine.shutdown(drain_timeout_s=args.shutdown_timeout)
+            responses.close()
             serving.close()
 
     docs = not args.disable_fastapi_docs
@@ -270,14 +321,16 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     app.state.serving = serving
     app.state.metrics = metrics
     _install_error_handlers(app)
-    _add_routes(app, serving, metrics, state)
+    max_audio = getattr(args, "max_audio_file_size", 25 << 20)
+    _add_routes(app, serving, metrics, state, responses, max_audio)
     frontend = not args.disable_frontend
     if frontend:
         add_frontend_routes(app)
 
     # add_middleware wraps: the last one added runs first
     app.add_middleware(AdmissionMiddleware, state=state, limit=args.max_concurrent_requests)
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size,
+                       max_audio_bytes=max_audio)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key,
                            open_paths=OPEN_PATHS | FRONTEND_PATHS if frontend else OPEN_PATHS)

@@ -26,11 +26,12 @@ from pagoda.inputs.chat_template import Budget, render_chat
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
-from pagoda.sampling_params import SamplingParams
+from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
 from .errors import OpenAIError, model_not_found
 from .logprobs import TokenText
 from .protocol import LOGIT_BIAS_RANGE, ChatMessage, SamplingFields
+from .reasoning_parsers import get_reasoning_parser
 from .streams import unless_disconnected
 from .tool_parsers import get_tool_parser
 
@@ -85,11 +86,13 @@ def _message_dict(m: ChatMessage, index: int) -> dict:
 class OpenAIServing:
     def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
                  log_requests: bool = True, tool_call_parser: Optional[str] = None,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None):
         self.engine = engine
         self.trust_request_chat_template = trust_request_chat_template
         # set by --enable-auto-tool-choice --tool-call-parser NAME
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
+        # --reasoning-parser NAME: <think> ... </think> -> reasoning_content
+        self.reasoning_parser = get_reasoning_parser(reasoning_parser) if reasoning_parser else None
         self.tokenizer = engine.tokenizer
         mc = engine.model_config
         self.served_model_names: list[str] = list(mc.served_model_names)
@@ -193,8 +196,8 @@ class OpenAIServing:
 
     # -------------------------------------------------------------------------- sampling
     def sampling_params(self, req: SamplingFields, *, max_tokens: Optional[int], prompt_len: int,
-                        logprobs: Optional[int] = None,
-                        prompt_logprobs: Optional[int] = None) -> SamplingParams:
+                        logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
+                        structured_outputs: Optional[StructuredOutputsParams] = None) -> SamplingParams:
         if max_tokens is None:  # as much as the context allows; the engine names the lengths if none
             max_tokens = max(self.max_model_len - prompt_len, 1)
         bias = None
@@ -227,22 +230,25 @@ class OpenAIServing:
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
                 skip_special_tokens=req.skip_special_tokens,
-                spaces_between_special_tokens=req.spaces_between_special_tokens)
+                spaces_between_special_tokens=req.spaces_between_special_tokens,
+                structured_outputs=structured_outputs)
         except ValueError as e:
             raise bad_request(e) from e
 
     # ---------------------------------------------------------------------------- running
-    async def start(self, raw: Request, prompt_ids: list[int], params: SamplingParams,
+    async def start(self, raw: Optional[Request], prompt_ids: list[int], params: SamplingParams,
                     request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
-        engine validates before its first yield) rather than an error inside a 200 stream."""
+        engine validates before its first yield) rather than an error inside a 200 stream.
+        `raw` None: no client to watch (a background response)."""
         self.check_engine()
         if self.log_requests:
             logger.info("request %s (X-Request-Id %s): %d prompt tokens, %s", request_id,
-                        raw.scope.get("state", {}).get("request_id"), len(prompt_ids), params)
+                        raw.scope.get("state", {}).get("request_id") if raw is not None else None,
+                        len(prompt_ids), params)
         gen = self.engine.generate(prompt_ids, params, request_id)
         try:
-            first = await unless_disconnected(raw, gen.__anext__())
+            first = await (unless_disconnected(raw, gen.__anext__()) if raw is not None else gen.__anext__())
         except ValueError as e:
             raise bad_request(e) from e
         except (EngineDeadError, RequestFailedError) as e:

@@ -20,6 +20,7 @@ from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving_base import OpenAIServing, random_id
 from .serving_chat import usage_of
+from .structured_outputs import from_request, validated
 from .streams import SSE_DONE, SSEResponse, json_response, merge, sse, sse_error
 
 
@@ -72,9 +73,11 @@ class ServingCompletion:
                               f"({req.n}) is.", param="best_of", code="unsupported")
         prompts = await self._prompts(req)
         want_prompt_lp = req.echo and req.logprobs is not None
+        constraint = await validated(from_request(req))  # response_format / guided_*: 400 if bad
         params = [s.sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(p.ids),
                                     logprobs=req.logprobs,
-                                    prompt_logprobs=req.logprobs if want_prompt_lp else None)
+                                    prompt_logprobs=req.logprobs if want_prompt_lp else None,
+                                    structured_outputs=constraint)
                   for p in prompts]
         request_id = random_id("cmpl")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]

@@ -1,0 +1,191 @@
+"""The engine core's structured outputs: compile grammars off the hot path, keep one matcher per
+constrained request, and fill each step's token bitmask.
+
+- **Compiling** a grammar against the vocabulary takes milliseconds to seconds, so it runs in a
+  thread pool; the scheduler admits a constrained request only once its grammar is ready (other
+  requests go ahead meanwhile). Compilations are cached by what they depend on
+  (`StructuredOutputsParams.key()`, LRU): many requests with one schema compile it once. The
+  tokenizer (xgrammar's `TokenizerInfo`) is built by the first compilation, in the pool too.
+- **Matchers** advance with each sampled token when the scheduler resolves it
+  (`accept`, from `Scheduler.update_from_output`).
+- **The bitmask** of a step has one row per constrained request that samples in it (allowed
+  tokens' bits set), filled by xgrammar's batch matcher on several threads. On overlapped steps
+  (CUDA) a row depends on the token the step before sampled, which is known only once that step
+  is read back: the engine core then hands the runner a `GrammarBitmask` whose `fill` resolves the
+  previous step and fills the rows, and the runner calls it after queueing the forward pass, so
+  the host's grammar work overlaps the device's (vLLM defers its sampling the same way).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from pagoda.sampling_params import StructuredOutputsParams
+from pagoda.structured_output.grammar import build_grammar
+
+logger = logging.getLogger("pagoda.structured_output")
+
+MAX_CACHED_GRAMMARS = 256
+
+
+@dataclass
+class _RequestGrammar:
+    """One constrained request: its compilation, then its matcher."""
+    future: cf.Future
+    stop_token_ids: list[int]
+    matcher: Any = None        # xgrammar.GrammarMatcher once compiled
+    error: Optional[str] = None
+    broken: bool = False       # a token the grammar rejected: no longer constrained
+
+
+@dataclass
+class _Backend:
+    compiler: Any      # xgrammar.GrammarCompiler for this vocabulary
+    vocab_size: int
+    batch: Any         # xgrammar.BatchGrammarMatcher: fills many rows on several threads
+
+
+class StructuredOutputManager:
+    def __init__(self, vocab_size: int, load_tokenizer: Callable[[], Any], config: Optional[dict] = None,
+                 pin_memory: bool = False, max_threads: Optional[int] = None):
+        self.vocab_size = vocab_size
+        self._load_tokenizer = load_tokenizer
+        self.config = config or {}
+        self.pin_memory = pin_memory
+        threads = max_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
+        self._threads = threads
+        self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pagoda-grammar")
+        self._backend: Optional[_Backend] = None
+        self._backend_lock = threading.Lock()
+        self._grammars: "OrderedDict[tuple, cf.Future]" = OrderedDict()
+        self.requests: dict[str, _RequestGrammar] = {}
+        self._compiling: set[str] = set()   # requests whose matcher is not made yet
+
+    # -- compiling --------------------------------------------------------------------------------
+    def _get_backend(self) -> _Backend:
+        with self._backend_lock:
+            if self._backend is None:
+                import xgrammar as xgr
+                tok = self._load_tokenizer()
+                if tok is None:
+                    raise ValueError("structured outputs need the model's tokenizer")
+                info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size)
+                self._backend = _Backend(xgr.GrammarCompiler(info, max_threads=self._threads,
+                                                             cache_enabled=False), self.vocab_size,
+                                         xgr.BatchGrammarMatcher(self._threads))
+            return self._backend
+
+    def _compile(self, so: StructuredOutputsParams):
+        backend = self._get_backend()
+        any_ws = not self.config.get("disable_any_whitespace", False)
+        return backend.compiler.compile_grammar(build_grammar(so, any_whitespace=any_ws))
+
+    def compile(self, so: StructuredOutputsParams) -> cf.Future:
+        """The compilation of `so` (shared with every request of the same key)."""
+        key = so.key()
+        fut = self._grammars.get(key)
+        if fut is not None and not (fut.done() and fut.exception() is not None):
+            self._grammars.move_to_end(key)
+            return fut
+        fut = self._pool.submit(self._compile, so)
+        self._grammars[key] = fut
+        while len(self._grammars) > MAX_CACHED_GRAMMARS:
+            self._grammars.popitem(last=False)
+        return fut
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str, so: StructuredOutputsParams, stop_token_ids) -> None:
+        self.requests[request_id] = _RequestGrammar(self.compile(so), list(stop_token_ids or ()))
+        self._compiling.add(request_id)
+
+    def remove(self, request_id: str) -> None:
+        if self.requests.pop(request_id, None) is not None:
+            self._compiling.discard(request_id)
+
+    def is_ready(self, request_id: str) -> bool:
+        """False while the request's grammar compiles (or when it failed: see take_failures)."""
+        if request_id not in self._compiling:
+            return True
+        st = self.requests[request_id]
+        if not st.future.done():
+            return False
+        e = st.future.exception()
+        if e is not None:
+            st.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            return False
+        import xgrammar as xgr
+        st.matcher = xgr.GrammarMatcher(st.future.result(),
+                                        override_stop_tokens=st.stop_token_ids or None)
+        self._compiling.discard(request_id)
+        return True
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """(request id, why) of requests whose grammar failed to compile; they are forgotten."""
+        failed = []
+        for rid in list(self._compiling):
+            if not self.is_ready(rid) and self.requests[rid].error is not None:
+                failed.append((rid, self.requests[rid].error))
+                self.remove(rid)
+        return failed
+
+    def wait_for_any(self, timeout: float) -> None:
+        """Block up to `timeout` s until a compilation in flight finishes (an engine with only
+        compiling requests waits here instead of spinning)."""
+        futs = [self.requests[r].future for r in self._compiling]
+        if futs:
+            cf.wait(futs, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+
+    @property
+    def has_requests(self) -> bool:
+        return bool(self.requests)
+
+    def accept(self, request_id: str, token: int) -> None:
+        """Advance the request's matcher with a sampled token."""
+        st = self.requests.get(request_id)
+        if st is None or st.matcher is None or st.broken or st.matcher.is_terminated():
+            return
+        if not st.matcher.accept_token(token):
+            st.broken = True
+            logger.warning("request %s: token %d is outside its grammar; the rest of its output is "
+                           "not constrained", request_id, token)
+
+    # -- the step's bitmask -----------------------------------------------------------------------
+    def sampling_requests(self, num_scheduled_tokens: dict[str, int], requests: dict) -> list[str]:
+        """Constrained requests of a step that sample a token in it (their prompt is done)."""
+        out = []
+        reqs = self.requests
+        for rid, n in num_scheduled_tokens.items():
+            if rid in reqs:
+                r = requests[rid]
+                if r.num_computed_tokens + n >= r.num_tokens:
+                    out.append(rid)
+        return out
+
+    def fill(self, req_ids: list[str]):
+        """The bitmask rows of these requests (int32 [n, ceil(V/32)]; all bits set for a request
+        that is gone, finished its grammar, or is no longer constrained)."""
+        import torch
+        backend = self._get_backend()
+        width = (backend.vocab_size + 31) // 32
+        bitmask = torch.full((len(req_ids), width), -1, dtype=torch.int32, pin_memory=self.pin_memory)
+        matchers, rows = [], []
+        for i, rid in enumerate(req_ids):
+            st = self.requests.get(rid)
+            if st is None or st.matcher is None or st.broken or st.matcher.is_terminated():
+                continue
+            matchers.append(st.matcher)
+            rows.append(i)
+        if matchers:
+            if len(matchers) == 1:
+                matchers[0].fill_next_token_bitmask(bitmask, rows[0])
+            else:
+                backend.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        return bitmask
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
