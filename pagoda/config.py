@@ -171,7 +171,7 @@ class EngineArgs:
         "our AVX2 kernel; CUDA: weight-only per channel). fp8: float8 weights per channel with "
         "per-token activation scales (fp8 tensor cores on Ada/Hopper). int4 (CUDA): 4-bit weights "
         "in groups of 128, 16-bit activations. awq, gptq: 4-bit checkpoints, found from their "
-        "quantization_config (the flag may be left out). none: weights in --dtype. Default: the "
+        "quantization_config (the flag may be left out; so may fp8 for an FP8 checkpoint). none: weights in --dtype. Default: the "
         "checkpoint's format; int8 for a quantized GGUF on the CPU; else none.",
         aliases=("-q", "quantize"), choices=QUANT_METHODS)
     max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "

@@ -244,3 +244,52 @@ def test_fp8_online_on_cpu_stays_close():
     a = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
     b = [o.outputs[0].token_ids for o in q.generate(prompts, sp, use_tqdm=False)]
     assert sum(x == y for x, y in zip(a, b)) >= 3, (a, b)
+
+
+@pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])
+def test_fp8_checkpoint_equals_online_fp8_of_its_dequantized_weights(tiny_llama_dir, tmp_path, scheme):
+    """An FP8 checkpoint (float8_e4m3 weights with weight_scale per tensor / per channel, or
+    weight_scale_inv per 32x32 block) runs exactly as `-q fp8` on a float checkpoint holding its
+    dequantized weights: both requantize the same floats per channel."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from pagoda import SamplingParams
+    sd = load_file(os.path.join(tiny_llama_dir, "model.safetensors"))
+    q_sd, ref_sd = {}, {}
+    for name, t in sd.items():
+        parts = name.rsplit(".", 2)
+        if len(parts) == 3 and parts[1] in LINEARS and parts[2] == "weight":
+            base = name[: -len(".weight")]
+            n, k = t.shape
+            if scheme == "block":
+                s = t.reshape(n // 32, 32, k // 32, 32).abs().amax((1, 3)) / 448
+                full = s.repeat_interleave(32, 0).repeat_interleave(32, 1)
+                q_sd[base + ".weight_scale_inv"] = s
+            else:
+                s = (t.abs().amax(1, keepdim=True) if scheme == "channel" else t.abs().amax()) / 448
+                full = s
+                q_sd[base + ".weight_scale"] = s.reshape(-1) if scheme == "channel" else s.reshape(())
+            q = (t / full).to(torch.float8_e4m3fn)
+            q_sd[name] = q
+            q_sd[base + ".input_scale"] = torch.tensor(1.0)  # static activation scales: unused
+            ref_sd[name] = q.float() * full
+        else:
+            q_sd[name] = ref_sd[name] = t
+    out, ref = str(tmp_path / "fp8"), str(tmp_path / "ref")
+    for d, tensors in ((out, q_sd), (ref, ref_sd)):
+        shutil.copytree(tiny_llama_dir, d, dirs_exist_ok=True)
+        save_file(tensors, os.path.join(d, "model.safetensors"))
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static",
+                                  **({"weight_block_size": [32, 32]} if scheme == "block" else {})}
+    json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
+    prompts = random_prompts(3, 5, 30, 49152, seed=8)
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    a = LLM(out, max_model_len=256, num_gpu_blocks_override=64)
+    assert a.llm_engine.core.worker.quantization == "fp8"
+    b = LLM(ref, max_model_len=256, num_gpu_blocks_override=64, quantization="fp8")
+    for x, y in zip(a.generate(prompts, sp, use_tqdm=False), b.generate(prompts, sp, use_tqdm=False)):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        for lx, ly in zip(x.outputs[0].logprobs, y.outputs[0].logprobs):
+            for tid, lp in lx.items():
+                assert abs(lp.logprob - ly[tid].logprob) < 1e-5

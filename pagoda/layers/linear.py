@@ -38,7 +38,10 @@ def int8_supported(w: torch.Tensor) -> bool:
     return w.shape[1] % cpu_int8.GROUP == 0 and cpu_int8.available()
 
 
-PACKED_PARAMS = ("qweight", "qzeros", "scales", "g_idx")  # an AWQ / GPTQ layer's tensors
+# the tensors of a quantized checkpoint's layer besides (or instead of) its weight: AWQ / GPTQ,
+# and FP8's scales (per tensor / channel, or per 2-D block)
+PACKED_PARAMS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv",
+                 "input_scale")
 
 
 class Int8Matmul:
@@ -109,7 +112,7 @@ class Linear(nn.Module):
     def _load_packed(self, shard: int, param: str, tensor) -> None:
         if self.checkpoint_quant is None:
             raise ValueError(f"checkpoint has a {param} (a quantized layer) but its config names no "
-                             "AWQ/GPTQ quantization")
+                             "AWQ/GPTQ/FP8 quantization")
         self._packed.setdefault(shard, {})[param] = (tensor if isinstance(tensor, torch.Tensor)
                                                      else torch.as_tensor(tensor[:]))
 
@@ -119,6 +122,8 @@ class Linear(nn.Module):
         weight, which the matmul then reads)."""
         from pagoda.layers.quantization import fp8, int4
         bias = self.bias.data if self.bias is not None else None
+        if self._packed and self.checkpoint_quant.method == "fp8":
+            self._dequantize_fp8_shards()
         if self._packed:
             codes, scales, zeros, g_idx = self._unpack_shards()
             if self.weight.device.type != "cuda":
@@ -137,6 +142,19 @@ class Linear(nn.Module):
         else:
             return
         self.weight = None
+
+    def _dequantize_fp8_shards(self) -> None:
+        """An FP8 checkpoint's shards: their fp8 values (loaded into the float weight) times their
+        scales, so that fp8.Fp8LinearMethod quantizes the merged rows per channel again (the
+        checkpoint's activation scales are not used: activations are scaled per token)."""
+        from pagoda.layers.quantization.fp8 import checkpoint_scales
+        start = 0
+        for shard, size in enumerate(self.shard_sizes):
+            t = self._packed.get(shard, {})
+            rows = self.weight.data[start:start + size]
+            rows.copy_(rows.float() * checkpoint_scales(t, rows.shape, self.checkpoint_quant.block))
+            start += size
+        self._packed = {}
 
     def _group(self) -> int:
         g = self.checkpoint_quant.group

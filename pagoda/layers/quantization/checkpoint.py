@@ -1,19 +1,21 @@
 """What a checkpoint's config.json says about its own quantization (`quantization_config`),
-checked against --quantization: AWQ and GPTQ (4 bits) are run; other formats are refused with a
-line naming the flag and the format the checkpoint is in."""
+checked against --quantization: AWQ and GPTQ (4 bits) and FP8 are run; other formats are refused
+with a line naming the flag and the format the checkpoint is in."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-CHECKPOINT_METHODS = ("awq", "gptq")  # --quantization values that name a checkpoint's format
+CHECKPOINT_METHODS = ("awq", "gptq")  # --quantization values that need a checkpoint's format
+CHECKPOINT_FORMATS = CHECKPOINT_METHODS + ("fp8",)  # formats of checkpoints pagoda runs
 ONLINE_METHODS = ("fp8", "int4")      # quantized here while loading (int8: pagoda.worker.loader)
 
 
 @dataclass(frozen=True)
 class CheckpointQuant:
-    method: str                          # awq | gptq
-    group: int
+    method: str                          # awq | gptq | fp8
+    group: int = 0
+    block: Optional[tuple[int, int]] = None  # fp8: weight_block_size of weight_scale_inv
     v2_zeros: bool = False               # GPTQ checkpoint_format gptq_v2
     not_converted: tuple[str, ...] = field(default=())  # modules_to_not_convert (kept float)
 
@@ -36,14 +38,18 @@ def resolve(flag: Optional[str], hf_config) -> tuple[Optional[str], Optional[Che
                              "model's weights are not quantized (no quantization_config); use "
                              "fp8, int4 or int8 to quantize it while loading")
         return flag, None
-    if fmt not in CHECKPOINT_METHODS:
+    if fmt not in CHECKPOINT_FORMATS:
         raise ValueError(f"--quantization: the checkpoint is quantized as {fmt!r}, which pagoda does "
-                         f"not run (supported checkpoint formats: {', '.join(CHECKPOINT_METHODS)})")
+                         f"not run (supported checkpoint formats: {', '.join(CHECKPOINT_FORMATS)})")
     if flag not in (None, fmt):
         raise ValueError(f"--quantization: the checkpoint is {fmt.upper()}; pass --quantization {fmt} "
                          f"(or leave it out), not {flag}")
     qc = hf_config.quantization_config
     qc = qc if isinstance(qc, dict) else qc.to_dict()
+    if fmt == "fp8":
+        block = qc.get("weight_block_size")
+        return fmt, CheckpointQuant(fmt, block=tuple(block) if block else None,
+                                    not_converted=tuple(qc.get("modules_to_not_convert") or ()))
     bits = int(qc.get("bits", qc.get("w_bit", 4)))
     if bits != 4:
         raise ValueError(f"--quantization: {fmt.upper()} checkpoints of {bits} bits are not supported "
