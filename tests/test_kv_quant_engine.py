@@ -79,3 +79,17 @@ def test_prefix_cache_hit_equals_cold(tiny_llama_dir, alone, kv):
     got = toks(llm.generate([b], GREEDY, use_tqdm=False))[0]
     assert bm.hits > hits
     assert got == toks(cold.generate([b], GREEDY, use_tqdm=False))[0]
+
+
+@pytest.mark.parametrize("policy,kind", [("4", "int4"), ("8", "int8")])
+def test_serve_with_lmdeploy_quant_policy(policy, kind):
+    """`pagoda serve --quant-policy N` (LMDeploy's flag) serves the bundled model on the CPU with
+    that KV cache: the start-up log names the format and its capacity, and the OpenAI SDK gets
+    a completion."""
+    from server_utils import PagodaServer
+    with PagodaServer(["--quant-policy", policy, "--max-model-len", "512", "--device", "cpu"]) as srv:
+        out = srv.openai_client().completions.create(model=srv.openai_client().models.list().data[0].id,
+                                                     prompt="The capital of France is", max_tokens=8,
+                                                     temperature=0)
+        assert out.choices[0].text and out.usage.completion_tokens == 8
+        assert f"KV cache {kind}:" in srv.log()
