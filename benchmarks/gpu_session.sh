@@ -6,8 +6,10 @@
 #   bash benchmarks/gpu_session.sh w1-http      # W1 offline and W1-HTTP, both shapes (issue 10)
 #   bash benchmarks/gpu_session.sh latency      # batch-1 decode, both shapes
 #   bash benchmarks/gpu_session.sh quant        # W1: KV auto/int8/fp8 (Qwen3-0.6B), bf16/fp8 weights (Llama-3-8B)
+#   bash benchmarks/gpu_session.sh vision       # V1 images/s: transformers, offline, serve (issue 12)
 #   bash benchmarks/gpu_session.sh structured   # W1 half under a JSON schema vs free (issue 14;
 #                                               # first `bash benchmarks/gpu_structured.sh prepare` here)
+# VISION_SHAPE=tiny VISION_IMAGES=8 runs the vision case small (a smoke run on a CPU).
 # Everything is written under $OUT (the device tool brings it back).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -36,10 +38,15 @@ case "${1:-tests}" in
     done ;;
   latency)
     OUT="$OUT" bash benchmarks/latency_b1.sh ;;
+  vision)
+    # Qwen2.5-VL-3B shape, random bf16 weights, 512 images of 448x448; figures land in
+    # $OUT/v1.json after each of the three runs, so a run cut short keeps the others
+    timeout "${VISION_TIMEOUT:-460}" python3 benchmarks/v1_images.py --shape "${VISION_SHAPE:-3b}" \
+      --num-images "${VISION_IMAGES:-512}" --out "$OUT/v1.json" 2>&1 | tee "$OUT/v1.txt" | tail -12 ;;
   structured)
     OUT="$OUT" NO_WHEELS=1 bash benchmarks/gpu_structured.sh ;;
   quant)
     python3 benchmarks/quant_w1.py --out "$OUT/quant_w1.json" 2>&1 | tee "$OUT/quant_w1.txt" ;;
   *)
-    echo "usage: $0 tests|w1-http|latency|structured|quant" >&2; exit 2 ;;
+    echo "usage: $0 tests|w1-http|latency|vision|structured|quant" >&2; exit 2 ;;
 esac

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import logging
 import os
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +40,19 @@ def parse_bytes(s: str | int | None) -> Optional[int]:
         if t.endswith(u):
             return int(float(t[: -len(u)]) * mult)
     return int(float(t))
+
+
+def json_dict(s: str | dict | None) -> Optional[dict]:
+    """A JSON object given on the command line (vLLM's form: '{"image": 4}')."""
+    if s is None or isinstance(s, dict):
+        return s
+    try:
+        value = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg}): {s!r}")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"image\": 4}}', got {s!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -250,11 +265,49 @@ class EngineArgs:
         "name. Backends: auto = xgrammar. disable_any_whitespace: JSON without whitespace between "
         "tokens.", group="Scheduler", aliases=("guided-decoding-backend",),
         type=structured_outputs_config)
+    backend: Optional[str] = flag(None, "LMDeploy's engine choice, accepted for its command lines: "
+                                  "pagoda has one engine, so it is logged and ignored.",
+                                  group="Scheduler", choices=("turbomind", "pytorch"))
+    quant_policy: int = flag(0, "LMDeploy's KV-cache quantization (4 = int4, 8 = int8). Not "
+                             "supported yet: only 0 (off) is accepted.", group="KV cache",
+                             choices=(0, 4, 8))
+    # Multimodal (vision-language models)
+    limit_mm_per_prompt: Optional[dict] = flag(
+        None, "Most items of each modality one prompt may carry, as JSON: '{\"image\": 4}'. "
+        "Default: no limit but the context length.", group="Multimodal", type=json_dict)
+    mm_processor_kwargs: Optional[dict] = flag(
+        None, "Overrides for the model's image processor, as JSON, e.g. "
+        "'{\"max_pixels\": 200704}' (Qwen2-VL: fewer pixels, fewer image tokens).",
+        group="Multimodal", type=json_dict)
+    vision_max_batch_size: int = flag(1, "Most images the vision encoder runs in one engine step "
+                                      "(LMDeploy's flag and default).", group="Multimodal")
+    allowed_local_media_path: Optional[str] = flag(
+        None, "Directory whose files requests may name as file:// image URLs (off by default).",
+        group="Multimodal")
+    allowed_media_domains: Optional[list[str]] = flag(
+        None, "Only these hosts may be fetched for http(s) image URLs. Private, loopback and "
+        "link-local addresses are refused unless their host is listed here.", group="Multimodal",
+        nargs="+")
+    media_fetch_timeout: float = flag(5.0, "Seconds an image URL may take to fetch.",
+                                      group="Multimodal")
+    max_image_bytes: int = flag(20 << 20, "Largest image (encoded bytes, e.g. 20MiB); larger is a "
+                                "413.", group="Multimodal", type=parse_bytes)
+    max_image_pixels: int = flag(7680 * 4320, "Largest image in pixels (width x height; default "
+                                 "an 8K frame); larger is a 400.", group="Multimodal")
     # not a flag: transformers-style overrides used by tests/benchmarks
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        for name in ("limit_mm_per_prompt", "mm_processor_kwargs"):
+            try:
+                setattr(self, name, json_dict(getattr(self, name)))
+            except argparse.ArgumentTypeError as e:
+                raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        if isinstance(self.max_image_bytes, str):
+            self.max_image_bytes = parse_bytes(self.max_image_bytes)
+        if isinstance(self.allowed_media_domains, str):
+            self.allowed_media_domains = [self.allowed_media_domains]
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
         if isinstance(self.kv_cache_memory, str):
@@ -331,6 +384,28 @@ class EngineArgs:
             bad("convert", f"unknown conversion {self.convert!r}; use {', '.join(CONVERTS)}")
         if self.runner == "generate" and self.convert in ("embed", "classify"):
             bad("convert", f"{self.convert} makes a pooling model; it needs --runner pooling (or auto)")
+        if self.backend not in (None, "turbomind", "pytorch"):
+            bad("backend", f"unknown backend {self.backend!r}; LMDeploy's are turbomind and pytorch")
+        if self.quant_policy not in (0, 4, 8):
+            bad("quant-policy", f"must be 0, 4 or 8, got {self.quant_policy}")
+        if self.quant_policy:
+            bad("quant-policy", f"{self.quant_policy} (KV-cache int{self.quant_policy}) is not supported "
+                "yet; leave the flag out (or pass 0)")
+        for modality, n in (self.limit_mm_per_prompt or {}).items():
+            if modality != "image":
+                bad("limit-mm-per-prompt", f"unknown modality {modality!r}; supported: image")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                bad("limit-mm-per-prompt", f"the {modality} limit must be an integer >= 0, got {n!r}")
+        if self.vision_max_batch_size < 1:
+            bad("vision-max-batch-size", f"must be >= 1, got {self.vision_max_batch_size}")
+        if self.media_fetch_timeout <= 0:
+            bad("media-fetch-timeout", f"must be > 0 seconds, got {self.media_fetch_timeout}")
+        if not self.max_image_bytes or self.max_image_bytes <= 0:
+            bad("max-image-bytes", f"must be > 0, got {self.max_image_bytes}")
+        if self.max_image_pixels <= 0:
+            bad("max-image-pixels", f"must be > 0, got {self.max_image_pixels}")
+        if self.allowed_local_media_path is not None and not os.path.isdir(self.allowed_local_media_path):
+            bad("allowed-local-media-path", f"{self.allowed_local_media_path!r} is not a directory")
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser, groups: dict | None = None,
@@ -338,8 +413,10 @@ class EngineArgs:
         return add_flags(parser, [f for f in engine_flags() if f.name not in skip], groups)
 
     @classmethod
-    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
-        names = {f.name for f in dataclasses.fields(cls)}
+    def from_cli_args(cls, ns: argparse.Namespace, skip: tuple[str, ...] = ()) -> "EngineArgs":
+        """skip: engine flags (dest names) the parser gave another meaning (`pagoda bench
+        --backend` names the backends to compare)."""
+        names = {f.name for f in dataclasses.fields(cls)} - set(skip)
         return cls(**{k: v for k, v in vars(ns).items() if k in names and k != "extra"})
 
     @classmethod
@@ -427,10 +504,16 @@ class ModelConfig:
     # resolved by the engine core once it owns the device
     dtype: str = ""
     device: str = ""
+    # vision-language models: the composite config (hf_config is its language model's)
+    mm_hf_config: Any = None
 
     @property
     def is_pooling(self) -> bool:
         return self.runner == "pooling"
+
+    @property
+    def is_multimodal(self) -> bool:
+        return self.mm_hf_config is not None
 
     @property
     def num_labels(self) -> int:

@@ -43,6 +43,8 @@ class LLM:
         self.llm_engine = LLMEngine(args)
         self.llm_engine.stream_outputs = False  # only finished requests matter here
         self._ids = itertools.count()
+        from pagoda.inputs.media import MediaConnector
+        self._media = MediaConnector.from_args(args)  # image URLs of chat() messages
 
     def shutdown(self) -> None:
         """Stop worker processes now (tensor-parallel ranks); they also stop when this process
@@ -80,6 +82,7 @@ class LLM:
     def _run(self, prompts: list, params: list, use_tqdm: bool, desc: str) -> list:
         from tqdm import tqdm
         eng = self.llm_engine
+        prompts = eng.processor.prepare_images(prompts)  # images: preprocessed in parallel
         ids = []
         try:  # validate everything before anything runs, so one bad prompt fails the call cleanly
             for p, sp in zip(prompts, params):
@@ -120,16 +123,26 @@ class LLM:
              use_tqdm: bool = True, chat_template: Optional[str] = None,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: Optional[dict] = None, tools: Optional[list] = None) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"} dicts) or a list of them."""
+        """One conversation (a list of {"role", "content"} dicts) or a list of them. With a
+        vision-language model, content parts {"type": "image_url", "image_url": {"url": ...}}
+        (data:, http(s): or, under allowed_local_media_path, file: URLs) bring images."""
         self._require(False, "chat")
-        from pagoda.inputs.chat_template import render_chat
+        from pagoda.inputs.chat_template import image_urls, render_chat
         tok = self.llm_engine.tokenizer
+        mm = self.llm_engine.processor.mm_processor
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = []
         for conv in convs:
             text = render_chat(tok, conv, chat_template, add_generation_prompt, continue_final_message,
-                               tools=tools, **(chat_template_kwargs or {}))
-            prompts.append({"prompt_token_ids": tok(text, add_special_tokens=False).input_ids})
+                               tools=tools, multimodal=mm is not None, **(chat_template_kwargs or {}))
+            urls = image_urls(conv) if mm is not None else []
+            if urls:
+                mm.check_count(len(urls), "messages")
+                images = [self._media.decode(self._media.fetch_sync(url), url) for _, url in urls]
+                _, ids, feats = mm.process(text, images, add_special_tokens=False, field="messages")
+                prompts.append({"prompt_token_ids": ids, "mm_features": feats})
+            else:
+                prompts.append({"prompt_token_ids": tok(text, add_special_tokens=False).input_ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
     # -- pooling --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
 REQUEST_TIME_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
                         40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ENCODER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 def token_buckets(max_value: int) -> list[int]:
@@ -70,10 +71,22 @@ class EngineStatsCollector:
                  s.prefix_cache_queries),
                 (C, "prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits),
                 (C, "prompt_tokens", "Prompt tokens processed.", s.prompt_tokens_total),
-                (C, "generation_tokens", "Tokens generated.", s.generation_tokens_total)):
+                (C, "generation_tokens", "Tokens generated.", s.generation_tokens_total),
+                *self._image_stats(s)):
             metric = family("pagoda:" + name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], float(value))
             yield metric
+
+    def _image_stats(self, s):
+        if not getattr(self.engine.model_config, "is_multimodal", False):
+            return ()
+        C = CounterMetricFamily
+        return ((C, "images_processed", "Images in requests the engine took in.", s.mm_images_total),
+                (C, "images_encoded", "Images the vision encoder ran on.", s.images_encoded_total),
+                (C, "encoder_cache_queries", "Images looked up in the encoder cache.",
+                 s.encoder_cache_queries),
+                (C, "encoder_cache_hits", "Images whose embeddings the encoder cache held (no "
+                 "encoder run).", s.encoder_cache_hits))
 
 
 class ServerMetrics:
@@ -119,6 +132,9 @@ class ServerMetrics:
                                  buckets=tokens, registry=r)
         self.iteration_tokens = Histogram("pagoda:iteration_tokens_total", "Tokens per engine step.",
                                           m, buckets=token_buckets(1 << 16), registry=r)
+        self.encoder_time = Histogram("pagoda:vision_encoder_time_seconds",
+                                      "Time of one vision-encoder run (a step's new images).", m,
+                                      buckets=ENCODER_BUCKETS, registry=r)
         self.http_requests = Counter("pagoda:http_requests", "HTTP requests by route and status.",
                                      ["method", "route", "status"], registry=r)
         self.http_latency = Histogram("pagoda:http_request_duration_seconds",
@@ -131,6 +147,8 @@ class ServerMetrics:
         n = step.step_prompt_tokens + step.step_generation_tokens
         if n:
             self.iteration_tokens.labels(*self._m).observe(n)
+        for seconds in step.step_encoder_seconds:
+            self.encoder_time.labels(*self._m).observe(seconds)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
         self.http_requests.labels(method, route, str(status)).inc()

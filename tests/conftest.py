@@ -81,11 +81,16 @@ def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **overri
     return path
 
 
-def _tiny_dir_fixture(kind: str):
-    """A session fixture: the path of build_tiny(kind)'s checkpoint, built once per run."""
+def _tiny_dir_fixture(kind: str, vision: bool = False):
+    """A session fixture: the path of build_tiny(kind)'s checkpoint (vision-language ones:
+    vlm_utils.build_tiny_vlm's), built once per run."""
     @pytest.fixture(scope="session")
     def tiny_dir(tmp_path_factory, smollm_side_dir) -> str:
-        return build_tiny(kind, str(tmp_path_factory.mktemp(f"tiny-{kind}")), smollm_side_dir)
+        if vision:
+            from vlm_utils import build_tiny_vlm as build
+        else:
+            build = build_tiny
+        return build(kind, str(tmp_path_factory.mktemp(f"tiny-{kind}")), smollm_side_dir)
     return tiny_dir
 
 
@@ -94,6 +99,12 @@ tiny_qwen3_dir = _tiny_dir_fixture("qwen3")
 tiny_qwen2_dir = _tiny_dir_fixture("qwen2")
 tiny_mistral_dir = _tiny_dir_fixture("mistral")
 tiny_gemma3_dir = _tiny_dir_fixture("gemma3")
+# vision-language models (tests/vlm_utils.py)
+tiny_llava_dir = _tiny_dir_fixture("llava", vision=True)
+tiny_qwen2_vl_dir = _tiny_dir_fixture("qwen2_vl", vision=True)
+tiny_qwen2_5_vl_dir = _tiny_dir_fixture("qwen2_5_vl", vision=True)
+tiny_idefics3_dir = _tiny_dir_fixture("idefics3", vision=True)
+tiny_smolvlm_dir = _tiny_dir_fixture("smolvlm", vision=True)
 
 
 @pytest.fixture(scope="session")

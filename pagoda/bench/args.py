@@ -6,6 +6,9 @@ import argparse
 
 BACKENDS = ("pagoda", "hf", "hf-cb")
 BASELINES = ("hf", "hf-cb")
+# engine flags whose names the benchmarks use for their own (LMDeploy's --backend: here, the
+# backends to compare)
+ENGINE_FLAGS_REPLACED = ("backend",)
 
 
 def parse_backends(s: str) -> list[str]:
@@ -23,7 +26,7 @@ def add_common_args(p: argparse.ArgumentParser):
     """Adds the shared flags; returns the "Benchmark" group for the caller's own flags."""
     from pagoda.bench.shapes import SHAPES
     from pagoda.config import EngineArgs
-    EngineArgs.add_cli_args(p)
+    EngineArgs.add_cli_args(p, skip=ENGINE_FLAGS_REPLACED)
     g = p.add_argument_group("Benchmark")
     g.add_argument("--model-shape", default=None, choices=tuple(SHAPES),
                    help="Random-weight model of a standard shape instead of --model (no download).")

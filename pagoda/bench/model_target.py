@@ -47,7 +47,8 @@ def from_args(args) -> ModelTarget:
     from pagoda.worker.loader import bundled_model_path
     if args.model_shape and args.model:
         raise ValueError("--model-shape: give either --model-shape or --model, not both")
-    ea = EngineArgs.from_cli_args(args)
+    from pagoda.bench.args import ENGINE_FLAGS_REPLACED
+    ea = EngineArgs.from_cli_args(args, skip=ENGINE_FLAGS_REPLACED)
     device = resolve_device(ea.device)
     dtype = resolve_dtype(ea.dtype, device)
     kwargs = {f.name: getattr(ea, f.name) for f in dataclasses.fields(ea) if f.name != "extra"}

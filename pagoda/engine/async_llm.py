@@ -93,7 +93,11 @@ class AsyncLLM:
         if ready is not None:
             mc.dtype, mc.device = ready.dtype, ready.device
         self.model_config = mc
+        from pagoda.inputs.multimodal import MultiModalProcessor
         self.processor = InputProcessor(mc, self.tokenizer, args.max_logprobs,
+                                        MultiModalProcessor.for_model(
+                                            src, mc, self.tokenizer, args,
+                                            wire_dtype=mc.dtype if engine_core == "process" else None),
                                         AudioProcessor.for_model(mc, src.config_dir, self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.clients = [AsyncMPClient(a, client_index) for a in addresses]
@@ -143,7 +147,7 @@ class AsyncLLM:
             return False
         if outs.scheduler_stats is not None:
             self._stats[engine] = outs.scheduler_stats
-            if outs.scheduler_stats.step_kind:
+            if outs.scheduler_stats.step_kind or outs.scheduler_stats.step_encoder_seconds:
                 for fn in self._step_listeners:
                     try:
                         fn(outs.scheduler_stats)

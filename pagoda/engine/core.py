@@ -59,9 +59,17 @@ class EngineCore:
         self.structured_output = StructuredOutputManager(
             self.model_config.vocab_size, self._load_tokenizer, args.structured_outputs_config,
             pin_memory=worker.device.type == "cuda")
+        encoder_cache = None
+        if self.model_config.is_multimodal:
+            from pagoda.engine.encoder_cache import EncoderCacheManager
+            encoder_cache = EncoderCacheManager(worker.encoder_cache_size, args.vision_max_batch_size)
         self.scheduler = Scheduler(self.kv_cache_manager, worker.max_num_seqs,
                                    worker.max_num_batched_tokens, self.model_config.max_model_len,
-                                   self.structured_output)
+                                   self.structured_output, encoder_cache)
+        if args.backend:
+            logger.warning("--backend %s: LMDeploy's engine choice; pagoda has one engine, so it is "
+                           "ignored", args.backend)
+        self._encoder_seconds: list[float] = []  # vision-encoder runs resolved since the last step
         # read sampled ids back one step late so host work overlaps the GPU; on the CPU the model
         # runs on the host anyway, so there is nothing to overlap
         self.overlap = worker.device.type == "cuda"
@@ -163,7 +171,10 @@ class EngineCore:
             rec = self.step_timing.setdefault(kind, [0, 0.0])
             rec[0] += 1
             rec[1] += dt
-        return EngineCoreOutputs(outputs, time.time(), self._stats(n_prompt, n_gen, dt, kind))
+        stats = self._stats(n_prompt, n_gen, dt, kind)
+        if self._encoder_seconds:
+            stats.step_encoder_seconds, self._encoder_seconds = self._encoder_seconds, []
+        return EngineCoreOutputs(outputs, time.time(), stats)
 
     def _attach_grammar(self, sched: SchedulerOutput, resolve_prev) -> None:
         """Structured outputs: the bitmask of the step's constrained rows, filled when the runner
@@ -214,6 +225,7 @@ class EngineCore:
         except Exception as e:
             logger.exception("reading back a step failed; failing its requests")
             return self._fail(list(sched.num_scheduled_tokens), f"{type(e).__name__}: {e}")
+        self._encoder_seconds += result.encoder_seconds
         return self.scheduler.update_from_output(sched, result)
 
     def _fail(self, request_ids: list[str], why: str) -> list[EngineCoreOutput]:

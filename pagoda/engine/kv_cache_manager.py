@@ -5,6 +5,8 @@ that share a prefix share that prefix's blocks. A block whose ref count drops to
 hash and contents and goes to the back of the free queue; it is reused by a later request that
 asks for the same prefix, or evicted (least recently freed first) when a fresh block is needed.
 Token ids are stored and compared on a hit, so a hash collision can never return wrong KV.
+A block that covers image placeholders also keys on those images' content hashes: two prompts
+with the same text around different images share no KV past the first image.
 Blocks are ids only: the worker owns the tensors they index.
 """
 from __future__ import annotations
@@ -25,8 +27,20 @@ class Block:
         self.token_ids: Optional[tuple[int, ...]] = None
 
 
-def chain_hash(prev: Optional[int], token_ids: tuple[int, ...]) -> int:
+def chain_hash(prev: Optional[int], token_ids: tuple) -> int:
     return hash((prev, token_ids))
+
+
+def block_key(seq: Request, i: int, bs: int) -> tuple:
+    """What identifies block i of seq: its token ids, plus the hashes of the images whose
+    placeholders it covers."""
+    toks = tuple(seq.all_token_ids[i * bs:(i + 1) * bs])
+    feats = seq.mm_features
+    if not feats:
+        return toks
+    lo, hi = i * bs, (i + 1) * bs
+    images = tuple(f.identifier for f in feats if f.offset < hi and f.offset + f.length > lo)
+    return (toks, images) if images else toks
 
 
 class KVCacheManager:
@@ -64,7 +78,7 @@ class KVCacheManager:
         hits: list[int] = []
         prev = None
         for i in range(max_blocks):
-            toks = tuple(seq.all_token_ids[i * bs:(i + 1) * bs])
+            toks = block_key(seq, i, bs)
             h = chain_hash(prev, toks)
             bid = self.cached.get(h)
             if bid is None or self.blocks[bid].token_ids != toks:
@@ -84,7 +98,7 @@ class KVCacheManager:
         # a block whose tokens are still in flight on the device is hashed by a later call
         num_tokens = min(num_tokens, len(seq.all_token_ids))
         for i in range(len(seq.block_hashes), num_tokens // bs):
-            toks = tuple(seq.all_token_ids[i * bs:(i + 1) * bs])
+            toks = block_key(seq, i, bs)
             h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, toks)
             seq.block_hashes.append(h)
             blk = self.blocks[seq.block_ids[i]]

@@ -36,7 +36,10 @@ class LLMEngine:
             worker.source, args.trust_remote_code)
         self.model_config.eos_token_ids = eos_token_ids(worker.source, self.model_config.hf_config,
                                                         self.tokenizer)
+        from pagoda.inputs.multimodal import MultiModalProcessor
         self.processor = InputProcessor(self.model_config, self.tokenizer, args.max_logprobs,
+                                        MultiModalProcessor.for_model(worker.source, self.model_config,
+                                                                      self.tokenizer, args),
                                         AudioProcessor.for_model(self.model_config, worker.source.config_dir,
                                                                  self.tokenizer))
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -24,19 +24,9 @@ class RequestType(enum.IntEnum):
     SHUTDOWN = 3
 
 
-class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
-    request_id: str
-    prompt_token_ids: list[int]
-    sampling_params: Optional[SamplingParams] = None
-    pooling_params: Optional[PoolingParams] = None
-    arrival_time: float = 0.0
-    client_index: int = 0          # which API server process gets this request's outputs
-    token_type_ids: Optional[list[int]] = None
-    encoder_features: Optional["Tensor"] = None  # Whisper: log-mel features of one 30 s window
-
-
 class Tensor(msgspec.Struct, array_like=True):
-    """A numpy array as bytes (pooled embeddings, scores)."""
+    """A numpy array as bytes (pooled embeddings, scores, image processor outputs). dtype
+    "bfloat16" (which numpy lacks) holds torch's bfloat16 bytes: read it with torch."""
     dtype: str
     shape: list[int]
     data: bytes
@@ -48,6 +38,32 @@ class Tensor(msgspec.Struct, array_like=True):
 
     def numpy(self) -> np.ndarray:
         return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
+
+
+class MultiModalFeature(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One image of a prompt as the front end prepared it: its placeholder range in the prompt
+    (offset, length: the range may hold text tokens too, e.g. Idefics3's row/column tokens;
+    num_embeds of its positions are the image token and take the encoder's rows, in order),
+    the image processor's outputs for it, and a hash of those outputs that keys the encoder
+    cache and the prefix cache."""
+    identifier: str
+    offset: int
+    length: int
+    num_embeds: int
+    data: dict[str, Tensor] = {}
+    modality: str = "image"
+
+
+class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: Optional[SamplingParams] = None
+    pooling_params: Optional[PoolingParams] = None
+    arrival_time: float = 0.0
+    client_index: int = 0          # which API server process gets this request's outputs
+    token_type_ids: Optional[list[int]] = None
+    mm_features: Optional[list[MultiModalFeature]] = None   # images, by offset
+    encoder_features: Optional[Tensor] = None  # Whisper: log-mel features of one 30 s window
 
 
 class FinishReason(enum.IntEnum):
@@ -93,6 +109,12 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     step_generation_tokens: int = 0
     step_time_s: float = 0.0
     step_kind: str = ""             # "decode-graph" | "eager" | "" (no model step)
+    # images (cumulative): placeholders received, encoder-cache lookups / hits, images encoded
+    mm_images_total: int = 0
+    encoder_cache_queries: int = 0
+    encoder_cache_hits: int = 0
+    images_encoded_total: int = 0
+    step_encoder_seconds: list[float] = []   # this step: one entry per vision-encoder run
 
 
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

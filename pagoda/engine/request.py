@@ -25,12 +25,16 @@ class Request:
                  sampling_params: Optional[SamplingParams] = None,
                  pooling_params: Optional[PoolingParams] = None, arrival_time: Optional[float] = None,
                  client_index: int = 0, token_type_ids: Optional[list[int]] = None,
-                 encoder_features=None):
+                 mm_features: Optional[list] = None, encoder_features=None):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.sampling_params = sampling_params
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids
+        # images (MultiModalFeature, by offset); their processor outputs are dropped once the
+        # worker has them. encoder_refs: indices of images whose encoder output it holds
+        self.mm_features = mm_features or None
+        self.encoder_refs: set[int] = set()
         # encoder-decoder models (Whisper): the audio features, dropped once sent to the worker;
         # the encoder's positions count against the token budget of the step that admits it
         self.encoder_features = encoder_features
@@ -65,7 +69,7 @@ class Request:
     @classmethod
     def from_engine_core_request(cls, r: EngineCoreRequest) -> "Request":
         return cls(r.request_id, r.prompt_token_ids, r.sampling_params, r.pooling_params,
-                   r.arrival_time, r.client_index, r.token_type_ids,
+                   r.arrival_time, r.client_index, r.token_type_ids, r.mm_features,
                    r.encoder_features.numpy() if r.encoder_features is not None else None)
 
     @property

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
+
+import msgspec
 from typing import Iterable, Optional
 
+from pagoda.engine.encoder_cache import EncoderCacheManager
 from pagoda.engine.kv_cache_manager import KVCacheManager
 from pagoda.engine.messages import EngineCoreOutput, FinishReason, LogprobsLists, SchedulerStats, Tensor
 from pagoda.engine.request import Request, RequestStatus
@@ -29,10 +32,12 @@ from pagoda.worker.outputs import ModelRunnerOutput
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, structured_output=None):
+                 max_num_batched_tokens: int, max_model_len: int, structured_output=None,
+                 encoder_cache: Optional[EncoderCacheManager] = None):
         self.kv = kv_cache_manager
         # pagoda.structured_output.StructuredOutputManager: grammar readiness and matchers
         self.structured_output = structured_output
+        self.encoders = encoder_cache  # vision-language models: the images' encoder budget
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -42,6 +47,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.mm_images_total = 0
         # what the worker knows: requests it has state for, and how many of each one's blocks
         self._known: dict[str, int] = {}
         self._preempted_since_sent: set[str] = set()
@@ -54,6 +60,7 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
         self.prompt_tokens_total += req.num_prompt_tokens
+        self.mm_images_total += len(req.mm_features or ())
 
     def finish_requests(self, request_ids: Iterable[str], reason: FinishReason) -> list[Request]:
         """End requests from outside (abort, a stop string found by the front end)."""
@@ -74,6 +81,8 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
         self.kv.free_request(req, uncache=req.finish_reason == FinishReason.ERROR)
+        if req.encoder_refs:
+            self.encoders.release_all(req)
         del self.requests[req.request_id]
         if req.request_id in self._known:
             del self._known[req.request_id]
@@ -87,6 +96,8 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.kv.free_request(req)
+        if req.encoder_refs:
+            self.encoders.release_all(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -97,6 +108,21 @@ class Scheduler:
             self._preempted_since_sent.add(req.request_id)
 
     # -- one step ---------------------------------------------------------------------------------
+    def _images(self, req: Request, start: int, n: int, step) -> tuple[int, Optional[tuple]]:
+        """Tokens of [start, start + n) that can run given the images they cover (see
+        EncoderCacheManager.plan), and the plan to commit once the request is scheduled."""
+        f = req.mm_features
+        if step is None or not f or start >= f[-1].offset + f[-1].length:
+            return n, None
+        n, hits, new = self.encoders.plan(req, start, n, step)
+        return n, (hits, new)
+
+    def _commit_images(self, req: Request, plan, step, encoder_inputs: dict) -> None:
+        if plan is not None:
+            self.encoders.commit(req, *plan, step)
+            if plan[1]:
+                encoder_inputs[req.request_id] = plan[1]
+
     def schedule(self) -> SchedulerOutput:
         num: dict[Request, int] = {}
         budget = self.max_num_batched_tokens
@@ -104,6 +130,8 @@ class Scheduler:
         bsz = kv.block_size
         i = 0
         preempted = False
+        step = self.encoders.new_step() if self.encoders is not None else None
+        encoder_inputs: dict[str, list[int]] = {}
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             p = req.sampling_params
@@ -111,16 +139,22 @@ class Scheduler:
             if n <= 0 or (req.num_pending and p is not None and req.num_output_tokens >= p.max_tokens):
                 i += 1  # nothing to compute until its in-flight token is resolved
                 continue
+            n, plan = self._images(req, req.num_computed_tokens, n, step)
+            if n <= 0:
+                i += 1  # its next image waits for room in the encoder's budget
+                continue
             end = req.num_computed_tokens + n
             if not kv.num_blocks or (n == 1 and end <= len(req.block_ids) * bsz and end % bsz):
                 num[req] = n  # a decode whose token fits in its last block (or no KV cache at all)
                 budget -= n
                 i += 1
+                self._commit_images(req, plan, step, encoder_inputs)
                 continue
             while not kv.allocate(req, n):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
                 num.pop(victim, None)
+                encoder_inputs.pop(victim.request_id, None)
                 preempted = True
                 if victim is req:
                     break
@@ -128,6 +162,7 @@ class Scheduler:
                 num[req] = n
                 budget -= n
                 i += 1
+                self._commit_images(req, plan, step, encoder_inputs)
         so = self.structured_output
         compiling: list[Request] = []  # structured outputs: grammar not compiled yet, not admitted
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -151,8 +186,12 @@ class Scheduler:
                     break  # read whole: wait for a step with room (alone, if it is that long)
             else:
                 n = min(n, max(budget - enc, 1))
+            n, plan = self._images(req, req.num_computed_tokens + len(cached) * bsz, n, step)
+            if n <= 0:
+                break  # its first image waits for room in the encoder's budget
             if kv.num_blocks and not kv.allocate(req, n, cached):
                 break
+            self._commit_images(req, plan, step, encoder_inputs)
             self.waiting.popleft()
             if cached and req.num_preemptions == 0:
                 req.num_cached_tokens = max(req.num_cached_tokens, len(cached) * bsz)
@@ -163,11 +202,14 @@ class Scheduler:
             num[req] = n
             budget -= n + enc
         self.waiting.extendleft(reversed(compiling))
-        return self._output(num)
+        return self._output(num, encoder_inputs)
 
-    def _output(self, num: dict[Request, int]) -> SchedulerOutput:
+    def _output(self, num: dict[Request, int], encoder_inputs: Optional[dict] = None) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_since_sent)
         self._finished_since_sent = set()
+        if self.encoders is not None:
+            out.encoder_inputs = encoder_inputs or {}
+            out.free_encoder_hashes = self.encoders.take_freed()
         cached = out.scheduled_cached_reqs
         for req, n in num.items():
             rid = req.request_id
@@ -177,9 +219,11 @@ class Scheduler:
             if sent is None:
                 out.scheduled_new_reqs.append(NewRequestData(
                     rid, req.prompt_token_ids, req.sampling_params, req.pooling_params,
-                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids,
+                    list(req.block_ids), req.num_computed_tokens, req.token_type_ids, req.mm_features,
                     req.encoder_features))
                 req.encoder_features = None  # the worker keeps what the encoder makes of them
+                if req.mm_features:  # the worker keeps the processor outputs from here on
+                    req.mm_features = [msgspec.structs.replace(f, data={}) for f in req.mm_features]
             else:
                 resumed = rid in self._preempted_since_sent
                 self._preempted_since_sent.discard(rid)
@@ -200,6 +244,8 @@ class Scheduler:
             req.num_computed_tokens += n
             if req.num_computed_tokens >= req.num_tokens and not req.is_pooling:
                 req.num_pending += 1
+            if req.encoder_refs:
+                self.encoders.release_passed(req)
 
     # -- results ----------------------------------------------------------------------------------
     def update_from_output(self, sched: SchedulerOutput, result: ModelRunnerOutput) -> list[EngineCoreOutput]:
@@ -283,6 +329,11 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         kv = self.kv
-        return SchedulerStats(len(self.running), len(self.waiting), kv.usage(), kv.num_blocks,
-                              kv.queries, kv.hits, self.num_preemptions, self.prompt_tokens_total,
-                              self.generation_tokens_total)
+        s = SchedulerStats(len(self.running), len(self.waiting), kv.usage(), kv.num_blocks,
+                           kv.queries, kv.hits, self.num_preemptions, self.prompt_tokens_total,
+                           self.generation_tokens_total)
+        if self.encoders is not None:
+            e = self.encoders
+            s.mm_images_total, s.encoder_cache_queries = self.mm_images_total, e.queries
+            s.encoder_cache_hits, s.images_encoded_total = e.hits, e.encoded
+        return s

@@ -25,6 +25,7 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int       # prefix-cache hits: already in the KV cache
     token_type_ids: Optional[list[int]] = None
+    mm_features: Optional[list] = None   # images (messages.MultiModalFeature), with their data
     # encoder-decoder models: the audio's log-mel features [mel bins, frames], sent once (the
     # worker keeps what the encoder makes of them for the request's life)
     encoder_features: Optional[np.ndarray] = None
@@ -78,6 +79,10 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int = 0
     # requests that ended since the last step (finished, aborted): the worker forgets them
     finished_req_ids: set[str] = field(default_factory=set)
+    # images: req_id -> indices of its mm_features the encoder runs on this step; hashes of
+    # encoder outputs the encoder cache dropped (the worker frees them)
+    encoder_inputs: dict[str, list[int]] = field(default_factory=dict)
+    free_encoder_hashes: list[str] = field(default_factory=list)
     # structured outputs: the constrained rows' token bitmask (None: no constrained request samples)
     grammar: Optional[GrammarBitmask] = None
 

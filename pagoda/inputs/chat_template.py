@@ -221,6 +221,35 @@ def pick_template(tokenizer, override: Optional[str], tools) -> str:
     return template
 
 
+IMAGE_PART_TYPES = ("image_url", "image")
+
+
+def image_url_of(part) -> Optional[str]:
+    """The URL of an OpenAI image part ({"type": "image_url", "image_url": {"url": ...}} or
+    with the URL as a plain string); None for other parts."""
+    if not isinstance(part, dict) or part.get("type") not in IMAGE_PART_TYPES:
+        return None
+    v = part.get("image_url", part.get("image"))
+    if isinstance(v, dict):
+        v = v.get("url")
+    if not isinstance(v, str) or not v:
+        raise ValueError("messages: an image_url part needs {\"url\": \"...\"}")
+    return v
+
+
+def image_urls(messages: list[dict]) -> list[tuple[str, str]]:
+    """(param, url) of every image part of a conversation, in order."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):
+            for j, p in enumerate(content):
+                url = image_url_of(p)
+                if url is not None:
+                    out.append((f"messages.{i}.content.{j}.image_url", url))
+    return out
+
+
 def flatten_text_parts(parts: list) -> str:
     texts = []
     for p in parts:
@@ -228,20 +257,43 @@ def flatten_text_parts(parts: list) -> str:
             texts.append(p)
         elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
             texts.append(p["text"])
+        elif isinstance(p, dict) and p.get("type") in IMAGE_PART_TYPES:
+            raise ValueError(f"messages: {p['type']} parts need a vision-language model; this model "
+                             "is text-only")
         else:
             kind = p.get("type") if isinstance(p, dict) else type(p).__name__
             raise ValueError(f"messages: content part of type {kind!r} is not supported (text only)")
     return "\n".join(texts)
 
 
-def _clean(messages: list[dict]) -> list[dict]:
+def template_parts(parts: list) -> list[dict]:
+    """Content parts as transformers' processors hand them to chat templates: text parts
+    {"type": "text", "text"}, each image {"type": "image"} (where the template writes the
+    model's image placeholder)."""
+    out = []
+    for p in parts:
+        if isinstance(p, str):
+            out.append({"type": "text", "text": p})
+        elif image_url_of(p) is not None:
+            out.append({"type": "image"})
+        elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
+            out.append({"type": "text", "text": p["text"]})
+        else:
+            kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+            raise ValueError(f"messages: content part of type {kind!r} is not supported (text and "
+                             "image_url)")
+    return out
+
+
+def _clean(messages: list[dict], multimodal: bool = False) -> list[dict]:
     """As transformers hands messages to templates: keys whose value is None are dropped, and
-    reasoning given under one name is visible under the others templates read."""
+    reasoning given under one name is visible under the others templates read. Content parts:
+    text parts joined, or for a vision-language model kept as a list with image parts."""
     out = []
     for m in messages:
         m = {k: v for k, v in m.items() if v is not None}
-        if isinstance(m.get("content"), list):  # OpenAI's content parts: text parts joined
-            m["content"] = flatten_text_parts(m["content"])
+        if isinstance(m.get("content"), list):
+            m["content"] = (template_parts if multimodal else flatten_text_parts)(m["content"])
         reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning")
                           if m.get(k) is not None), None)
         if reasoning is not None:
@@ -253,8 +305,9 @@ def _clean(messages: list[dict]) -> list[dict]:
 def render_chat(tokenizer, messages: list[dict], chat_template: Optional[str] = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
                 tools: Optional[list] = None, documents: Optional[list] = None,
-                budget: Optional[Budget] = None, **template_kwargs) -> str:
-    """Render one conversation to prompt text (ValueError naming the field on bad input)."""
+                budget: Optional[Budget] = None, multimodal: bool = False, **template_kwargs) -> str:
+    """Render one conversation to prompt text (ValueError naming the field on bad input).
+    multimodal: the model takes images (content lists reach the template with image parts)."""
     if not messages:
         raise ValueError("messages: must not be empty")
     if continue_final_message and add_generation_prompt:
@@ -264,7 +317,7 @@ def render_chat(tokenizer, messages: list[dict], chat_template: Optional[str] = 
             raise ValueError("messages: each message needs a 'role'")
     source = pick_template(tokenizer, chat_template, tools)
     template = _compile(source)
-    chat = _clean(messages)
+    chat = _clean(messages, multimodal)
     final = None
     if continue_final_message:
         final = chat[-1].get("content")

@@ -4,9 +4,15 @@ Everything a request can get wrong is checked here, in the front end, before the
 reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
 prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a structured-
 outputs schema or grammar that does not parse, a pooling task or `dimensions` the model does not
-serve. A request with n > 1 samples becomes n engine-core requests (ids "<id>#<i>") of one sample
-each. A pooling prompt is cut to its last `truncate_prompt_tokens` tokens (vLLM's rule) before the
-length check. An encoder-decoder (Whisper) prompt also carries its audio: `{"prompt" |
+serve, images for a text-only model or more than --limit-mm-per-prompt. A request with n > 1
+samples becomes n engine-core requests (ids "<id>#<i>") of one sample each. A pooling prompt is
+cut to its last `truncate_prompt_tokens` tokens (vLLM's rule) before the length check.
+
+Images come as vLLM's {"prompt": "...<image>...", "multi_modal_data": {"image": PIL image or
+list}} (or "prompt_token_ids" with the image token), processed here by the model's
+MultiModalProcessor; or already processed ({"prompt_token_ids", "mm_features"}: the API
+server prepares them off its event loop).
+An encoder-decoder (Whisper) prompt carries its audio instead: `{"prompt" |
 "prompt_token_ids": the decoder prompt (default <|startoftranscript|><|en|><|transcribe|>
 <|notimestamps|>), "multi_modal_data": {"audio": (waveform, sample rate)}}` (vLLM's shape; at
 most 30 s), or `"encoder_features"` already computed (the transcription endpoints' way).
@@ -17,12 +23,14 @@ import time
 from typing import Any, Optional, Union
 
 from pagoda.config import ModelConfig
-from pagoda.engine.messages import EngineCoreRequest, Tensor
+from pagoda.engine.messages import EngineCoreRequest, MultiModalFeature, Tensor
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import validate_structured_outputs
 
 PromptType = Union[str, list[int], dict]
+# a prompt dict's images after the image processor (set by prepare_images, read by process)
+PREPARED_IMAGES = "_prepared_images"
 
 
 def child_ids(request_id: str, n: int) -> list[str]:
@@ -31,11 +39,59 @@ def child_ids(request_id: str, n: int) -> list[str]:
 
 class InputProcessor:
     def __init__(self, model_config: ModelConfig, tokenizer: Optional[Any], max_logprobs: int,
-                 audio: Optional[Any] = None):
+                 mm_processor: Optional[Any] = None, audio: Optional[Any] = None):
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.max_logprobs = max_logprobs
+        self.mm_processor = mm_processor  # inputs.multimodal.MultiModalProcessor (vision models)
         self.audio = audio  # inputs.audio.AudioProcessor of an encoder-decoder (Whisper) model
+
+    def multimodal(self, prompt: dict) -> tuple[Optional[str], list[int], list[MultiModalFeature]]:
+        """(text, token ids, features) of a prompt that carries images."""
+        mm = self.mm_processor
+        if mm is None:
+            raise ValueError(f"multi_modal_data: {self.model_config.model} is a text-only model; it "
+                             "takes no images")
+        if "mm_features" in prompt:  # processed by the API server
+            feats = list(prompt["mm_features"] or [])
+            mm.check_count(len(feats))
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"]), feats
+        from pagoda.inputs.multimodal import image_list
+        data = prompt.get("multi_modal_data") or {}
+        unknown = sorted(set(data) - {"image"})
+        if unknown:
+            raise ValueError(f"multi_modal_data: unsupported modality {unknown[0]!r} (supported: image)")
+        images = image_list(data.get("image", []))
+        items = prompt.get(PREPARED_IMAGES)
+        if "prompt_token_ids" in prompt:
+            return mm.process(list(prompt["prompt_token_ids"]), images, items=items)
+        if self.tokenizer is None:
+            raise ValueError("prompt: text prompts need a tokenizer (started with --skip-tokenizer-init)")
+        return mm.process(prompt["prompt"], images, items=items)
+
+    def prepare_images(self, prompts: list, workers: int = 8) -> list:
+        """Prompts whose images have been through the image processor, on a pool of threads
+        (the offline LLM's batches; the processors' numpy and PIL work runs without the GIL).
+        A prompt whose images fail keeps them unprocessed (process() reports the error)."""
+        mm = self.mm_processor
+        todo = [i for i, p in enumerate(prompts) if isinstance(p, dict) and p.get("multi_modal_data")]
+        if mm is None or len(todo) < 2:
+            return prompts
+        from concurrent.futures import ThreadPoolExecutor
+        from pagoda.inputs.multimodal import image_list
+
+        def run(i):
+            try:
+                return mm.process_images(image_list(prompts[i]["multi_modal_data"].get("image", [])))
+            except ValueError:
+                return None
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            done = list(pool.map(run, todo))
+        out = list(prompts)
+        for i, items in zip(todo, done):
+            if items is not None:
+                out[i] = {**prompts[i], PREPARED_IMAGES: items}
+        return out
 
     def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],
                                                                             Optional[list[int]]]:
@@ -149,11 +205,19 @@ class InputProcessor:
             raise ValueError(f"model: {self.model_config.model} is {kind} model: it does not "
                              + ("generate text" if self.model_config.is_pooling else
                                 "pool (embed, classify, score)"))
+        feats = None
         features = self.encoder_features(prompt)
-        if features is not None and isinstance(prompt, dict) and not (
-                "prompt" in prompt or "prompt_token_ids" in prompt):
-            prompt = {"prompt_token_ids": self.audio.decoder_prompt(None, "transcribe")}
-        text, ids, types = self.tokenize(prompt)
+        if features is not None:
+            if isinstance(prompt, dict) and not ("prompt" in prompt or "prompt_token_ids" in prompt):
+                prompt = {"prompt_token_ids": self.audio.decoder_prompt(None, "transcribe")}
+            text, ids, types = self.tokenize(prompt)
+        elif isinstance(prompt, dict) and ("multi_modal_data" in prompt or "mm_features" in prompt):
+            if pooling:
+                raise ValueError("multi_modal_data: pooling requests take no images")
+            text, ids, feats = self.multimodal(prompt)
+            types = None
+        else:
+            text, ids, types = self.tokenize(prompt)
         if pooling:
             params = self.pooling_params(params)
             if not self.model_config.uses_token_type_ids:
@@ -168,7 +232,8 @@ class InputProcessor:
         sp = self.sampling_params(params, len(ids))
         if features is not None:
             sp = sp.clone(**self.audio.sampling_changes(sp.logit_bias))
-        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival, encoder_features=features)
+        reqs = [EngineCoreRequest(cid, ids, sp.for_sample(i), None, arrival, mm_features=feats or None,
+                                  encoder_features=features)
                 for i, cid in enumerate(child_ids(request_id, sp.n))]
         return text, ids, reqs
 
@@ -178,9 +243,11 @@ class InputProcessor:
         mm = prompt.get("multi_modal_data") if isinstance(prompt, dict) else None
         given = prompt.get("encoder_features") if isinstance(prompt, dict) else None
         if self.audio is None:
-            if mm is not None or given is not None:
-                raise ValueError(f"multi_modal_data: {self.model_config.model} takes text only")
-            return None
+            if given is not None:
+                raise ValueError(f"encoder_features: {self.model_config.model} takes no audio")
+            if isinstance(mm, dict) and "audio" in mm:
+                raise ValueError(f"multi_modal_data: {self.model_config.model} takes no audio")
+            return None  # images, if any, are the MultiModalProcessor's
         if given is None:
             audio = mm.get("audio") if isinstance(mm, dict) else None
             if audio is None:

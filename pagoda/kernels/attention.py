@@ -170,8 +170,11 @@ def _varlen_layout(cu: list[int], device) -> tuple[torch.Tensor, torch.Tensor, t
     lens = [b - a for a, b in zip(cu, cu[1:])]
     L = max(lens, default=0)
     offs = torch.arange(L, device=device)
-    starts = torch.tensor(cu[:-1], device=device)
-    valid = offs.unsqueeze(0) < torch.tensor(lens, device=device).unsqueeze(1)   # [B, L]
+    host = torch.tensor([cu[:-1], lens])
+    if torch.device(device).type == "cuda":  # no wait for the device's queued work
+        host = host.pin_memory().to(device, non_blocking=True)
+    starts, lens_t = host[0], host[1]
+    valid = offs.unsqueeze(0) < lens_t.unsqueeze(1)   # [B, L]
     index = torch.where(valid, starts.unsqueeze(1) + offs.unsqueeze(0), torch.zeros_like(offs))
     return index, valid, index[valid]
 
@@ -187,10 +190,23 @@ def varlen_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     cu = cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens.tolist()
     memo = step_cache if step_cache is not None else {}
+    H, group = q.shape[1], q.shape[1] // k.shape[1]
+    lens = {b - a for a, b in zip(cu, cu[1:])}
+    if len(lens) == 1:  # sequences of one length (a vision tower's images): no padding, no mask
+        B, L = len(cu) - 1, lens.pop()
+
+        def seqs(x):  # [T, h, D] -> [B, h, L, D]
+            return x.view(B, L, x.shape[1], x.shape[2]).transpose(1, 2)
+        kg, vg = seqs(k), seqs(v)
+        if group > 1:
+            kg, vg = kg.repeat_interleave(group, 1), vg.repeat_interleave(group, 1)
+        qg = seqs(q)
+        o = torch.nn.functional.scaled_dot_product_attention(qg, kg.to(qg.dtype), vg.to(qg.dtype),
+                                                             scale=scale)
+        return o.transpose(1, 2).reshape(q.shape).to(q.dtype)
     if "varlen" not in memo:  # the same for every layer of the step
         memo["varlen"] = _varlen_layout(cu, q.device)
     index, valid, flat = memo["varlen"]
-    H, group = q.shape[1], q.shape[1] // k.shape[1]
 
     def grid(x):  # [T, h, D] -> [B, h, L, D]
         return x[index].permute(0, 2, 1, 3)

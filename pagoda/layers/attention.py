@@ -80,10 +80,33 @@ class Attention(nn.Module):
                                    logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
 
 
+@dataclass
+class EncoderMetadata:
+    """Sequence bounds for EncoderAttention outside a model-runner step (vision towers: one
+    sequence per image, or per attention window); `cache` memoizes what every layer derives
+    alike from the bounds."""
+    cu_seqlens: torch.Tensor          # int32 [num_seqs + 1]
+    cu_seqlens_cpu: list[int]
+    cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cu: list[int], device) -> "EncoderMetadata":
+        return cls(to_device_async(torch.tensor(cu, dtype=torch.int32), device), list(cu))
+
+
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on the device without waiting for the device's queued work (a copy from
+    pageable memory runs in stream order: an overlapped step would wait for the one before)."""
+    if torch.device(device).type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class EncoderAttention(nn.Module):
     """Bidirectional attention within each sequence of a flattened batch (no KV cache): every
     token sees every token of its own sequence and none of the others'. The sequences' bounds
-    come from the step's metadata (query_start_loc)."""
+    come from `meta` when given (EncoderMetadata), else from the step's metadata
+    (query_start_loc)."""
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: Optional[int] = None):
         super().__init__()
@@ -91,7 +114,11 @@ class EncoderAttention(nn.Module):
         self.num_kv_heads = num_kv_heads or num_heads
         self.ops = current_platform().ops
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: Optional[EncoderMetadata] = None) -> torch.Tensor:
+        if meta is not None:
+            return self.ops.varlen_attention(q, k, v, meta.cu_seqlens, self.scale, meta.cu_seqlens_cpu,
+                                             step_cache=meta.cache)
         m = get_attention_metadata()
         return self.ops.varlen_attention(q, k, v, m.query_start_loc, self.scale, m.query_start_loc_cpu,
                                          step_cache=m.cache)

@@ -23,3 +23,17 @@ class RMSNorm(nn.Module):
         if residual is None:
             return self.ops.rms_norm(x, self.scale(), self.eps)
         return self.ops.fused_add_rms_norm(x, residual, self.scale(), self.eps)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (vision towers: CLIP, SigLIP, Qwen2-VL's ViT); torch's
+    kernel on every device."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)

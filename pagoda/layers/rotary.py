@@ -68,3 +68,64 @@ class RotaryEmbedding(nn.Module):
             return cache[key]
         return self.ops.rotary_embedding(positions, q, k, self.cos_sin_cache, cos_sin)
 
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Multimodal rotary embedding (Qwen2-VL's M-RoPE): each token has three positions
+    (temporal, height, width); the rotary frequencies are split into `mrope_section` chunks
+    and chunk i rotates by position axis i % 3. Text tokens carry three equal positions, which
+    is plain rotary: 1-D positions take the parent's path (decode steps, CUDA graphs); [3, T]
+    positions build this step's per-token cos|sin rows once and rotate through the same
+    kernels (positions 0..T-1 into that table)."""
+
+    def __init__(self, head_dim: int, max_position: int, params: dict, mrope_section: list[int],
+                 rotary_dim: int | None = None):
+        super().__init__(head_dim, max_position, params, rotary_dim)
+        half = self.cos_sin_cache.shape[1] // 2
+        if sum(mrope_section) != half:
+            raise ValueError(f"mrope_section {mrope_section} must add up to rotary_dim / 2 = {half}")
+        axis = torch.repeat_interleave(torch.arange(len(mrope_section)) % 3, torch.tensor(mrope_section))
+        self.register_buffer("column_axis", torch.cat((axis, axis)), persistent=False)  # [rot]
+
+    def step_table(self, positions: torch.Tensor) -> torch.Tensor:
+        """[T, rot] cos|sin rows of tokens at positions [3, T]."""
+        cols = torch.arange(self.column_axis.numel(), device=positions.device)
+        return self.cos_sin_cache[positions[self.column_axis].t(), cols].contiguous()
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        if positions.dim() == 1:
+            return super().forward(positions, q, k)
+        cache = get_attention_metadata().cache
+        key = ("mrope", id(self))
+        if key not in cache:
+            table = self.step_table(positions)
+            flat = torch.arange(table.shape[0], device=table.device)
+            cache[key] = (flat, table, gather_cos_sin(flat, table))
+        flat, table, cs = cache[key]
+        return self.ops.rotary_embedding(flat, q, k, table, cs) if not self.ops.triton else \
+            self.ops.rotary_embedding(flat, q, k, table)
+
+
+class VisionRotaryEmbedding(nn.Module):
+    """2-D rotary of a vision tower (Qwen2-VL's ViT): the first half of the rotary frequencies
+    turns with a patch's row, the second half with its column (both from the same
+    1 / theta^(2i / (head_dim / 2)) ladder), over the whole head."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        spatial = head_dim // 2
+        inv = 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.ops = current_platform().ops
+
+    def table(self, hw: torch.Tensor) -> torch.Tensor:
+        """hw: [N, 2] (row, column) of each patch -> [N, head_dim] cos|sin rows (float32)."""
+        freqs = hw.unsqueeze(-1).float() * self.inv_freq.float()   # [N, 2, head_dim / 4]
+        freqs = freqs.reshape(hw.shape[0], -1)                       # [N, head_dim / 2]
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+    def forward(self, table: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        flat = torch.arange(table.shape[0], device=table.device)
+        if self.ops.triton:
+            return self.ops.rotary_embedding(flat, q, k, table)
+        return self.ops.rotary_embedding(flat, q, k, table, gather_cos_sin(flat, table))

@@ -16,9 +16,10 @@ from pagoda.layers.activation import SiluAndMul
 from pagoda.layers.attention import Attention
 from pagoda.layers.embedding import LMHead, VocabEmbedding
 from pagoda.distributed.parallel_state import tp_size
-from pagoda.layers.linear import PACKED_PARAMS, ColumnParallelLinear, Linear, RowParallelLinear
+from pagoda.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pagoda.layers.norm import RMSNorm
 from pagoda.layers.rotary import RotaryEmbedding, rope_parameters
+from pagoda.models.weights import expected_names, load_named
 
 
 def layer_sliding_window(config, layer_idx: int) -> int | None:
@@ -165,8 +166,11 @@ class LlamaForCausalLM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        h = self.embed(input_ids)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """inputs_embeds: the step's token embeddings when a vision-language model has put image
+        embeddings in them (input_ids are then not read)."""
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer in self.layers:
             h, residual = layer(positions, h, residual)
@@ -178,52 +182,18 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Load HF-named tensors; returns the names of our parameters that were filled."""
-        params = dict(self.named_parameters(remove_duplicate=False))
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if "rotary_emb.inv_freq" in name:
-                continue
-            name = name.removeprefix("model.")
-            if name.startswith("lm_head.") and (self.lm_head is None or self.lm_head.tied):
-                continue  # tied: the embedding is the head (or no head: a pooling model)
-            for frag, (merged, shard) in self.packed.items():
-                if f".{frag}." in name:
-                    mod_name, pname = name.replace(f".{frag}.", f".{merged}.").rsplit(".", 1)
-                    self.get_submodule(mod_name).load_shard(shard, pname, tensor)
-                    loaded.add(f"{mod_name}.{pname}#{shard}")
-                    break
-            else:
-                if name not in params and name.rpartition(".")[2] not in PACKED_PARAMS:
-                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
-                mod_name, _, pname = name.rpartition(".")
-                mod = self.get_submodule(mod_name)
-                if hasattr(mod, "load_full"):  # takes this rank's part (tensor parallelism)
-                    mod.load_full(pname, tensor)
-                else:
-                    p = params[name]
-                    if not isinstance(tensor, torch.Tensor):  # a lazy safetensors slice
-                        tensor = tensor[:]
-                    if p.shape != tensor.shape:
-                        raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)} vs "
-                                         f"model {tuple(p.shape)}")
-                    p.data.copy_(tensor)
-                loaded.add(name)
-        return loaded
+        def ours():
+            for name, tensor in weights:
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                name = name.removeprefix("model.")
+                if name.startswith("lm_head.") and (self.lm_head is None or self.lm_head.tied):
+                    continue  # tied: the embedding is the head (or no head: a pooling model)
+                yield name, tensor
+        return load_named(self, ours(), self.packed)
 
     def expected_weights(self) -> set[str]:
-        names = set()
-        for mname, mod in self.named_modules():
-            if isinstance(mod, Linear):
-                for pname in ("weight", "bias"):
-                    if getattr(mod, pname) is None:
-                        continue
-                    if len(mod.shard_sizes) > 1:
-                        names |= {f"{mname}.{pname}#{i}" for i in range(len(mod.shard_sizes))}
-                    else:
-                        names.add(f"{mname}.{pname}")
-        for n, _ in self.named_parameters():
-            if not any(n.startswith(m + ".") for m, mod in self.named_modules() if isinstance(mod, Linear)):
-                names.add(n)
+        names = expected_names(self)
         if self.lm_head is not None and self.lm_head.tied:
             names.discard("lm_head.weight")
         return names

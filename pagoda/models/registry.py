@@ -22,6 +22,16 @@ _MODELS = {
     "WhisperForConditionalGeneration": ("whisper", "WhisperForConditionalGeneration"),
 }
 
+# vision-language models: images in, text out (their config is the composite one)
+_MULTIMODAL_MODELS = {
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration"),
+    "Idefics3ForConditionalGeneration": ("idefics3", "Idefics3ForConditionalGeneration"),
+    "SmolVLMForConditionalGeneration": ("idefics3", "SmolVLMForConditionalGeneration"),
+}
+
+
 # architectures that pool natively: (module, class, kind); kind "embed" serves vectors,
 # "classify" class logits (cross-encoders and rerankers with one label also serve scores)
 _POOLING_MODELS = {
@@ -58,7 +68,7 @@ class PoolingModel:
 
 
 def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+    return sorted({**_MODELS, **_MULTIMODAL_MODELS})
 
 
 def _architectures(config) -> list[str]:
@@ -71,6 +81,10 @@ def _architectures(config) -> list[str]:
                   # GGUF-converted configs carry no architectures
                   "gemma3_text": "Gemma3ForCausalLM", "gemma3": "Gemma3ForConditionalGeneration",
                   "whisper": "WhisperForConditionalGeneration",
+                  "llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                  "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                  "idefics3": "Idefics3ForConditionalGeneration",
+                  "smolvlm": "SmolVLMForConditionalGeneration",
                   }.get(getattr(config, "model_type", ""), "")]
     return archs
 
@@ -97,6 +111,10 @@ def pooling_model(config, runner: str = "auto", convert: str = "auto") -> Poolin
                                  "(use --convert auto)")
             kind = convert  # a decoder: its own head is replaced (classify needs `score` weights)
         return PoolingModel(native, kind, mod not in _ENCODER_MODULES, mod, cls)
+    if runner == "pooling" or convert in ("embed", "classify"):
+        mm = next((a for a in archs if a in _MULTIMODAL_MODELS), None)
+        if mm is not None:
+            raise ValueError(f"--runner/--convert: {mm} is a vision-language model; it only generates")
     if generative is None or (runner != "pooling" and convert in ("auto", "none")):
         return None
     if convert == "none":
@@ -127,8 +145,13 @@ def resolve_model_class(config):
                          "/pooling, /classify, /score (LLM.embed(), LLM.classify(), ...), not text "
                          "generation")
     for a in archs:
-        if a in _MODELS:
-            mod, cls = _MODELS[a]
+        entry = _MODELS.get(a) or _MULTIMODAL_MODELS.get(a)
+        if entry is not None:
+            mod, cls = entry
             return getattr(importlib.import_module(f"pagoda.models.{mod}"), cls)
     raise ValueError(f"model architecture {archs} is not supported; supported: "
                      f"{', '.join(supported_architectures())}")
+
+
+def is_multimodal_model(config) -> bool:
+    return any(a in _MULTIMODAL_MODELS for a in _architectures(config))

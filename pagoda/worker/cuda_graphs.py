@@ -93,17 +93,18 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def run(self, ids: np.ndarray, pos: np.ndarray, slots: np.ndarray, block_rows: np.ndarray,
             pend_dst: np.ndarray, pend_src: np.ndarray,
-            prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+            prev_tokens: Optional[torch.Tensor], rope_pos: Optional[np.ndarray] = None) -> torch.Tensor:
         """One decode step of n = len(ids) requests -> hidden states [n, hidden]. Rows in
         pend_dst take their input id from prev_tokens[pend_src] (sampled by the step before,
-        still on the device). block_rows: [n, width] block tables."""
+        still on the device). block_rows: [n, width] block tables. rope_pos: the rotary
+        positions where they differ from pos (past an M-RoPE prompt: position + delta)."""
         n = len(ids)
         bs = next(b for b in self.sizes if b >= n)
         which = self._turn & 1
         self._turn += 1
         io = self.io_np[which]
         io[0, :n] = ids
-        io[1, :n] = pos
+        io[1, :n] = pos if rope_pos is None else rope_pos  # what the model reads: rotary only
         io[2, :n] = slots
         io[3, :n] = pos + 1
         m = len(pend_dst)

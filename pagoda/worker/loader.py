@@ -368,3 +368,15 @@ def quantize_int8(model, groups: Optional[dict] = None) -> None:
     if left:  # iter_gguf gave these as zeros, trusting a Linear to take their groups
         raise RuntimeError(f"GGUF weights {sorted(left)[:3]} were read as int8 groups, but no layer "
                            "took them; load with --quantization none")
+
+
+def load_image_processor(src: ModelSource, trust_remote_code: bool = False, overrides: Optional[dict] = None):
+    """The model's transformers image processor (PIL backend where torchvision is missing),
+    with --mm-processor-kwargs applied (e.g. Qwen2-VL's max_pixels)."""
+    from transformers import AutoImageProcessor
+    try:
+        return AutoImageProcessor.from_pretrained(src.config_dir, trust_remote_code=trust_remote_code,
+                                                  **(overrides or {}))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model: {src.name} has no usable image processor config "
+                         f"(preprocessor_config.json): {e}") from None

@@ -28,13 +28,18 @@ def eos_token_ids(src: ModelSource, hf_config: Any, tokenizer: Optional[Any]) ->
 
 
 def resolve_model_config(args: EngineArgs, tokenizer: Optional[Any] = None) -> tuple[ModelSource, ModelConfig]:
-    from pagoda.models.registry import architecture_of, pooling_model
+    from pagoda.models.registry import architecture_of, is_multimodal_model, pooling_model
     src = loader.resolve_model(args.model, args.tokenizer, args.revision, args.download_dir)
     hf = loader.load_config(src, args.trust_remote_code)
     pm = pooling_model(hf, args.runner, args.convert)
     if pm is not None and not pm.decoder and src.gguf_file:
         raise ValueError("--model: GGUF encoder models are not supported; pass an HF directory")
-    if pm is None or pm.decoder:
+    # a vision-language model keeps its composite config (the model is built from it); the
+    # limits, vocabulary and EOS come from its language model's
+    mm_config = hf if pm is None and not src.gguf_file and is_multimodal_model(hf) else None
+    if mm_config is not None:
+        hf = hf.get_text_config()
+    elif pm is None or pm.decoder:
         hf = text_config(hf)
     # Whisper: the decoder's learned positions bound the text
     max_pos = int(getattr(hf, "max_position_embeddings", 0) or getattr(hf, "max_target_positions", 0)
@@ -47,9 +52,9 @@ def resolve_model_config(args: EngineArgs, tokenizer: Optional[Any] = None) -> t
     mc = ModelConfig(
         model=src.name, served_model_names=list(args.served_model_name or [src.name]),
         max_model_len=args.max_model_len or max_pos, vocab_size=int(hf.vocab_size),
-        architecture=architecture_of(hf), runner="pooling" if pm is not None else "generate",
+        architecture=architecture_of(mm_config or hf), runner="pooling" if pm is not None else "generate",
         hf_config=hf, generation_config=dict(src.generation_config),
-        eos_token_ids=eos_token_ids(src, hf, tokenizer),
+        eos_token_ids=eos_token_ids(src, hf, tokenizer), mm_hf_config=mm_config,
         is_encoder_decoder=bool(getattr(hf, "is_encoder_decoder", False)) and pm is None)
     if pm is not None:
         _pooling_config(mc, pm, src)

@@ -11,6 +11,9 @@ requests end in the pooler instead. An encoder-decoder model (Whisper) runs its 
 each new request that brings audio features, in the step that first schedules it, and keeps the
 result's cross-attention K/V in the request's batch row (`worker.cross_attention`).
 
+Vision-language models: the step's images are encoded first (encoder_runner.py) and their rows
+replace the placeholders' token embeddings; M-RoPE models get their [3, T] rotary positions.
+
 `launch` queues a step and returns without waiting for its sampled ids (they stay on the
 device; the next step reads its inputs from there); `PendingStep.result()` waits for them.
 If a step fails, its requests are run one by one so only a request that fails on its own is
@@ -32,6 +35,7 @@ from pagoda.sample.grammar_bitmask import apply_token_bitmask
 from pagoda.sample.metadata import SamplingMetadata
 from pagoda.sample.sampler import Sampler, needs_token_history, prompt_logprobs_rows, to_device
 from pagoda.worker import kv_cache as kvc
+from pagoda.worker.encoder_runner import EncoderRunner
 from pagoda.worker.input_batch import PLACEHOLDER, CachedRequestState, InputBatch
 from pagoda.sample.logprobs import LogprobsLists
 from pagoda.worker.outputs import ModelRunnerOutput
@@ -59,17 +63,22 @@ class PendingStep:
     work; result() waits for that copy only (the step's event), not for later launches."""
 
     def __init__(self, runner: "ModelRunner", output: ModelRunnerOutput,
-                 host: Optional[torch.Tensor], event, placeholders: list[tuple[str, int]]):
+                 host: Optional[torch.Tensor], event, placeholders: list[tuple[str, int]],
+                 encoder_timings: Optional[list] = None):
         self.runner = runner
         self.output = output
         self.host = host              # int64 [len(req_ids)]: pinned (CUDA) or the tokens (CPU)
         self.event = event
         self.placeholders = placeholders  # (req_id, output index) of each sampled token
+        self.encoder_timings = encoder_timings  # the vision encoder's runs in this step
 
     def result(self) -> ModelRunnerOutput:
         if self.event is not None:
             self.event.synchronize()
         out = self.output
+        if self.encoder_timings:
+            out.encoder_seconds = EncoderRunner.seconds(self.encoder_timings)
+            self.encoder_timings = None
         if out.req_ids and not out.sampled_token_ids:
             out.sampled_token_ids = self.host.tolist()
             batch = self.runner.batch
@@ -105,6 +114,9 @@ class ModelRunner:
             self.cross = CrossAttentionStore(model, max_num_seqs, dtype, device)
         self.cpu_decoder = None   # worker.cpu_decode.CpuDecoder: decode steps in one C call a layer
         self.graph_runner = None  # worker.cuda_graphs.CudaGraphRunner: decode steps from CUDA graphs
+        # vision-language models: the image encoder, its output cache, M-RoPE positions
+        self.encoders = (EncoderRunner(model, device, dtype)
+                         if getattr(model, "supports_multimodal", False) else None)
         # the previous launch's sampled ids (device) and, per request, its row in that tensor:
         # the next step's placeholder inputs come from there
         self.prev_tokens: Optional[torch.Tensor] = None
@@ -186,12 +198,19 @@ class ModelRunner:
     # -- per-request state ------------------------------------------------------------------------
     def _update_states(self, sched, failed: dict[str, str]) -> None:
         batch = self.batch
+        enc = self.encoders
         for rid in sched.finished_req_ids:
             batch.remove(rid)
             self._prev_rows.pop(rid, None)
+            if enc is not None:
+                enc.remove_request(rid)
+        if enc is not None:
+            enc.free(getattr(sched, "free_encoder_hashes", ()))
         encode: list[tuple[str, np.ndarray]] = []
         for new in sched.scheduled_new_reqs:
             try:
+                if enc is not None:
+                    enc.add_request(new.req_id, new.prompt_token_ids, getattr(new, "mm_features", None))
                 gen = None
                 p = new.sampling_params
                 if p is not None and p.seed is not None:
@@ -339,6 +358,7 @@ class ModelRunner:
                 rows[2].append(lp.ranks[k] if lp else 0)
             merged.prompt_logprobs.update(out.prompt_logprobs)
             merged.pooler_output.update(out.pooler_output)
+            merged.encoder_seconds += out.encoder_seconds
         if any_logprobs:
             merged.logprobs = LogprobsLists(*rows)
         self._prev_rows = {}  # every token of this step is resolved already
@@ -350,7 +370,13 @@ class ModelRunner:
         s = self._inputs(req_ids, num_sched)
         dev = self.device
         graph = False
+        enc, rope, images = self.encoders, None, False
+        if enc is not None:  # encode the images this step covers; their rotary positions
+            row0 = s.cu - s.num_sched
+            images = enc.prepare(req_ids, s.computed, s.num_sched)
+            rope = enc.rope_positions(req_ids, s.positions, s.num_sched, row0)
         if (self.graph_runner is not None and s.decode_only and self.has_kv_cache
+                and not images and (rope is None or rope.ndim == 1)
                 and self.graph_runner.can_run(len(req_ids))
                 and not any(batch.requests[r].sampling_params.prompt_logprobs is not None
                             for r in req_ids if batch.requests[r].sampling_params is not None)):
@@ -359,7 +385,8 @@ class ModelRunner:
             p = s.positions
             slots = batch.block_table[s.rows, p // self.block_size].astype(np.int64) * self.block_size \
                 + p % self.block_size
-            h = self.graph_runner.run(s.input_ids, p, slots, bt, s.pend_dst, s.pend_src, self.prev_tokens)
+            h = self.graph_runner.run(s.input_ids, p, slots, bt, s.pend_dst, s.pend_src, self.prev_tokens,
+                                      rope_pos=rope)
             graph = self.graph_runner.capture_graphs
             meta = None
         else:
@@ -368,10 +395,13 @@ class ModelRunner:
             if len(s.pend_dst):
                 ids[to_device(s.pend_dst.tolist(), torch.long, dev)] = \
                     self.prev_tokens[to_device(s.pend_src.tolist(), torch.long, dev)]
-            pos = to_device(s.positions.tolist(), torch.long, dev)
+            pos = to_device((s.positions if rope is None else rope).tolist(), torch.long, dev)
+            embeds = enc.inputs_embeds(req_ids, s.computed, s.num_sched, row0, ids) if images else None
             set_attention_metadata(meta)
             try:
-                if self.cpu_decoder is not None and meta.max_query_len == 1:
+                if embeds is not None:
+                    h = self.model(ids, pos, embeds)
+                elif self.cpu_decoder is not None and meta.max_query_len == 1:
                     h = self.cpu_decoder(ids, pos, meta)
                 elif (getattr(self.model, "is_encoder_only", False)
                       and any(batch.requests[r].token_type_ids for r in req_ids)):
@@ -472,14 +502,15 @@ class ModelRunner:
                 tokens: Optional[torch.Tensor]) -> PendingStep:
         """Start the sampled ids' copy to the host; remember them for the next step's inputs."""
         self._launches += 1
+        timings = self.encoders.take_timings() if self.encoders is not None else None
         if not sample_ids:
-            return PendingStep(self, out, None, None, [])
+            return PendingStep(self, out, None, None, [], timings)
         batch = self.batch
         placeholders = [(rid, batch.append_token(rid, PLACEHOLDER)) for rid in sample_ids]
         self._prev_rows = {rid: k for k, rid in enumerate(sample_ids)}
         self.prev_tokens = tokens
         if not self.on_cuda:
-            return PendingStep(self, out, tokens, None, placeholders)
+            return PendingStep(self, out, tokens, None, placeholders, timings)
         n = len(sample_ids)
         k = self._launches & 1
         if len(self._out_bufs) < 2 or self._out_bufs[k].numel() < n:
@@ -489,13 +520,15 @@ class ModelRunner:
         host.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-        return PendingStep(self, out, host, event, placeholders)
+        return PendingStep(self, out, host, event, placeholders, timings)
 
     def forget(self, req_ids) -> None:
         """Drop requests the engine never knew about (the start-up warm-up's)."""
         for rid in req_ids:
             self.batch.remove(rid)
             self._prev_rows.pop(rid, None)
+            if self.encoders is not None:
+                self.encoders.remove_request(rid)
         self.prev_tokens = None
 
     def execute(self, sched) -> ModelRunnerOutput:

@@ -18,6 +18,7 @@ class ModelRunnerOutput:
     pooler_output: dict[str, np.ndarray] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)        # req_id -> why it failed alone
     graph: bool = False                                          # replayed a CUDA graph
+    encoder_seconds: list[float] = field(default_factory=list)  # each vision-encoder run
 
 
 EMPTY = ModelRunnerOutput()

@@ -69,13 +69,15 @@ class Worker:
             model_cls = resolve_pooling_class(pm)
             kwargs = {"max_position": mc.max_model_len} if pm.decoder else {}
         else:
-            model_cls = resolve_model_class(hf)
+            if mc.is_multimodal and self.parallel.world_size > 1:
+                raise ValueError("--tensor-parallel-size: vision-language models run on one device")
+            model_cls = resolve_model_class(mc.mm_hf_config or hf)
             kwargs = {"max_position": mc.max_model_len}
         prev = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device), building_for(self.platform):
-                model = model_cls(hf, **kwargs)
+                model = model_cls(mc.mm_hf_config or hf, **kwargs)
         finally:
             torch.set_default_dtype(prev)
         self.quantization = self._pick_quantization(model)
@@ -115,6 +117,20 @@ class Worker:
                                   mc.max_model_len, args.seed, pooler=pooler,
                                   kv_cache_dtype=args.kv_cache_dtype)
         self.num_blocks = 0
+        self.encoder_cache_size = 0  # embedding rows the encoder cache holds (multimodal models)
+        if mc.is_multimodal:
+            self._plan_encoder_cache(model)
+
+    def _plan_encoder_cache(self, model) -> None:
+        """Room for a step's images at their largest (the image processor's limits, after
+        --mm-processor-kwargs), and never less than a step's tokens."""
+        ip = loader.load_image_processor(self.source, self.args.trust_remote_code,
+                                         self.args.mm_processor_kwargs)
+        self.processor_config = ip.to_dict()
+        largest = model.profile_image_items(1, self.processor_config, torch.device("cpu"))[0]
+        self.max_image_embeds = model.num_image_embeds(largest)
+        self.encoder_cache_size = max(self.max_num_batched_tokens,
+                                      self.args.vision_max_batch_size * self.max_image_embeds)
 
     # -- loading --------------------------------------------------------------------------------
     def _load_weights(self, model, int8_groups: Optional[dict] = None) -> None:
@@ -200,6 +216,12 @@ class Worker:
             n = args.kv_cache_memory // block_bytes
         elif on_cuda:
             peak = runner.profile_peak_memory(self.max_num_batched_tokens, max_model_len, self.max_num_seqs)
+            if runner.encoders is not None:  # the vision tower at its largest batch, and its cache
+                items = self.model.profile_image_items(self.args.vision_max_batch_size,
+                                                       self.processor_config, self.device)
+                hidden = self.model_config.hf_config.hidden_size
+                peak = max(peak, runner.encoders.profile_peak(items)) + \
+                    self.encoder_cache_size * hidden * self.dtype.itemsize
             free, total = torch.cuda.mem_get_info(self.device)
             non_torch = total - free - torch.cuda.memory_reserved(self.device)
             budget = int(total * args.gpu_memory_utilization) - peak - max(non_torch, 0)

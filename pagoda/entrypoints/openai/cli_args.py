@@ -103,7 +103,7 @@ SERVER_FLAGS: list[Flag] = [
 ]
 
 # --help lists the groups in this order
-GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Parallel", "Chat", "Logging")
+GROUP_ORDER = ("Server", "Model", "KV cache", "Scheduler", "Parallel", "Multimodal", "Chat", "Logging")
 
 
 class _Default:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_serializer
 
 # torch.Generator.manual_seed accepts this range
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -123,9 +123,23 @@ class SamplingFields(OpenAIModel):
                                                    "is xgrammar.")
 
 
+class ImageURL(OpenAIModel):
+    url: str = Field(..., description="data:image/...;base64,..., http(s):// or file:// (under "
+                     "--allowed-local-media-path).")
+    detail: Optional[str] = None
+
+
 class TextPart(OpenAIModel):
+    """A content part: {"type": "text", "text"} or, for vision models, {"type": "image_url",
+    "image_url": {"url"}} (the URL may also be given as a plain string)."""
     type: str = "text"
     text: Optional[str] = None
+    image_url: Optional[ImageURL] = None
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_as_string(cls, v):
+        return {"url": v} if isinstance(v, str) else v
 
 
 class ChatMessage(OpenAIModel):
@@ -480,6 +494,7 @@ class ModelCard(ResponseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
+    capabilities: Optional[list[str]] = Field(None, description='["vision"]: the model takes images.')
 
 
 class ModelList(ResponseModel):

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 from starlette.requests import Request
 
 from pagoda.engine.async_llm import EngineDeadError, RequestFailedError
-from pagoda.inputs.chat_template import Budget, render_chat
+from pagoda.inputs.chat_template import Budget, image_urls, render_chat
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
@@ -42,7 +42,7 @@ T = TypeVar("T")
 # chat_template_kwargs may not override what the request sets through its own fields
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt",
                                        "continue_final_message", "chat_template", "tokenize",
-                                       "return_dict", "tools", "documents"})
+                                       "return_dict", "tools", "documents", "multimodal"})
 
 
 def bad_request(e: ValueError) -> OpenAIError:
@@ -60,22 +60,37 @@ def engine_error(e: BaseException) -> OpenAIError:
     return OpenAIError(str(e), 500, code="request_failed")
 
 
+def prompt_length(prompt) -> int:
+    """Tokens of a prompt given as token ids or as a prompt dict."""
+    return len(prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt)
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def _message_dict(m: ChatMessage, index: int) -> dict:
-    """A request message as chat templates expect it: text parts joined into one string."""
+def _message_dict(m: ChatMessage, index: int, multimodal: bool = False) -> dict:
+    """A request message as chat templates expect it: text parts joined into one string, or
+    for a vision-language model the parts kept (text and image_url)."""
     content = m.content
     if isinstance(content, list):
-        texts = []
-        for part in content:
+        texts, parts = [], []
+        for j, part in enumerate(content):
+            if part.type == "image_url" and part.image_url is not None:
+                if not multimodal:
+                    raise OpenAIError(f"messages[{index}].content[{j}]: image_url parts need a "
+                                      "vision-language model; this model is text-only",
+                                      param=f"messages.{index}.content.{j}")
+                parts.append({"type": "image_url", "image_url": {"url": part.image_url.url}})
+                continue
             if part.type != "text" or part.text is None:
+                kinds = "text and image_url parts are" if multimodal else \
+                    "only text parts ({\"type\": \"text\", \"text\": ...}) are"
                 raise OpenAIError(f"messages[{index}].content: content part type {part.type!r} is not "
-                                  "supported; only text parts ({\"type\": \"text\", \"text\": ...}) are",
-                                  param=f"messages.{index}.content")
+                                  f"supported; {kinds}", param=f"messages.{index}.content")
             texts.append(part.text)
-        content = "\n".join(texts)
+            parts.append({"type": "text", "text": part.text})
+        content = parts if multimodal else "\n".join(texts)
     d: dict[str, Any] = {"role": m.role, "content": content if content is not None else ""}
     for key in ("name", "tool_call_id", "tool_calls"):
         if getattr(m, key) is not None:
@@ -107,10 +122,17 @@ class OpenAIServing:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagoda-tokenizer")
         self._render_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pagoda-render")
         self._background: set[asyncio.Task] = set()
+        self.multimodal = bool(getattr(mc, "is_multimodal", False))
+        self.media = None  # images of chat requests (vision-language models)
+        if self.multimodal:
+            from .serving_media import ServingMedia
+            self.media = ServingMedia(engine)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
+        if self.media is not None:
+            self.media.close()
 
     # ------------------------------------------------------------------------------ checks
     def check_model(self, name: Optional[str]) -> None:
@@ -160,6 +182,26 @@ class OpenAIServing:
                               continue_final_message: bool, chat_template: Optional[str],
                               template_kwargs: Optional[dict], tools: Optional[list],
                               add_special_tokens: bool = False) -> list[int]:
+        """The rendered conversation's token ids (image parts stay their placeholders)."""
+        text, _ = await self._render_messages(messages, add_generation_prompt, continue_final_message,
+                                              chat_template, template_kwargs, tools)
+        return await self.encode(text, add_special_tokens)
+
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                          continue_final_message: bool, chat_template: Optional[str],
+                          template_kwargs: Optional[dict], tools: Optional[list]):
+        """What the engine takes for a conversation: its token ids, or with images
+        {"prompt_token_ids", "mm_features"} (images fetched and preprocessed off the loop)."""
+        text, msgs = await self._render_messages(messages, add_generation_prompt, continue_final_message,
+                                                 chat_template, template_kwargs, tools)
+        urls = image_urls(msgs) if self.media is not None else []
+        if not urls:
+            return await self.encode(text, False)
+        return await self.media.prompt(text, urls, lambda t: self.encode(t, False))
+
+    async def _render_messages(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                               continue_final_message: bool, chat_template: Optional[str],
+                               template_kwargs: Optional[dict], tools: Optional[list]):
         if add_generation_prompt and continue_final_message:
             raise OpenAIError("continue_final_message and add_generation_prompt cannot both be true; "
                               "set add_generation_prompt to false to continue the last message.",
@@ -173,12 +215,12 @@ class OpenAIServing:
             raise OpenAIError("chat_template: this server does not accept chat templates in requests "
                               "(the operator can allow them with --trust-request-chat-template).",
                               param="chat_template")
-        msgs = [_message_dict(m, i) for i, m in enumerate(messages)]
+        msgs = [_message_dict(m, i, self.multimodal) for i, m in enumerate(messages)]
         text = await self.render(msgs, add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message,
                                  chat_template=chat_template or self.chat_template, tools=tools,
-                                 **kwargs)
-        return await self.encode(text, add_special_tokens)
+                                 multimodal=self.multimodal, **kwargs)
+        return text, msgs
 
     async def render(self, messages: list[dict], **kw) -> str:
         """Render a chat template in the render pool. If the awaiting request goes away (client
@@ -236,16 +278,21 @@ class OpenAIServing:
             raise bad_request(e) from e
 
     # ---------------------------------------------------------------------------- running
-    async def start(self, raw: Optional[Request], prompt_ids: list[int], params: SamplingParams,
+    async def start(self, raw: Optional[Request], prompt_ids, params: SamplingParams,
                     request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
         engine validates before its first yield) rather than an error inside a 200 stream.
-        `raw` None: no client to watch (a background response)."""
+        prompt_ids: token ids, or a prompt dict (images: chat_prompt's). `raw` None: no client to
+        watch (a background response)."""
         self.check_engine()
         if self.log_requests:
-            logger.info("request %s (X-Request-Id %s): %d prompt tokens, %s", request_id,
+            logger.info("request %s (X-Request-Id %s): %d prompt tokens%s, %s", request_id,
                         raw.scope.get("state", {}).get("request_id") if raw is not None else None,
-                        len(prompt_ids), params)
+                        prompt_length(prompt_ids),
+                        f" ({len(prompt_ids['mm_features'])} images)"
+                        if isinstance(prompt_ids, dict) and prompt_ids.get("mm_features")
+                        else " (audio)" if isinstance(prompt_ids, dict) and "encoder_features" in prompt_ids
+                        else "", params)
         gen = self.engine.generate(prompt_ids, params, request_id)
         try:
             first = await (unless_disconnected(raw, gen.__anext__()) if raw is not None else gen.__anext__())

@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar, Union
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,7 +27,7 @@ from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletion
                        ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
                        PromptTokensDetails, UsageInfo)
 from .reasoning_parsers import ReasoningParser, Split
-from .serving_base import OpenAIServing, random_id
+from .serving_base import OpenAIServing, prompt_length, random_id
 from .streams import SSE_DONE, SSEResponse, json_response, sse, sse_error, unless_disconnected
 from .structured_outputs import Constraint, ForcedTools, forced_tools, from_request, validated
 from .tool_parsers import ToolParser, tool_call
@@ -49,13 +49,17 @@ async def _await(raw: Optional[Request], work: Awaitable[T]) -> T:
 @dataclass
 class ChatPlan:
     """One chat request made ready to run."""
-    prompt_ids: list[int]
+    prompt_ids: Union[list[int], dict]  # token ids, or with images {"prompt_token_ids", "mm_features"}
     params: SamplingParams
     tools: Optional[list] = None
     tool_parser: Optional[ToolParser] = None   # tool_choice auto
     forced: Optional[ForcedTools] = None       # tool_choice required / named
     reasoning_parser: Optional[str] = None
     prompt_tail: str = ""                      # the prompt's last characters (does it open <think>?)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return prompt_length(self.prompt_ids)
 
     def reader(self) -> "TurnReader":
         return TurnReader(self)
@@ -203,16 +207,18 @@ class ServingChat:
                 constraint = Constraint(StructuredOutputsParams(structural_tag=tag),
                                         {"structural_tag": "tools"})
         so = await validated(constraint)
-        prompt_ids = await _await(raw, s.chat_prompt_ids(
+        prompt = await _await(raw, s.chat_prompt(  # token ids, or with images a dict
             req.messages, req.add_generation_prompt, req.continue_final_message, req.chat_template,
             req.chat_template_kwargs, req.tools))
+        n_prompt = prompt_length(prompt)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = s.sampling_params(req, max_tokens=max_tokens, prompt_len=len(prompt_ids),
+        params = s.sampling_params(req, max_tokens=max_tokens, prompt_len=n_prompt,
                                    logprobs=(req.top_logprobs or 0) if req.logprobs else None,
                                    structured_outputs=so)
         reasoning = getattr(s, "reasoning_parser", None)
-        tail = await s.decode(prompt_ids[-8:]) if reasoning else ""
-        return ChatPlan(prompt_ids, params, req.tools, parser, forced, reasoning, tail)
+        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
+        tail = await s.decode(ids[-8:]) if reasoning else ""
+        return ChatPlan(prompt, params, req.tools, parser, forced, reasoning, tail)
 
     def _tool_parser(self, req: ChatCompletionRequest, forced: Optional[ForcedTools]) -> Optional[ToolParser]:
         """The parser for tool_choice auto, or None (no tools, none, forced calls, or the server
@@ -255,7 +261,7 @@ class ServingChat:
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts.continuous_usage_stats)
         created, model, top = int(time.time()), self.s.model_name, req.top_logprobs or 0
-        prompt_tokens = len(plan.prompt_ids)
+        prompt_tokens = plan.num_prompt_tokens
         generated = [0] * req.n
         done = [False] * req.n
         readers = [plan.reader() for _ in range(req.n)]

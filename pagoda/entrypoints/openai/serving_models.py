@@ -14,8 +14,9 @@ class ServingModels:
         self.created = int(time.time())
 
     def _card(self, name: str) -> ModelCard:
-        return ModelCard(id=name, created=self.created, root=self.s.engine.model_config.model,
-                         max_model_len=self.s.max_model_len)
+        mc = self.s.engine.model_config
+        return ModelCard(id=name, created=self.created, root=mc.model, max_model_len=self.s.max_model_len,
+                         capabilities=["vision"] if mc.is_multimodal else None)
 
     def list(self) -> ModelList:
         return ModelList(data=[self._card(n) for n in self.s.served_model_names])

@@ -281,7 +281,7 @@ class ResponseRun:
         reasoning = "".join(r.content[0].text for r in self.response.output
                             if isinstance(r, ResponseReasoningItem) and r.content)
         n_reason = len(await self.s.encode(reasoning, add_special_tokens=False)) if reasoning else 0
-        n_in = len(self.plan.prompt_ids)
+        n_in = self.plan.num_prompt_tokens
         u = ResponseUsage(input_tokens=n_in, output_tokens=out_tokens, total_tokens=n_in + out_tokens)
         u.input_tokens_details.cached_tokens = f.num_cached_tokens if f is not None else 0
         u.output_tokens_details.reasoning_tokens = min(n_reason, out_tokens)
