@@ -268,9 +268,6 @@ class EngineArgs:
     backend: Optional[str] = flag(None, "LMDeploy's engine choice, accepted for its command lines: "
                                   "pagoda has one engine, so it is logged and ignored.",
                                   group="Scheduler", choices=("turbomind", "pytorch"))
-    quant_policy: int = flag(0, "LMDeploy's KV-cache quantization (4 = int4, 8 = int8). Not "
-                             "supported yet: only 0 (off) is accepted.", group="KV cache",
-                             choices=(0, 4, 8))
     # Multimodal (vision-language models)
     limit_mm_per_prompt: Optional[dict] = flag(
         None, "Most items of each modality one prompt may carry, as JSON: '{\"image\": 4}'. "
@@ -386,11 +383,6 @@ class EngineArgs:
             bad("convert", f"{self.convert} makes a pooling model; it needs --runner pooling (or auto)")
         if self.backend not in (None, "turbomind", "pytorch"):
             bad("backend", f"unknown backend {self.backend!r}; LMDeploy's are turbomind and pytorch")
-        if self.quant_policy not in (0, 4, 8):
-            bad("quant-policy", f"must be 0, 4 or 8, got {self.quant_policy}")
-        if self.quant_policy:
-            bad("quant-policy", f"{self.quant_policy} (KV-cache int{self.quant_policy}) is not supported "
-                "yet; leave the flag out (or pass 0)")
         for modality, n in (self.limit_mm_per_prompt or {}).items():
             if modality != "image":
                 bad("limit-mm-per-prompt", f"unknown modality {modality!r}; supported: image")

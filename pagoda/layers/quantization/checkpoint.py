@@ -61,4 +61,4 @@ def resolve(flag: Optional[str], hf_config) -> tuple[Optional[str], Optional[Che
         raise ValueError("--quantization: AWQ checkpoints without zero points are not supported")
     v2 = str(qc.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
     skip = tuple(qc.get("modules_to_not_convert") or ())
-    return fmt, CheckpointQuant(fmt, group, v2, skip)
+    return fmt, CheckpointQuant(fmt, group=group, v2_zeros=v2, not_converted=skip)
