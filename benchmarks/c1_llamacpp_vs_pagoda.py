@@ -3,13 +3,15 @@
 Each server is started alone (the machine has 2 cores), warmed up with one short request, then
 loaded by `pagoda bench serve` with the 8 built-in chat prompts, 128 tokens each, EOS ignored,
 greedy: once one request at a time (--max-concurrency 1) and once all 8 at once. The servers
-are stopped between runs. Results: one JSON per run, a combined table (printed and written as
-markdown) and one PNG.
+are stopped between runs. Then, in the same run, the machine's ceilings (benchmarks/cpu_ceilings.py:
+copy GB/s, fp32 matmul GFLOP/s, one decode step's packed matmuls) with no server running.
+Results: one JSON per run, a combined table (printed and written as markdown) and one PNG.
 
 llama.cpp comes from PyPI in its own venv, not pagoda's:
     python -m venv /work/llamacpp-venv && /work/llamacpp-venv/bin/pip install "llama-cpp-python[server]"
 
 usage: python benchmarks/c1_llamacpp_vs_pagoda.py [--llamacpp-python PY] [--out-dir DIR] [--plot PNG]
+                                                  [--skip-ceilings]
 """
 from __future__ import annotations
 
@@ -104,6 +106,7 @@ def main() -> int:
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "bench_c1.png"))
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-pagoda", action="store_true")
+    ap.add_argument("--skip-ceilings", action="store_true", help="Do not measure the CPU's ceilings.")
     ap.add_argument("--startup-timeout", type=float, default=600)
     ap.add_argument("--replot", action="store_true", help="Start no server: redraw the table and plot "
                     "from the JSON files already in --out-dir.")
@@ -134,6 +137,8 @@ def main() -> int:
                               os.path.join(a.out_dir, "pagoda_server.log"))
     machine = f"{os.cpu_count()} CPU cores ({platform_cpu()})"
     md = markdown(results, machine)
+    if not a.skip_ceilings and not a.replot:
+        md += "\n\n" + ceilings(gguf, a.threads, os.path.join(a.out_dir, "ceilings.json"))
     print("\n" + md)
     with open(os.path.join(a.out_dir, "c1.md"), "w") as f:
         f.write(md + "\n")
@@ -147,6 +152,21 @@ def main() -> int:
         print(f"note: fewer than {NUM_PROMPTS * MAX_TOKENS} tokens counted for {', '.join(short)} "
               "(failed requests, EOS, or several tokens per chunk without a usage report)")
     return 0
+
+
+def ceilings(gguf: str, threads: int, out_json: str) -> str:
+    """benchmarks/cpu_ceilings.py in this run (no server up): one markdown line of its figures."""
+    cmd = [sys.executable, os.path.join(HERE, "cpu_ceilings.py"), "--threads", str(threads),
+           "--model", gguf, "--out", out_json]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    with open(out_json) as f:
+        c = json.load(f)
+    one = min((r for r in c["packed_matmuls"] if r["tokens"] == 1), key=lambda r: r["ms"])
+    return (f"Ceilings in the same run ({threads} threads, load average {c['load_avg_at_start'][0]:.1f}): "
+            f"copy {c['copy_GBps']:.1f} GB/s (read + write), read {c['read_GBps']:.1f} GB/s, fp32 matmul "
+            f"{c['matmul_fp32_GFLOPs']:.0f} GFLOP/s; one decode step's packed matmuls "
+            f"{one['ms']:.2f} ms at 1 token ({one['isa']}, {one['read_GBps']:.1f} GB/s of blocks).")
 
 
 def platform_cpu() -> str:

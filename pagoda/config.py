@@ -157,7 +157,7 @@ _TASK_MEANING = {"auto": ("auto", "auto"), "generate": ("generate", "auto"),
                  "embed": ("pooling", "embed"), "embedding": ("pooling", "embed"),
                  "classify": ("pooling", "classify"), "score": ("pooling", "auto")}
 
-QUANT_METHODS = ("int8", "fp8", "int4", "awq", "gptq", "none")
+QUANT_METHODS = ("gguf", "int8", "fp8", "int4", "awq", "gptq", "none")
 KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
 # LMDeploy's --quant-policy: 0 = as the model, 4 = 4-bit KV, 8 = 8-bit KV
 _QUANT_POLICY = {"0": "auto", "4": "int4", "8": "int8"}
@@ -182,12 +182,14 @@ class EngineArgs:
                       choices=("auto", "float32", "bfloat16", "float16", "half", "float", "fp32",
                                "bf16", "fp16"))
     quantization: Optional[str] = flag(
-        None, "Weight quantization. int8: int8 weights (CPU: groups of 32 with int8 activations, "
-        "our AVX2 kernel; CUDA: weight-only per channel). fp8: float8 weights per channel with "
-        "per-token activation scales (fp8 tensor cores on Ada/Hopper). int4 (CUDA): 4-bit weights "
-        "in groups of 128, 16-bit activations. awq, gptq: 4-bit checkpoints, found from their "
-        "quantization_config (the flag may be left out; so may fp8 for an FP8 checkpoint). none: weights in --dtype. Default: the "
-        "checkpoint's format; int8 for a quantized GGUF on the CPU; else none.",
+        None, "Weight quantization. gguf (CPU): a GGUF's own 4/5/6/8-bit blocks kept packed and "
+        "multiplied with directly. int8: 8-bit weights (CPU: groups of 32 with a scale and min; "
+        "CUDA: weight-only per channel). int4: 4-bit weights (CPU: float weights packed as Q4_1 "
+        "blocks for the gguf kernel; CUDA: groups of 128 with 16-bit activations, W4A16). fp8: "
+        "float8 weights per channel with per-token activation scales (fp8 tensor cores on "
+        "Ada/Hopper). awq, gptq: 4-bit checkpoints, found from their quantization_config (the flag "
+        "may be left out; so may fp8 for an FP8 checkpoint). none: weights in --dtype. Default: "
+        "the checkpoint's format; gguf for a quantized GGUF on the CPU; else none.",
         aliases=("-q", "quantize"), choices=QUANT_METHODS)
     max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
                                         "model's max_position_embeddings).", aliases=("session-len",))
@@ -197,6 +199,9 @@ class EngineArgs:
                                      "carry no text.")
     seed: int = flag(0, "Seed for requests that give none.")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N (or set CUDA_VISIBLE_DEVICES).")
+    threads: Optional[int] = flag(None, "CPU threads for the model (torch and pagoda's C kernels). "
+                                  "Default: OMP_NUM_THREADS if set, else one per physical core this "
+                                  "process may use.", aliases=("-t",))
     max_logprobs: int = flag(20, "Largest logprobs / top_logprobs a request may ask for.")
     served_model_name: Optional[list[str]] = flag(
         None, "Name(s) the API answers to (default: the model argument). The first is reported in "
@@ -371,6 +376,10 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             bad("kv-cache-dtype", f"unknown cache dtype {self.kv_cache_dtype!r}; use "
                 f"{', '.join(KV_CACHE_DTYPES)} (or --quant-policy 0, 4 or 8)")
+        if self.quantization == "gguf" and self.device.startswith("cuda"):
+            bad("quantization", "gguf runs on the CPU only so far; use int8, int4 or fp8 on CUDA")
+        if self.threads is not None and self.threads < 1:
+            bad("threads", f"must be >= 1, got {self.threads}")
         if self.load_format not in ("auto", "dummy"):
             bad("load-format", f"unknown format {self.load_format!r}; use auto or dummy")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -81,6 +81,95 @@ def build_tiny(kind: str, path: str, tokenizer_dir: str, seed: int = 0, **overri
     return path
 
 
+def random_blocks(ggml_type: int, n: int, k: int, seed: int = 0, scale: float = 1.0):
+    """Rows [n, row_bytes] (uint8 tensor) of valid GGUF blocks: the gguf package's quantizer of
+    random normals where it has one (the 32-weight types), else random bytes with small finite
+    half-precision scales (the K types: 256 weights a block)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import quantize
+    rng = np.random.default_rng(seed)
+    per, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    if per == 32:
+        w = rng.standard_normal((n, k)).astype(np.float32) * rng.uniform(0.1, 2.0, (n, 1)) * scale
+        return torch.from_numpy(quantize(w, GGMLQuantizationType(ggml_type)).copy())
+    b = rng.integers(0, 256, (n, k // per, size), dtype=np.uint8)
+    d = lambda s: (rng.uniform(1e-3, 2e-2, (n, k // per)) * s).astype(np.float16).view(
+        np.uint8).reshape(n, k // per, 2)
+    if ggml_type in (12, 13):  # Q4_K, Q5_K: d, dmin first (mins a tenth: rows about centred)
+        b[..., 0:2], b[..., 2:4] = d(scale), d(scale / 10)
+    else:  # Q6_K: d last
+        b[..., size - 2:] = d(scale)
+    return torch.from_numpy(b.reshape(n, -1).copy())
+
+
+def build_tiny_gguf(hf_dir: str, path: str, types: dict[str, str]) -> str:
+    """The tiny Llama of `hf_dir` written as a llama.cpp GGUF (q/k rows permuted as llama.cpp's
+    converter does, the bundled model's tokenizer), each matrix quantized to types[base name]
+    ("Q4_0", "Q4_1", "Q8_0", ...; F32 where not named) by the gguf package; K types, which it
+    cannot quantize, get random blocks of about the checkpoint's scale instead. Plain rope (the
+    GGUF carries no llama3 scaling), so it is its own model: compare it with transformers' GGUF
+    loader."""
+    import json
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+    from gguf.quants import quantize
+    from safetensors.numpy import load_file
+    from pagoda.worker.loader import _GGUF_NAMES, bundled_model_path
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        cfg = json.load(f)
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hf = load_file(os.path.join(hf_dir, "model.safetensors"))
+    to_gguf = {v: k for k, v in _GGUF_NAMES.items()}
+    w = GGUFWriter(path, "llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_rope_dimension_count(cfg["hidden_size"] // heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(cfg["vocab_size"])
+    f = GGUFReader(bundled_model_path()).fields
+    w.add_tokenizer_model(str(f["tokenizer.ggml.model"].contents()))
+    w.add_tokenizer_pre(str(f["tokenizer.ggml.pre"].contents()))
+    w.add_token_list(f["tokenizer.ggml.tokens"].contents())
+    w.add_token_types(f["tokenizer.ggml.token_type"].contents())
+    w.add_token_merges(f["tokenizer.ggml.merges"].contents())
+    for key in ("bos", "eos", "unknown", "padding"):
+        getattr(w, {"unknown": "add_unk_token_id", "padding": "add_pad_token_id"}.get(
+            key, f"add_{key}_token_id"))(int(f[f"tokenizer.ggml.{key}_token_id"].contents()))
+    for name, t in sorted(hf.items()):
+        parts = name.removeprefix("model.").split(".")
+        if parts[0] == "layers":
+            base = to_gguf[".".join(parts[2:-1])]
+            gname = f"blk.{parts[1]}.{base}.{parts[-1]}"
+        else:
+            base = to_gguf[("model." if parts[0] != "lm_head" else "") + ".".join(parts[:-1])]
+            gname = f"{base}.{parts[-1]}"
+        t = t.astype(np.float32)
+        if base in ("attn_q", "attn_k"):  # llama.cpp's rotary layout (what the loader undoes)
+            n = heads if base == "attn_q" else kv
+            t = t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+        qtype = types.get(base) if t.ndim == 2 else None
+        if qtype and qtype.endswith("_K"):
+            q = GGMLQuantizationType[qtype]
+            blocks = random_blocks(int(q), *t.shape, seed=len(gname), scale=0.01).numpy()
+            w.add_tensor(gname, blocks, raw_dtype=q)
+        elif qtype:
+            q = GGMLQuantizationType[qtype]
+            w.add_tensor(gname, quantize(t, q), raw_dtype=q)
+        else:
+            w.add_tensor(gname, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def _tiny_dir_fixture(kind: str, vision: bool = False):
     """A session fixture: the path of build_tiny(kind)'s checkpoint (vision-language ones:
     vlm_utils.build_tiny_vlm's), built once per run."""
@@ -116,7 +205,7 @@ def tiny_llm(tiny_llama_dir):
 
 @pytest.fixture(scope="session")
 def bundled_llm():
-    """The bundled model as users get it: on the CPU its Q4_1/Q8_0 weights run as 8-bit groups."""
+    """The bundled model as users get it: on the CPU its Q4_1/Q8_0 blocks run packed."""
     from pagoda import LLM
     return LLM(max_model_len=2048)
 
@@ -142,3 +231,12 @@ def scattered_blocks(lens: list[int], block_size: int, spare: int = 3):
     slots = torch.cat([bt[r].long().repeat_interleave(block_size)[:n] * block_size
                        + torch.arange(n) % block_size for r, n in enumerate(lens)])
     return nb, bt, slots
+
+
+def assert_same_outputs(got, ref, atol: float = 1e-4):
+    """Two runs of the same prompts: equal tokens, and each returned logprob within atol."""
+    for a, b in zip(got, ref, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            for tok, lp in la.items():
+                assert abs(lp.logprob - lb[tok].logprob) < atol

@@ -76,18 +76,23 @@ def test_silu_and_mul_matches_reference():
     torch.testing.assert_close(cpu_fused.silu_and_mul_cpu(x), silu_and_mul_torch(x))
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (16, 2)])
+@pytest.mark.parametrize("isa", cpu_build.supported_isas())
+@pytest.mark.parametrize("heads,kv_heads,D", [(4, 4, 64), (9, 3, 64), (16, 2, 128), (6, 2, 80)])
 @pytest.mark.parametrize("window,cap", [(None, None), (1, None), (5, None), (16, None), (17, 3.0),
                                         (100, None), (None, 3.0)])
-def test_paged_decode_attention_matches_reference(heads, kv_heads, window, cap):
-    """Windows below, at and across block boundaries and beyond every sequence; blocks wholly
-    before every query's window point at a NaN block (freed or reused), which must not be read."""
+def test_paged_decode_attention_matches_reference(heads, kv_heads, D, window, cap, isa, monkeypatch):
+    """Each instruction set's build; head sizes that are and are not a multiple of the register
+    width; contexts shorter than, equal to and longer than one block of positions. Windows below,
+    at and across block boundaries and beyond every sequence; blocks wholly before every query's
+    window point at a NaN block (freed or reused), which must not be read."""
+    monkeypatch.setenv("PAGODA_CPU_ISA", isa)
     g = torch.Generator().manual_seed(heads)
-    nb, bs, D = 64, 16, 64
+    nb, bs = 64, 16
     kv = torch.randn(2, nb + 1, bs, kv_heads, D, generator=g)
     kv[:, nb] = float("nan")
-    # decodes at block boundaries (1, 16, 17, 32) mixed with a prefill chunk and a prefix hit
-    qlens, lens = [1, 5, 1, 1, 1, 3, 1], [37, 20, 16, 1, 17, 32, 120]
+    # decodes at block boundaries (1, 16, 17, 32) and a long one (5+ position blocks) mixed with
+    # a prefill chunk and a prefix hit
+    qlens, lens = [1, 5, 1, 1, 1, 3, 1], [37, 20, 16, 1, 17, 32, 121]
     qsl = [0]
     for n in qlens:
         qsl.append(qsl[-1] + n)
@@ -119,7 +124,7 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     Qwen2's qkv bias and Mistral's sliding window included), for a batch whose requests have
     different lengths."""
     from pagoda import LLM, SamplingParams
-    from conftest import random_prompts
+    from conftest import assert_same_outputs, random_prompts
     llm = LLM(request.getfixturevalue(f"tiny_{kind}_dir"), quantization="int8", max_model_len=512,
               num_gpu_blocks_override=256)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 3, 40, 49152, seed=4)]
@@ -129,11 +134,7 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     assert runner.cpu_decoder is not None
     runner.cpu_decoder = None
     per_op = llm.generate(prompts, sp, use_tqdm=False)
-    for a, b in zip(fused, per_op):
-        assert a.outputs[0].token_ids == b.outputs[0].token_ids
-        for la, lb in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
-            for tok, lp in la.items():
-                assert abs(lp.logprob - lb[tok].logprob) < 1e-4
+    assert_same_outputs(fused, per_op)
 
 
 def test_fused_decode_declines_gemma3(tiny_gemma3_dir):

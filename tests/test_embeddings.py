@@ -319,6 +319,7 @@ def test_errors(server, http, hf):
     assert post(http, {"input": "x", "dimensions": 384}).status_code == 200
     assert error({"input": "x", "encoding_format": "int8"})["param"] == "encoding_format"
     assert error({"input": 5})["param"].startswith("input")
+    assert "at most 2048" in error({"input": ["x"] * 2049})["message"]  # as OpenAI's API
     for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
                        ("/v1/completions", {"prompt": "hi"})):
         r = http.post(path, json=body)

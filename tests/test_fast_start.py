@@ -87,7 +87,7 @@ def test_engine_start_parses_the_gguf_once(monkeypatch, smollm_side_dir):
     llm = LLM(max_model_len=256, num_gpu_blocks_override=32)
     assert counts == {"GGUFReader": 0, "read_header": 1}
     w = llm.llm_engine.core.worker
-    assert w.quantization == "int8" and w.source.gguf_header is not None
+    assert w.quantization == "gguf" and w.source.gguf_header is not None
 
 
 def test_cold_start_converts_from_the_one_header_read(monkeypatch, tmp_path, bundled_path):
@@ -205,10 +205,12 @@ def _expected(model, state: dict, mname: str, mod) -> torch.Tensor:
     return torch.cat([state[f"{parent}.{f}.weight"] for f in frags])
 
 
-def test_weights_equal_transformers_gguf_loading_float_and_int8(bundled_path, bundled_llm):
+def test_weights_equal_transformers_gguf_loading_float_packed_and_int8(bundled_path, bundled_llm):
     """Float (--quantization none): every parameter is transformers' dequantized GGUF weight.
-    int8 (the default on the CPU): every matmul's groups hold exactly those weights."""
+    gguf (the default on the CPU): every matmul keeps the file's blocks, whose dequantization is
+    exactly those weights; int8: every matmul's groups hold exactly those weights."""
     from pagoda import LLM
+    from pagoda.kernels import cpu_gguf
     from pagoda.layers.embedding import LMHead
     from pagoda.layers.linear import Linear
     state = _hf_gguf_state(bundled_path)
@@ -219,15 +221,21 @@ def test_weights_equal_transformers_gguf_loading_float_and_int8(bundled_path, bu
     for name, p in fl.named_parameters():
         if "proj" not in name and name != "lm_head.weight":
             assert torch.equal(p, state[name]), name
-    q = bundled_llm.llm_engine.core.worker.model
-    n = 0
-    for mname, mod in q.named_modules():
-        if isinstance(mod, (Linear, LMHead)):
-            m = mod.int8
-            assert torch.equal(cpu_int8.dequantize_weight(m.qweight, m.scales, m.mins),
-                               _expected(q, state, mname, mod)), mname
-            n += 1
-    assert n == 30 * 4 + 1
+    del fl
+    packed = bundled_llm.llm_engine.core.worker.model
+    i8 = LLM(max_model_len=256, num_gpu_blocks_override=32, quantization="int8").llm_engine.core.worker.model
+    for q, fmt in ((packed, "gguf"), (i8, "int8")):
+        n = 0
+        for mname, mod in q.named_modules():
+            if isinstance(mod, (Linear, LMHead)):
+                if fmt == "gguf":
+                    parts = sorted(mod.gguf.parts, key=lambda p: p.col0)
+                    w = torch.cat([cpu_gguf.dequantize_torch(p.data, p.type) for p in parts])
+                else:
+                    w = cpu_int8.dequantize_weight(mod.int8.qweight, mod.int8.scales, mod.int8.mins)
+                assert torch.equal(w, _expected(q, state, mname, mod)), (fmt, mname)
+                n += 1
+        assert n == 30 * 4 + 1
 
 
 def test_kernels_build_in_background_into_a_fresh_cache(monkeypatch, tmp_path):
@@ -240,7 +248,7 @@ def test_kernels_build_in_background_into_a_fresh_cache(monkeypatch, tmp_path):
     cpu_build.build_in_background()
     sources = sorted(f[:-2] for f in os.listdir(os.path.dirname(cpu_build.__file__))
                      if f.startswith("cpu_") and f.endswith(".c"))
-    assert sorted(cpu_build._building) == sources
+    assert sorted(name for name, _isa in cpu_build._building) == sources
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(40, 64, generator=g), torch.randn(3, 64, generator=g)
     q = cpu_int8.quantize_weight(w)

@@ -52,20 +52,28 @@ def test_greedy_matches_transformers_in_one_batch(kind, request):
     check_against_hf(model_dir, prompts)
 
 
-def test_bundled_gguf_matches_transformers_gguf(bundled_llm):
-    """The bundled SmolLM2 Q4_1 GGUF: our dequantize + Q/K un-permute vs transformers' GGUF loader.
-    Runs the default CPU path, whose 8-bit groups hold the file's Q4_1/Q8_0 blocks exactly."""
-    assert bundled_llm.llm_engine.core.worker.quantization == "int8"
+@pytest.fixture(scope="module")
+def bundled_hf():
     from transformers import AutoModelForCausalLM
     from pagoda.worker.loader import bundled_model_path
     import os
     path = bundled_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
-    tok = bundled_llm.get_tokenizer()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("quantization", ["gguf", "int8"])
+def test_bundled_gguf_matches_transformers_gguf(quantization, bundled_llm, bundled_hf):
+    """The bundled SmolLM2 Q4_1 GGUF: our weights + Q/K un-permute vs transformers' GGUF loader.
+    gguf, the default CPU path, multiplies with the file's Q4_1/Q8_0 blocks as they are; int8's
+    8-bit groups hold them exactly."""
+    from pagoda import LLM
+    llm = bundled_llm if quantization == "gguf" else LLM(max_model_len=2048, quantization="int8")
+    assert llm.llm_engine.core.worker.quantization == quantization
+    tok = llm.get_tokenizer()
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
     prompts = [tok(t).input_ids for t in texts]
-    check_against_hf(None, prompts, hf_model=hf, llm=bundled_llm, n_new=32, atol=1e-4)
+    check_against_hf(None, prompts, hf_model=bundled_hf, llm=llm, n_new=32, atol=1e-4)
 
 
 # 3 to 8 windows long; 12 new tokens run through one or two windows more

@@ -33,6 +33,11 @@ def test_help_is_grouped_and_shows_aliases():
         assert flag in text, flag
     flat = " ".join(text.split())  # argparse wraps lines anywhere
     assert "PAGODA_API_KEY" in flat and "[default: 8000]" in flat
+    # CORS: the default lets any web page call the server; --help says when to set it
+    assert "Set it to your web app's origins when browsers can reach the server" in flat
+    for flag in ("--request-body-timeout", "--max-connections", "--max-stop-strings",
+                 "--max-stop-string-length"):
+        assert flag in text, flag
     assert text.index("\nServer:\n") < text.index("\nModel:\n")
 
 
@@ -66,10 +71,10 @@ def test_quantize_is_an_alias_of_quantization(spelling):
 
 
 def test_quantize_alias_checks_its_value():
-    out = run_cli("serve", "--quantize", "int4")
+    out = run_cli("serve", "--quantize", "int2")
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]  # argparse: usage, then the error line
-    assert "--quantize" in last and "invalid choice: 'int4'" in last and "int8" in last, out.stderr
+    assert "--quantize" in last and "invalid choice: 'int2'" in last and "int4" in last, out.stderr
 
 
 def test_precedence_cli_over_config_over_env(tmp_path, monkeypatch):
@@ -102,6 +107,10 @@ def test_explicit_default_value_on_cli_still_beats_config(tmp_path):
     (["--chat-template", "no-such-template"], "--chat-template"),
     (["--max-request-body-size", "0"], "--max-request-body-size"),
     (["--enable-auto-tool-choice"], "--tool-call-parser"),
+    (["--request-body-timeout", "0"], "--request-body-timeout"),
+    (["--max-connections", "0"], "--max-connections"),
+    (["--max-stop-strings", "0"], "--max-stop-strings"),
+    (["--max-stop-string-length", "-1"], "--max-stop-string-length"),
 ])
 def test_bad_server_flags_name_the_flag(argv, flag):
     with pytest.raises(ValueError, match=flag):
@@ -130,6 +139,8 @@ def test_chat_template_file_or_inline(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["serve", "--port", "0"], "--port"),
     (["serve", "--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+    (["serve", "--threads", "0"], "--threads"),
+    (["serve", "--quantization", "int4", "--device", "cuda"], "--quantization"),
 ])
 def test_cli_errors_are_one_line(argv, flag):
     out = run_cli(*argv)

@@ -71,6 +71,22 @@ def test_tp2_equals_tp1(kind, overrides, prompts, tmp_path, smollm_side_dir):
         llm.shutdown()
 
 
+def test_int4_tp2_equals_tp1(prompts, tiny_llama_dir):
+    """--quantization int4 with two ranks: each packs its slice of the floats as Q4_1 blocks
+    (32 weights along K, so a row-parallel rank's blocks are the full row's), and the packed
+    kernels behind the column/row-parallel layers and the vocab-parallel head give one rank's
+    tokens."""
+    one = outputs(LLM(tiny_llama_dir, max_model_len=256, quantization="int4"), prompts)
+    llm = LLM(tiny_llama_dir, max_model_len=256, quantization="int4", tensor_parallel_size=2,
+              master_port=free_ports())
+    try:
+        model = llm.llm_engine.core.worker.model
+        assert model.layers[0].mlp.down_proj.gguf is not None and model.lm_head.gguf is not None
+        assert outputs(llm, prompts) == one
+    finally:
+        llm.shutdown()
+
+
 def test_two_hosts_on_loopback(prompts, tiny_llama_dir):
     """Rank 1 started as its own `pagoda serve --node-rank 1` (as on a second machine)."""
     port = free_ports()

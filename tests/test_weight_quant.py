@@ -215,8 +215,8 @@ def test_checkpoint_matches_transformers_on_dequantized_weights(tiny_llama_dir, 
 def test_flag_errors_name_the_format(tiny_llama_dir, tmp_path):
     with pytest.raises(ValueError, match="--quantization: awq needs an AWQ checkpoint"):
         LLM(tiny_llama_dir, quantization="awq", max_model_len=256)
-    with pytest.raises(ValueError, match="--quantization: int4 .* CUDA"):
-        LLM(tiny_llama_dir, quantization="int4", max_model_len=256, device="cpu")
+    with pytest.raises(ValueError, match="--quantization: gguf needs a .gguf model"):
+        LLM(tiny_llama_dir, quantization="gguf", max_model_len=256, device="cpu")
     out, _ = _quantized_checkpoint(tiny_llama_dir, str(tmp_path / "q"), str(tmp_path / "r"), "awq", 32)
     with pytest.raises(ValueError, match="checkpoint is AWQ; pass --quantization awq"):
         LLM(out, quantization="fp8", max_model_len=256)
@@ -231,19 +231,29 @@ def test_flag_errors_name_the_format(tiny_llama_dir, tmp_path):
 
 def test_fp8_online_on_cpu_stays_close():
     """--quantization fp8 on the CPU (the float32 reference of the fp8 product) on the bundled
-    model: every decoder linear holds fp8 weights, and greedy tokens mostly stay those of the
-    float weights (e4m3 keeps 3 mantissa bits: logits move a little, near-ties may flip)."""
+    model: every decoder linear holds fp8 weights, and greedy tokens stay those of the float
+    weights or part where the float model's top two are within 0.25 nats (e4m3 keeps 3 mantissa
+    bits, weights and activations both: on this 135M model logprobs move by up to ~0.2)."""
     from pagoda import SamplingParams
     prompts = ["The capital of France is", "def fibonacci(n):", "Water boils at",
                "The three laws of robotics are"]
-    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     base = LLM(quantization="none", max_model_len=256, num_gpu_blocks_override=64)
     q = LLM(quantization="fp8", max_model_len=256, num_gpu_blocks_override=64)
     layer = q.llm_engine.core.worker.model.layers[0].self_attn.qkv_proj
     assert layer.weight is None and layer.quant.qweight.dtype == torch.float8_e4m3fn
-    a = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
-    b = [o.outputs[0].token_ids for o in q.generate(prompts, sp, use_tqdm=False)]
-    assert sum(x == y for x, y in zip(a, b)) >= 3, (a, b)
+    a = base.generate(prompts, sp, use_tqdm=False)
+    b = q.generate(prompts, sp, use_tqdm=False)
+    same = 0
+    for x, y in zip(a, b):
+        tx, ty = x.outputs[0].token_ids, y.outputs[0].token_ids
+        i = next((i for i, (u, w) in enumerate(zip(tx, ty)) if u != w), None)
+        if i is None:
+            same += 1
+            continue
+        top2 = sorted(lp.logprob for lp in x.outputs[0].logprobs[i].values())[-2:]
+        assert top2[1] - top2[0] < 0.25, (i, tx, ty)
+    assert same >= 2
 
 
 @pytest.mark.parametrize("scheme", ["tensor", "channel", "block"])

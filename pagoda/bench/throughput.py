@@ -58,7 +58,7 @@ def make_prompts(args, target) -> list[list[int]]:
 
 def run_pagoda(target, prompts, out_len, warmup, progress) -> tuple[float, list[int], list[int], str]:
     """Returns (seconds, generated tokens per request, prompt tokens per request as seen by pagoda,
-    the weight format pagoda ran: 'int8' or 'none')."""
+    the weight format pagoda ran: 'gguf', 'int8', 'int4' or 'none')."""
     from pagoda.bench.hf_backend import sync
     from pagoda.llm import LLM
     from pagoda.sampling_params import SamplingParams
@@ -105,7 +105,7 @@ def measure(backend, target, prompts, args) -> dict:
     weights = target.dtype
     if backend == "pagoda":
         dt, counts, seen_in, quant = run_pagoda(target, prompts, out_len, args.warmup, progress)
-        weights = "int8" if quant == "int8" else weights
+        weights = quant if quant in ("gguf", "int8", "int4") else weights
         if seen_in != [len(p) for p in prompts]:
             errors.append("pagoda saw different prompt lengths than were sent")
     else:

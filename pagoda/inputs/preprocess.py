@@ -117,13 +117,16 @@ class InputProcessor:
             return None, list(prompt), types
         raise ValueError(f"{field}: must be a string or a list of token ids")
 
-    def encode_pair(self, text_1: str, text_2: str, add_special_tokens: bool = True) -> dict:
+    def encode_pair(self, text_1: str, text_2: str, add_special_tokens: bool = True,
+                    tokenizer: Optional[Any] = None) -> dict:
         """A text pair as one prompt, as a cross-encoder reads it: the tokenizer's pair encoding
         ([CLS] a [SEP] b [SEP] with token types 0 / 1 for BERT, <s> a </s></s> b </s> for XLM-R,
-        plain concatenation for decoder tokenizers)."""
-        if self.tokenizer is None:
+        plain concatenation for decoder tokenizers). `tokenizer`: a copy of this one, for a
+        caller on another thread (HF fast tokenizers must not be shared between threads)."""
+        tokenizer = tokenizer or self.tokenizer
+        if tokenizer is None:
             raise ValueError("text_1: text pairs need a tokenizer (started with --skip-tokenizer-init)")
-        enc = self.tokenizer(text_1, text_pair=text_2, add_special_tokens=add_special_tokens)
+        enc = tokenizer(text_1, text_pair=text_2, add_special_tokens=add_special_tokens)
         prompt = {"prompt_token_ids": list(enc.input_ids)}
         if self.model_config.uses_token_type_ids and "token_type_ids" in enc:
             prompt["token_type_ids"] = list(enc["token_type_ids"])

@@ -1,5 +1,5 @@
 /* One whole decoder layer (Llama / Qwen2 / Qwen3) for a decode step on the CPU, float32
- * activations and 8-bit group weights, built by pagoda/kernels/cpu_build.py.
+ * activations and packed GGUF or 8-bit group weights, built by pagoda/kernels/cpu_build.py.
  *
  * At batch 1-8 a layer's arithmetic takes well under a millisecond, and running it as ~25 torch
  * calls from Python cost about as much again; here Python makes one call per layer. The pieces
@@ -7,6 +7,7 @@
  * caller-provided scratch. Prefill and mixed steps keep the per-op path (SDPA is better there).
  */
 #include "cpu_int8.c"
+#include "cpu_gguf.c"
 #include "cpu_attention.c"
 #include "cpu_fused.c"
 
@@ -14,6 +15,8 @@ typedef struct {
     const uint8_t *q;
     const float *scale, *min, *bias;  /* bias may be NULL */
     int64_t n, k;
+    const GgufPart *parts;            /* packed GGUF rows (cpu_gguf.c); NULL: the 8-bit groups */
+    int64_t nparts;
 } QWeight;
 
 typedef struct {
@@ -36,7 +39,10 @@ typedef struct {
 } Step;
 
 static void matmul(const QWeight *w, const float *x, int64_t M, float *y) {
-    pagoda_w8_gemm(x, M, w->q, w->scale, w->min, w->n, w->k, w->bias, y);
+    if (w->parts)
+        pagoda_gguf_gemm(x, M, w->k, w->parts, w->nparts, w->bias, y, w->n);
+    else
+        pagoda_w8_gemm(x, M, w->q, w->scale, w->min, w->n, w->k, w->bias, y);
 }
 
 /* h [T, hidden]: in = previous layer's MLP output (or the embeddings when `first`), out = this

@@ -8,12 +8,14 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "cpu_threads.h"
+
 #define PAR_MIN 65536  /* elements below which one thread is faster than waking the pool */
 
 /* out = rms_norm(x (+ res_in)) * w; res_out = x + res_in when res_in is given. */
 void pagoda_rms_norm(const float *x, const float *res_in, const float *w, float *out,
                      float *res_out, int64_t M, int64_t H, float eps) {
-    #pragma omp parallel for schedule(static) if (M * H >= PAR_MIN)
+    #pragma omp parallel for schedule(static) num_threads(NTHREADS) if (M * H >= PAR_MIN)
     for (int64_t m = 0; m < M; m++) {
         const float *xr = x + m * H;
         float *orow = out + m * H;
@@ -39,7 +41,7 @@ void pagoda_rms_norm(const float *x, const float *res_in, const float *w, float 
 void pagoda_rotary(float *x, int64_t T, int64_t ts, int64_t heads, int64_t D, int64_t rot,
                    const int64_t *positions, const float *cache) {
     const int64_t half = rot / 2;
-    #pragma omp parallel for schedule(static) if (T * heads * D >= PAR_MIN)
+    #pragma omp parallel for schedule(static) num_threads(NTHREADS) if (T * heads * D >= PAR_MIN)
     for (int64_t t = 0; t < T; t++) {
         const float *c = cache + positions[t] * rot, *s = c + half;
         for (int64_t h = 0; h < heads; h++) {
@@ -56,7 +58,7 @@ void pagoda_rotary(float *x, int64_t T, int64_t ts, int64_t heads, int64_t D, in
 
 /* out[M, d] = silu(x[:, :d]) * x[:, d:] for x [M, 2d]. */
 void pagoda_silu_and_mul(const float *x, float *out, int64_t M, int64_t d) {
-    #pragma omp parallel for schedule(static) if (M * d >= PAR_MIN)
+    #pragma omp parallel for schedule(static) num_threads(NTHREADS) if (M * d >= PAR_MIN)
     for (int64_t m = 0; m < M; m++) {
         const float *g = x + m * 2 * d, *u = g + d;
         float *o = out + m * d;

@@ -11,16 +11,11 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "cpu_simd.h"
+#include "cpu_threads.h"
+
 #define GROUP 32
 #define NB 8  /* weight rows per block: they stay in L1 while token tiles stream past */
-
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
-}
 
 /* One weight row against MT tokens. MT is a literal at every call site, so the accumulators stay
  * in registers (a runtime count spills them to the stack). Each token gets A independent
@@ -57,7 +52,7 @@ static inline __attribute__((always_inline)) void row_tile(
 void pagoda_w8_gemm(const float *x, int64_t M, const uint8_t *qw, const float *sw,
                     const float *mw, int64_t N, int64_t K, const float *bias, float *y) {
     const int64_t G = K / GROUP;
-    #pragma omp parallel for schedule(static)
+    #pragma omp parallel for schedule(static) num_threads(NTHREADS)
     for (int64_t nb = 0; nb < (N + NB - 1) / NB; nb++) {
         const int64_t n0 = nb * NB, n1 = n0 + NB < N ? n0 + NB : N;
         for (int64_t m0 = 0; m0 < M; m0 += 8) {

@@ -58,9 +58,11 @@ class LMHead(_VocabSlice):
         self.weight = tied_to.weight if tied_to is not None else nn.Parameter(
             torch.zeros(self.rows, hidden_size), requires_grad=False)
         self.int8 = None
+        self.gguf = None
 
     def quantize_int8(self, groups=None):
-        """An int8 copy for the matmul; a tied embedding keeps its float table for lookups."""
+        """An int8 copy for the matmul (`groups`: already at hand, from a GGUF's blocks); a tied
+        embedding keeps its float table for lookups."""
         from pagoda.layers.linear import Int8Matmul, int8_supported
         if not int8_supported(self.weight):
             return
@@ -68,8 +70,26 @@ class LMHead(_VocabSlice):
         if not self.tied:
             self.weight = None
 
+    def quantize_packed(self, method: str, blocks=None):
+        """The file's GGUF blocks kept packed for the matmul (`blocks`: [the head's], or None);
+        int4 packs a float head as Q8_0, as llama.cpp keeps its output matrix at 8 bits; else
+        int8. A tied embedding keeps its float table for lookups."""
+        from pagoda.layers.quantization import gguf as gguf_format
+        packed = gguf_format.pack(method, self.weight, [self.weight.shape[0]], blocks, gguf_format.Q8_0)
+        if packed is None:
+            self.quantize_int8()
+            return
+        self.gguf = packed.process(None)
+        if not self.tied:
+            self.weight = None
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.int8(h) if self.int8 is not None else F.linear(h, self.weight)
+        if self.gguf is not None:
+            logits = self.gguf(h)
+        elif self.int8 is not None:
+            logits = self.int8(h)
+        else:
+            logits = F.linear(h, self.weight)
         if self.tp == 1:
             return logits
         from pagoda.distributed.parallel_state import all_gather_last_dim

@@ -1,19 +1,21 @@
 """Linear layers. Merged projections (q|k|v, gate|up) load their shards from the checkpoint's
 separate tensors.
 
-With --quantization int8 weights are stored as int8 (4x fewer bytes than fp32 per decode step,
-which is what a decode step on the CPU is bound by):
-- on the CPU, 8 bits in groups of 32 along K with a scale and minimum each (exact for a GGUF's
-  Q4_0/Q4_1/Q8_0 blocks) and float32 activations, through our AVX2 kernel
-  (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8 is about as fast but scales activations per
-  tensor, and greedy outputs then diverged from float32 at the first token on most C1 prompts;
-- on CUDA, per output channel and weight-only (torch's int8 weight-only kernel).
-
-The other formats live in layers/quantization/ and are a layer's `quant` (create: the float
-weight is loaded; process: `quantize(method)` after loading; apply: `quant(x)`): fp8 (per
-channel, dynamic per-token activations), int4 (W4A16, groups of 128) and AWQ / GPTQ
-checkpoints, whose packed tensors (qweight, qzeros, scales, g_idx) are kept per shard while
-loading (`checkpoint_quant` set by the worker) and unpacked into the same W4A16 format.
+Weight formats (after loading; pagoda/worker/loader.py and worker.py pick), each cutting the
+bytes a step reads, which is what a decode step is bound by:
+- --quantization gguf: a GGUF's own blocks (Q4_0 ... Q6_K), kept packed on the CPU and multiplied
+  with directly (layers/quantization/gguf.py); `int4` on the CPU puts float weights in that
+  format (Q4_1);
+- int8: on the CPU 8 bits in groups of 32 along K with a scale and minimum each and
+  float32 activations, through our AVX2 kernel (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8
+  is about as fast but scales activations per tensor, and greedy outputs then diverged from
+  float32 at the first token on most C1 prompts; on CUDA, per output channel and weight-only
+  (torch's int8 weight-only kernel);
+- the formats of layers/quantization/ that are a layer's `quant` (`quantize(method)` after
+  loading, then `quant(x)`): fp8 (per channel, dynamic per-token activations), int4 on CUDA
+  (W4A16, groups of 128) and AWQ / GPTQ checkpoints, whose packed tensors (qweight, qzeros,
+  scales, g_idx) are kept per shard while loading (`checkpoint_quant` set by the worker) and
+  unpacked into the same W4A16 format; FP8 checkpoints' scales likewise.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from pagoda.kernels import cpu_int8
+from pagoda.layers.quantization import gguf as gguf_format
 
 
 def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +88,7 @@ class Linear(nn.Module):
         self.quant = None             # a layers/quantization method: called instead of F.linear
         self.checkpoint_quant = None  # quantization.checkpoint.CheckpointQuant of an AWQ/GPTQ model
         self._packed: dict[int, dict[str, torch.Tensor]] = {}
+        self.gguf: gguf_format.GGUFLinearMethod | None = None  # packed GGUF blocks (CPU)
 
     def load_full(self, param: str, tensor: torch.Tensor):
         """A checkpoint tensor for the whole (unmerged) layer."""
@@ -104,6 +108,8 @@ class Linear(nn.Module):
         target.data[start:start + size].copy_(tensor)
 
     def quantize_int8(self, groups=None):
+        """int8 weights; `groups`: the CPU format (q, scale, min) already at hand, e.g. read from
+        a GGUF's blocks."""
         if not int8_supported(self.weight):
             return  # stays float (logged once by the kernel loader)
         self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None, groups)
@@ -185,7 +191,21 @@ class Linear(nn.Module):
                              f"{tuple(codes.shape)}, the layer is ({self.in_features}, {self.out_features})")
         return codes, scales, zeros, g_idx
 
+    def quantize_packed(self, method: str, blocks=None):
+        """--quantization gguf | int4: the checkpoint's GGUF blocks of each shard (`blocks`, in
+        order, None where the loader gave floats) kept packed when the kernel takes them all;
+        else int4 packs the floats as Q4_1, and gguf falls back to int8."""
+        bias = self.bias.data if self.bias is not None else None
+        packed = gguf_format.pack(method, self.weight, self.shard_sizes, blocks, gguf_format.Q4_1)
+        if packed is None:
+            self.quantize_int8()
+            return
+        self.gguf = packed.process(bias)
+        self.weight = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gguf is not None:
+            return self.gguf(x)
         if self.quant is not None:
             return self.quant(x)
         if self.int8 is not None:

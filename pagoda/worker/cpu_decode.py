@@ -1,8 +1,9 @@
 """Decode steps of a Llama-family model on the CPU through one C call per layer
 (pagoda/kernels/cpu_decoder.c): the CPU's decode accelerator, as CUDA graphs are the GPU's. The
-model runner uses it when every projection holds 8-bit group weights (the default for a
-quantized GGUF on the CPU). Prefill and mixed steps, other dtypes and devices keep the model's
-per-op forward, which is also this path's reference (tests/test_cpu_kernels.py)."""
+model runner uses it when every projection holds packed GGUF blocks (--quantization gguf, the
+default for a quantized GGUF on the CPU; int4) or 8-bit group weights (int8). Prefill and mixed
+steps, other dtypes and devices keep the model's per-op forward, which is also this path's
+reference (tests/test_cpu_kernels.py)."""
 from __future__ import annotations
 
 import ctypes
@@ -17,7 +18,8 @@ _P, _I64, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
 class _QWeight(ctypes.Structure):
-    _fields_ = [("q", _P), ("scale", _P), ("min", _P), ("bias", _P), ("n", _I64), ("k", _I64)]
+    _fields_ = [("q", _P), ("scale", _P), ("min", _P), ("bias", _P), ("n", _I64), ("k", _I64),
+                ("parts", _P), ("nparts", _I64)]
 
 
 class _Layer(ctypes.Structure):
@@ -39,12 +41,22 @@ def _lib():
 
 
 def _qweight(linear) -> Optional[_QWeight]:
+    g = linear.gguf
+    if g is not None:
+        b = g.bias
+        return _QWeight(None, None, None, b.data_ptr() if b is not None else None, g.n, g.k,
+                        ctypes.addressof(g.c_parts), len(g.c_parts))
     m = linear.int8
     if m is None or not m.cpu:
         return None
     b = m.bias
     return _QWeight(m.qweight.data_ptr(), m.scales.data_ptr(), m.mins.data_ptr(),
-                    b.data_ptr() if b is not None else None, m.qweight.shape[0], m.qweight.shape[1])
+                    b.data_ptr() if b is not None else None, m.qweight.shape[0], m.qweight.shape[1],
+                    None, 0)
+
+
+def _has_bias(linear) -> bool:
+    return (linear.gguf or linear.int8).bias is not None
 
 
 class CpuDecoder:
@@ -75,8 +87,8 @@ class CpuDecoder:
             at, mlp = layer.self_attn, layer.mlp
             cache = at.attn.kv_cache
             ws = [_qweight(x) for x in (at.qkv_proj, at.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-            if (any(w is None for w in ws) or mlp.gate_up_proj.int8.bias is not None
-                    or mlp.down_proj.int8.bias is not None or cache.dtype != torch.float32
+            if (any(w is None for w in ws) or _has_bias(mlp.gate_up_proj)
+                    or _has_bias(mlp.down_proj) or cache.dtype != torch.float32
                     or cache.device.type != "cpu" or cache.numel() == 0
                     or at.num_heads // at.num_kv_heads > 64
                     or at.rotary.cos_sin_cache.dtype != torch.float32):

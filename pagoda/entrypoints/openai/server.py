@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagoda import __version__
 from pagoda.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 
-from .errors import OpenAIError, error_response, from_exception
+from .errors import OpenAIError, error_response, from_exception, quote
 from .frontend import FRONTEND_PATHS, add_frontend_routes
 from .middleware import (OPEN_PATHS, AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
                          RequestContextMiddleware, ServerState)
@@ -33,7 +33,7 @@ from .protocol import (ChatCompletionRequest, ChatCompletionResponse, Classifica
                        ScoreResponse, ServerLoadResponse, TokenizeChatRequest,
                        TokenizeCompletionRequest, TokenizeResponse, VersionResponse)
 from .responses_store import ResponseStore
-from .serving_base import OpenAIServing
+from .serving_base import OpenAIServing, RequestLimits
 from .serving_chat import ServingChat
 from .serving_classification import ServingClassification
 from .serving_completion import ServingCompletion
@@ -58,10 +58,16 @@ _EVENTS = {"text/event-stream": {"schema": {"type": "string"},
                                                 "with a sequence_number"}}
 
 
+def _is_model_tag(part) -> bool:
+    """A Union of request models (/tokenize) names the member model: TokenizeChatRequest."""
+    return isinstance(part, str) and part[:1].isupper()
+
+
 def _is_union_tag(part) -> bool:
     """pydantic names the member of a Union in an error's location ("list[int]", "str", ...)."""
     return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict")
-                                      or "[" in part or part.startswith(("function-", "constrained-")))
+                                      or "[" in part or _is_model_tag(part)
+                                      or part.startswith(("function-", "constrained-")))
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -69,6 +75,16 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     for err in errors:
         if err.get("type") == "json_invalid":
             return f"The request body is not valid JSON: {err.get('ctx', {}).get('error', err.get('msg'))}", None
+    # A Union of models fails once per model: the model whose errors are not all missing fields
+    # is the one the client meant ({"prompt": 5} is a bad prompt, not a chat without messages).
+    members: dict = {}
+    for err in errors:
+        tag = next((x for x in err.get("loc", ()) if _is_model_tag(x)), None)
+        members.setdefault(tag, []).append(err)
+    if len(members) > 1:
+        meant = [m for m in members.values() if any(e.get("type") != "missing" for e in m)]
+        if len(meant) == 1:
+            errors = meant[0]
     # A Union field fails once per member; the member that matched furthest (the deepest
     # location) says what is wrong, e.g. the one out-of-range id of a token-id prompt.
     best: dict = {}
@@ -98,18 +114,14 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        message = (f"Route {request.method} {request.url.path} not found." if exc.status_code == 404
-                   else str(exc.detail))
+        message = (f"Route {quote(request.method)} {quote(request.url.path)} not found."
+                   if exc.status_code == 404 else str(exc.detail))
         return error_response(message, exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, __: ClientDisconnected):
         return Response(status_code=499)  # nobody reads it; recorded in the HTTP metrics
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception):
-        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(f"Internal server error ({type(exc).__name__}).", 500)
+    # Any other exception: a 500 from RequestContextMiddleware (see there why not a handler here).
 
 
 def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, state: ServerState,
@@ -260,8 +272,10 @@ def _add_routes(app: FastAPI, serving: OpenAIServing, metrics: ServerMetrics, st
 
     health_doc = dict(tags=["Operations"], response_class=Response,
                       responses={200: {"description": "Ready (empty body)."}, 503: {"model": ErrorResponse}})
-    app.add_api_route("/health", health, methods=["GET"], summary="Health (200 when ready)", **health_doc)
-    app.add_api_route("/ping", health, methods=["GET", "POST"], summary="Ping (same as /health)",
+    # HEAD too: load balancers probe with it
+    app.add_api_route("/health", health, methods=["GET", "HEAD"], summary="Health (200 when ready)",
+                      **health_doc)
+    app.add_api_route("/ping", health, methods=["GET", "HEAD", "POST"], summary="Ping (same as /health)",
                       **health_doc)
 
     @app.get("/load", response_model=ServerLoadResponse, tags=["Operations"])
@@ -287,6 +301,7 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     engine.add_step_listener(metrics.on_engine_step)
     serving = OpenAIServing(engine, metrics, chat_template=args.chat_template,
                             log_requests=not args.disable_log_requests,
+                            limits=RequestLimits(args.max_stop_strings, args.max_stop_string_length),
                             trust_request_chat_template=getattr(args, "trust_request_chat_template",
                                                                 False),
                             tool_call_parser=(getattr(args, "tool_call_parser", None)
@@ -297,8 +312,22 @@ def build_app(engine: Any, args: Any) -> FastAPI:
                                  ResponseStore(getattr(args, "responses_store_size", 1000),
                                                getattr(args, "responses_store_ttl", 3600.0)))
 
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def start_draining() -> None:
+        """Called from the signal handler: new requests get 503 from now on; streams still
+        running after --shutdown-timeout are ended (finish_reason "abort", [DONE])."""
+        def begin() -> None:
+            if not state.draining:
+                state.draining = True
+                loop.call_later(args.shutdown_timeout, serving.end_all)
+        if loop is not None:
+            loop.call_soon_threadsafe(begin)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        nonlocal loop
+        loop = asyncio.get_running_loop()
         stats_task = None
         if not args.disable_log_stats:
             stats_task = asyncio.create_task(_log_stats(StatsLogger(engine), args.log_stats_interval))
@@ -313,11 +342,13 @@ def build_app(engine: Any, args: Any) -> FastAPI:
             serving.close()
 
     docs = not args.disable_fastapi_docs
+    # redirect_slashes off: "/v1/completions/" is a 404, not a 307 to a URL built from the Host header
     app = FastAPI(title="pagoda", version=__version__, lifespan=lifespan, root_path=args.root_path or "",
                   description="OpenAI-compatible API served by pagoda.",
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
-                  openapi_url="/openapi.json" if docs else None)
+                  openapi_url="/openapi.json" if docs else None, redirect_slashes=False)
     app.state.server = state
+    app.state.start_draining = start_draining
     app.state.serving = serving
     app.state.metrics = metrics
     _install_error_handlers(app)
@@ -330,7 +361,7 @@ def build_app(engine: Any, args: Any) -> FastAPI:
     # add_middleware wraps: the last one added runs first
     app.add_middleware(AdmissionMiddleware, state=state, limit=args.max_concurrent_requests)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=args.max_request_body_size,
-                       max_audio_bytes=max_audio)
+                       max_audio_bytes=max_audio, timeout_s=args.request_body_timeout)
     if args.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=args.api_key,
                            open_paths=OPEN_PATHS | FRONTEND_PATHS if frontend else OPEN_PATHS)

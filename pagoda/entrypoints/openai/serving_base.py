@@ -2,10 +2,11 @@
 SamplingParams, starting an engine request, and following its outputs until it ends.
 
 Prompts are tokenized here (not in the engine) so ``usage`` reports exactly the tokenizer's
-counts, and on a dedicated single thread so long prompts never stall the event loop (one thread
-also keeps the Rust tokenizer from being borrowed twice at once). Chat templates render in a
-pool of their own, under a time budget (pagoda.inputs.chat_template), so one slow template
-never holds up another request's tokenizing or rendering.
+counts, in a pool of tokenizer threads (pagoda.inputs.tokenizer_pool) so long prompts never
+stall the event loop or each other; a prompt longer than any that could fit in max_model_len is
+refused by its length before it is tokenized. Chat templates render in a pool of their own,
+under a time budget (pagoda.inputs.chat_template), so one slow template never holds up another
+request's tokenizing or rendering.
 """
 from __future__ import annotations
 
@@ -16,13 +17,16 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from starlette.requests import Request
 
 from pagoda.engine.async_llm import EngineDeadError, RequestFailedError
+from pagoda.engine.detokenizer import StopStringMatcher, stop_matcher
 from pagoda.inputs.chat_template import Budget, image_urls, render_chat
+from pagoda.inputs.tokenizer_pool import TokenizerPool, longest_token_chars
 from pagoda.metrics import RequestTracker, ServerMetrics
 from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
@@ -30,7 +34,8 @@ from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
 from .errors import OpenAIError, model_not_found
 from .logprobs import TokenText
-from .protocol import LOGIT_BIAS_RANGE, ChatMessage, SamplingFields
+from .middleware import Admission
+from .protocol import LOGIT_BIAS_RANGE, MAX_PROMPTS, ChatMessage, SamplingFields
 from .reasoning_parsers import get_reasoning_parser
 from .streams import unless_disconnected
 from .tool_parsers import get_tool_parser
@@ -51,6 +56,28 @@ def bad_request(e: ValueError) -> OpenAIError:
     message = str(e)
     m = re.match(r"([a-z_][a-z0-9_]*)(:| must| is)", message)
     return OpenAIError(message, param=m.group(1) if m else None)
+
+
+@dataclass
+class RequestLimits:
+    """What one request may ask for (server flags); stop strings cost the engine per token."""
+    max_stop_strings: int = 64
+    max_stop_string_length: int = 1024
+
+
+# A prompt of more characters than max_model_len x (the longest token's characters) x this
+# cannot fit; the margin covers tokenizers that drop characters (BERT drops whitespace).
+PROMPT_CHARS_MARGIN = 4
+
+
+def _build_stop_matcher(_tokenizer, stops: tuple[str, ...]) -> StopStringMatcher:
+    return stop_matcher(stops)  # found by the detokenizers while the caller holds it
+
+
+def check_count(count: int, param: str, what: str) -> None:
+    if count > MAX_PROMPTS:
+        raise OpenAIError(f"{param}: {count} {what}, but at most {MAX_PROMPTS} are allowed in one "
+                          "request (as OpenAI's API).", param=param)
 
 
 def engine_error(e: BaseException) -> OpenAIError:
@@ -101,8 +128,10 @@ def _message_dict(m: ChatMessage, index: int, multimodal: bool = False) -> dict:
 class OpenAIServing:
     def __init__(self, engine: Any, metrics: ServerMetrics, chat_template: Optional[str] = None,
                  log_requests: bool = True, tool_call_parser: Optional[str] = None,
-                 trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None):
+                 trust_request_chat_template: bool = False, reasoning_parser: Optional[str] = None,
+                 limits: Optional[RequestLimits] = None):
         self.engine = engine
+        self.limits = limits or RequestLimits()
         self.trust_request_chat_template = trust_request_chat_template
         # set by --enable-auto-tool-choice --tool-call-parser NAME
         self.tool_parser = get_tool_parser(tool_call_parser) if tool_call_parser else None
@@ -119,7 +148,9 @@ class OpenAIServing:
         self.log_requests = log_requests
         self.vocab_limit = len(self.tokenizer) if self.tokenizer is not None else self.vocab_size
         self.token_text = TokenText(self.tokenizer)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagoda-tokenizer")
+        self._pool = TokenizerPool(self.tokenizer) if self.tokenizer is not None else None
+        self.max_prompt_chars = (self.max_model_len * longest_token_chars(self.tokenizer)
+                                 * PROMPT_CHARS_MARGIN if self.tokenizer is not None else None)
         self._render_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pagoda-render")
         self._background: set[asyncio.Task] = set()
         self.multimodal = bool(getattr(mc, "is_multimodal", False))
@@ -127,12 +158,23 @@ class OpenAIServing:
         if self.multimodal:
             from .serving_media import ServingMedia
             self.media = ServingMedia(engine)
+        self._live: set[str] = set()  # engine requests being followed
+        self.closing = False  # set when the shutdown timeout is up: no new engine requests
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.close()
         self._render_pool.shutdown(wait=False, cancel_futures=True)
         if self.media is not None:
             self.media.close()
+
+    def end_all(self) -> None:
+        """Abort every engine request in flight (the shutdown timeout is up): each stream ends
+        with finish_reason "abort" and ``[DONE]``, each plain response with what it has, instead
+        of being cut mid-body when uvicorn gives up on it."""
+        self.closing = True
+        for rid in list(self._live):
+            self.abort_soon(rid)
 
     # ------------------------------------------------------------------------------ checks
     def check_model(self, name: Optional[str]) -> None:
@@ -143,33 +185,68 @@ class OpenAIServing:
         if not self.engine.is_healthy():
             raise OpenAIError("The engine is not running; the server is restarting or broken.", 503,
                               code="engine_dead", headers={"Retry-After": "5"})
+        if self.closing:
+            raise OpenAIError("The server is shutting down; retry on another replica.", 503,
+                              code="shutting_down", headers={"Retry-After": "5"})
+
+    @staticmethod
+    def admit(raw: Optional[Request], sequences: int, param: str) -> None:
+        """Count a request that runs several sequences (prompts x n) toward
+        --max-concurrent-requests: 429 when they do not fit now, 400 when they never would.
+        `raw` None: a background response, no longer an HTTP request to count."""
+        if raw is None:
+            return
+        admission: Optional[Admission] = raw.scope.get("state", {}).get("admission")
+        if admission is not None:
+            admission.need(sequences, param)
 
     # -------------------------------------------------------------------------- tokenizing
     async def off_loop(self, fn: Callable[..., T], *args, **kwargs) -> T:
-        """Run tokenizer work on the tokenizer thread; ValueError-like failures become a 400."""
+        """``fn(tokenizer, ...)`` on a tokenizer thread; ValueError-like failures become a 400."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, partial(fn, *args, **kwargs))
+            return await self._pool.run(fn, *args, **kwargs)
         except ValueError as e:  # UnicodeError included
             raise bad_request(e) from e
 
-    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("prompt: text needs a tokenizer (started with --skip-tokenizer-init); "
-                             "send token ids")
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+    def check_prompt_chars(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, text too long to fit in max_model_len in any case."""
+        limit = self.max_prompt_chars
+        if limit is not None and chars > limit:
+            raise OpenAIError(f"{param}: {chars} characters cannot fit in max_model_len "
+                              f"{self.max_model_len} tokens (this server tokenizes at most {limit} "
+                              "characters of one prompt).", param=param)
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self.off_loop(self._encode, text, add_special_tokens)
+    @staticmethod
+    def _encode(tokenizer, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        except TypeError as e:  # what the Rust tokenizer raises on text it cannot take
+            raise ValueError(f"{param}: the text cannot be tokenized ({e})") from None
+
+    async def encode(self, text: str, add_special_tokens: bool = True,
+                     param: str = "prompt") -> list[int]:
+        if self.tokenizer is None:
+            raise OpenAIError(f"{param}: text needs a tokenizer (started with "
+                              "--skip-tokenizer-init); send token ids", param=param)
+        self.check_prompt_chars(len(text), param)
+        return await self.off_loop(self._encode, text, add_special_tokens, param)
+
+    async def encode_pair(self, text_1: str, text_2: str, params: tuple[str, str]) -> dict:
+        """A text pair as one cross-encoder prompt, tokenized on a tokenizer thread."""
+        for text, param in zip((text_1, text_2), params):
+            self.check_prompt_chars(len(text), param)
+        encode_pair = self.engine.processor.encode_pair
+        return await self.off_loop(lambda tok, a, b: encode_pair(a, b, tokenizer=tok), text_1, text_2)
 
     async def decode(self, token_ids: list[int]) -> str:
         if self.tokenizer is None:
             return ""
-        return await self.off_loop(self.tokenizer.decode, token_ids)
+        return await self.off_loop(lambda tok, ids: tok.decode(ids), token_ids)
 
     async def token_strs(self, token_ids: list[int]) -> list[str]:
         if self.tokenizer is None:
             return [f"token_id:{t}" for t in token_ids]
-        return await self.off_loop(self.tokenizer.convert_ids_to_tokens, token_ids)
+        return await self.off_loop(lambda tok, ids: tok.convert_ids_to_tokens(ids), token_ids)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         limit = self.vocab_limit
@@ -185,7 +262,7 @@ class OpenAIServing:
         """The rendered conversation's token ids (image parts stay their placeholders)."""
         text, _ = await self._render_messages(messages, add_generation_prompt, continue_final_message,
                                               chat_template, template_kwargs, tools)
-        return await self.encode(text, add_special_tokens)
+        return await self.encode(text, add_special_tokens, param="messages")
 
     async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
                           continue_final_message: bool, chat_template: Optional[str],
@@ -196,8 +273,8 @@ class OpenAIServing:
                                                  chat_template, template_kwargs, tools)
         urls = image_urls(msgs) if self.media is not None else []
         if not urls:
-            return await self.encode(text, False)
-        return await self.media.prompt(text, urls, lambda t: self.encode(t, False))
+            return await self.encode(text, False, param="messages")
+        return await self.media.prompt(text, urls, lambda t: self.encode(t, False, param="messages"))
 
     async def _render_messages(self, messages: list[ChatMessage], add_generation_prompt: bool,
                                continue_final_message: bool, chat_template: Optional[str],
@@ -216,6 +293,9 @@ class OpenAIServing:
                               "(the operator can allow them with --trust-request-chat-template).",
                               param="chat_template")
         msgs = [_message_dict(m, i, self.multimodal) for i, m in enumerate(messages)]
+        self.check_prompt_chars(sum(len(m["content"]) if isinstance(m["content"], str) else
+                                    sum(len(p.get("text") or "") for p in m["content"]) for m in msgs),
+                                "messages")
         text = await self.render(msgs, add_generation_prompt=add_generation_prompt,
                                  continue_final_message=continue_final_message,
                                  chat_template=chat_template or self.chat_template, tools=tools,
@@ -237,6 +317,21 @@ class OpenAIServing:
             raise bad_request(e) from e
 
     # -------------------------------------------------------------------------- sampling
+    def check_stop(self, stop: Optional[list[str]], stop_ids: Optional[list[int]]) -> None:
+        """Stop strings and ids are checked on every generated token: bound how many, how long."""
+        lim = self.limits
+        for name, items in (("stop", stop), ("stop_token_ids", stop_ids)):
+            if items and len(items) > lim.max_stop_strings:
+                raise OpenAIError(f"{name}: {len(items)} given, but at most {lim.max_stop_strings} "
+                                  "are allowed (--max-stop-strings).", param=name)
+        longest = max(map(len, stop), default=0) if stop else 0
+        if longest > lim.max_stop_string_length:
+            raise OpenAIError(f"stop: a stop string of {longest} characters, but at most "
+                              f"{lim.max_stop_string_length} are allowed (--max-stop-string-length).",
+                              param="stop")
+        if stop_ids:
+            self.check_token_ids(stop_ids, "stop_token_ids")
+
     def sampling_params(self, req: SamplingFields, *, max_tokens: Optional[int], prompt_len: int,
                         logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
                         structured_outputs: Optional[StructuredOutputsParams] = None) -> SamplingParams:
@@ -258,6 +353,10 @@ class OpenAIServing:
                                       f"[-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}].", param="logit_bias")
                 bias[tid] = value
 
+        stop = [req.stop] if isinstance(req.stop, str) else req.stop
+        stop_ids = sorted(set(req.stop_token_ids)) if req.stop_token_ids else None
+        self.check_stop(stop, stop_ids)
+
         def given(value, default):
             return default if value is None else value
         try:
@@ -267,8 +366,8 @@ class OpenAIServing:
                 presence_penalty=given(req.presence_penalty, 0.0),
                 frequency_penalty=given(req.frequency_penalty, 0.0),
                 repetition_penalty=given(req.repetition_penalty, 1.0), seed=req.seed,
-                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=req.stop,
-                stop_token_ids=req.stop_token_ids,
+                max_tokens=max_tokens, min_tokens=req.min_tokens, stop=stop,
+                stop_token_ids=stop_ids,
                 include_stop_str_in_output=req.include_stop_str_in_output, ignore_eos=req.ignore_eos,
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
                 skip_special_tokens=req.skip_special_tokens,
@@ -285,6 +384,10 @@ class OpenAIServing:
         prompt_ids: token ids, or a prompt dict (images: chat_prompt's). `raw` None: no client to
         watch (a background response)."""
         self.check_engine()
+        matcher = None  # held until the first output: the request's detokenizers have it then
+        if params.stop and self._pool is not None:  # built here, not on the event loop
+            matcher = await self.off_loop(_build_stop_matcher, tuple(params.stop))
+        self._live.add(request_id)
         if self.log_requests:
             logger.info("request %s (X-Request-Id %s): %d prompt tokens%s, %s", request_id,
                         raw.scope.get("state", {}).get("request_id") if raw is not None else None,
@@ -294,6 +397,7 @@ class OpenAIServing:
                         else " (audio)" if isinstance(prompt_ids, dict) and "encoder_features" in prompt_ids
                         else "", params)
         gen = self.engine.generate(prompt_ids, params, request_id)
+        first = None
         try:
             first = await (unless_disconnected(raw, gen.__anext__()) if raw is not None else gen.__anext__())
         except ValueError as e:
@@ -305,6 +409,10 @@ class OpenAIServing:
         except BaseException:
             self.abort_soon(request_id)
             raise
+        finally:
+            if first is None:
+                self._live.discard(request_id)
+        del matcher  # the request's detokenizers hold it from here
         return first, gen
 
     async def start_all(self, raw: Request, prompts: list[list[int]], params: list[SamplingParams],
@@ -315,6 +423,7 @@ class OpenAIServing:
         if errors:
             for s, rid in zip(started, request_ids):
                 if not isinstance(s, BaseException):
+                    self._live.discard(rid)
                     self.abort_soon(rid)
             raise errors[0]
         return started  # type: ignore[return-value]
@@ -350,6 +459,7 @@ class OpenAIServing:
                     finished = last.finished
                     yield last
         finally:
+            self._live.discard(request_id)
             if not finished:
                 tracker.finish(last, reason="abort")
                 self.abort_soon(request_id)
@@ -406,19 +516,23 @@ class OpenAIServing:
                 why += " Scores need an embedding model or a cross-encoder with one label."
         raise OpenAIError(why, param="model", code="unsupported")
 
-    async def text_inputs(self, items: Any, add_special_tokens: bool, param: str = "input") -> list[dict]:
-        """An OpenAI `input` (a string, strings, token ids or token-id lists) as prompts."""
+    async def text_inputs(self, raw: Request, items: Any, add_special_tokens: bool,
+                          param: str = "input") -> list[dict]:
+        """An OpenAI `input` (a string, strings, token ids or token-id lists) as prompts; each
+        input is one engine request, admitted as such before any is tokenized."""
         if isinstance(items, str) or (items and isinstance(items[0], int)):
             items = [items]
         if not items:
             raise OpenAIError(f"{param} must not be empty.", param=param)
+        check_count(len(items), param, "inputs")
+        self.admit(raw, len(items), param)
         prompts = []
         for i, item in enumerate(items):
             if not item:
                 raise OpenAIError(f"{param}: item {i} is empty; every input needs at least one "
                                   "character or token.", param=param)
             if isinstance(item, str):
-                prompts.append({"prompt_token_ids": await self.encode(item, add_special_tokens)})
+                prompts.append({"prompt_token_ids": await self.encode(item, add_special_tokens, param)})
             else:
                 self.check_token_ids(item, param)
                 prompts.append({"prompt_token_ids": list(item)})
@@ -449,7 +563,7 @@ class OpenAIServing:
                           prefix: str) -> tuple[str, list[PoolingRequestOutput], int]:
         """An `input` field run with `params`, everything checked first: (request id, outputs in
         order, prompt tokens read)."""
-        prompts = await self.text_inputs(items, add_special_tokens)
+        prompts = await self.text_inputs(raw, items, add_special_tokens)
         self.check_pooling(prompts, params)
         request_id = random_id(prefix)
         outs = await self.pool(raw, prompts, params, request_id)

@@ -193,6 +193,7 @@ class ServingChat:
         s.check_model(req.model)
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError("top_logprobs requires logprobs to be true.", param="top_logprobs")
+        s.admit(raw, req.n, "n")
         forced = forced_tools(req.tools, req.tool_choice, req.parallel_tool_calls is not False)
         parser = self._tool_parser(req, forced)
         constraint = from_request(req)

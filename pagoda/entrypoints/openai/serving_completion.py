@@ -18,7 +18,7 @@ from pagoda.outputs import CompletionOutput, RequestOutput
 from .errors import OpenAIError
 from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from .serving_base import OpenAIServing, random_id
+from .serving_base import OpenAIServing, check_count, random_id
 from .serving_chat import usage_of
 from .structured_outputs import from_request, validated
 from .streams import SSE_DONE, SSEResponse, json_response, merge, sse, sse_error
@@ -42,16 +42,19 @@ class ServingCompletion:
     def __init__(self, serving: OpenAIServing):
         self.s = serving
 
-    async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+    @staticmethod
+    def _items(req: CompletionRequest) -> list:
         p = req.prompt
         if isinstance(p, str):
-            items: list = [p]
-        elif not p:
+            return [p]
+        if not p:
             raise OpenAIError("prompt must not be empty.", param="prompt")
-        elif isinstance(p[0], int):
-            items = [p]
-        else:
-            items = list(p)
+        if isinstance(p[0], int):
+            return [p]
+        check_count(len(p), "prompt", "prompts")
+        return list(p)
+
+    async def _prompts(self, req: CompletionRequest, items: list) -> list[Prompt]:
         prompts = []
         for item in items:
             if isinstance(item, str):
@@ -71,7 +74,10 @@ class ServingCompletion:
         if req.best_of is not None and req.best_of != req.n:
             raise OpenAIError(f"best_of={req.best_of} is not supported; only best_of equal to n "
                               f"({req.n}) is.", param="best_of", code="unsupported")
-        prompts = await self._prompts(req)
+        items = self._items(req)
+        # each prompt runs n sequences: admitted as such, before any of them is tokenized
+        s.admit(raw, len(items) * req.n, "prompt" if len(items) > 1 else "n")
+        prompts = await self._prompts(req, items)
         want_prompt_lp = req.echo and req.logprobs is not None
         constraint = await validated(from_request(req))  # response_format / guided_*: 400 if bad
         params = [s.sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(p.ids),

@@ -18,7 +18,7 @@ from pagoda.inputs.score import cosine, distinct, score_pairs
 
 from .protocol import (RerankRequest, RerankResponse, RerankResult, RerankResultDocument, RerankUsage,
                        ScoreData, ScoreRequest, ScoreResponse, UsageInfo)
-from .serving_base import OpenAIServing, bad_request, random_id
+from .serving_base import OpenAIServing, bad_request, check_count, random_id
 from .streams import json_response
 
 
@@ -31,17 +31,21 @@ class ServingScore:
                       ) -> tuple[list[float], int]:
         """(one score per pair, tokens read)."""
         s = self.s
+        check_count(len(pairs), names[1], "pairs")
         if s.engine.model_config.pooling_kind == "classify":  # a cross-encoder: one input a pair
+            s.admit(raw, len(pairs), names[1])  # one engine request a pair, before tokenizing
             params = s.pooling_params(task="score", activation=activation, truncate_prompt_tokens=truncate)
-            prompts = [await s.off_loop(s.engine.processor.encode_pair, a, b) for a, b in pairs]
+            prompts = [await s.encode_pair(a, b, names) for a, b in pairs]
             s.check_pooling(prompts, params, names[1])
             outs = await s.pool(raw, prompts, params, request_id)
             return [float(o.outputs.data[0]) for o in outs], sum(len(o.prompt_token_ids) for o in outs)
         params = s.pooling_params(task="embed", truncate_prompt_tokens=truncate)
         texts = distinct(pairs)
         firsts = {a for a, _ in pairs}
-        prompts = [{"prompt_token_ids": await s.encode(t)} for t in texts]
-        s.check_pooling(prompts, params, [names[0] if t in firsts else names[1] for t in texts])
+        s.admit(raw, len(texts), names[1])
+        fields = [names[0] if t in firsts else names[1] for t in texts]
+        prompts = [{"prompt_token_ids": await s.encode(t, param=f)} for t, f in zip(texts, fields)]
+        s.check_pooling(prompts, params, fields)
         outs = dict(zip(texts, await s.pool(raw, prompts, params, request_id)))
         return ([cosine(outs[a].outputs.data, outs[b].outputs.data) for a, b in pairs],
                 sum(len(o.prompt_token_ids) for o in outs.values()))

@@ -262,8 +262,9 @@ class ServingTranscription:
     async def _decode(self, token_ids: list[int]) -> str:
         """A window's whole text from its tokens (the incremental detokenizer holds back an
         unfinished UTF-8 sequence at the end; the final text is the tokenizer's own decode)."""
-        tok = self.s.tokenizer
-        return await self.s.off_loop(tok.decode, token_ids, skip_special_tokens=True)
+        # off_loop calls fn(tokenizer, ...) with the tokenizer thread's own copy
+        return await self.s.off_loop(lambda tok, ids: tok.decode(ids, skip_special_tokens=True),
+                                     token_ids)
 
     async def _stream(self, streams: list[AsyncIterator], request_id: str,
                       usage: TranscriptionUsage) -> AsyncIterator[str]:
