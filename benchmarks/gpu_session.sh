@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_session.sh w1-http      # W1 offline and W1-HTTP, both shapes (issue 10)
 #   bash benchmarks/gpu_session.sh latency      # batch-1 decode, both shapes
 #   bash benchmarks/gpu_session.sh sampling     # W1 greedy vs sampled / penalties / logprobs=5 (issue 11)
+#   bash benchmarks/gpu_session.sh quant        # W1: KV auto/int8/fp8 (Qwen3-0.6B), bf16/fp8 weights (Llama-3-8B)
 #   bash benchmarks/gpu_session.sh vision       # V1 images/s: transformers, offline, serve (issue 12)
 #   bash benchmarks/gpu_session.sh structured   # W1 half under a JSON schema vs free (issue 14;
 #                                               # first `bash benchmarks/gpu_structured.sh prepare` here)
@@ -28,7 +29,10 @@ python3 -c "import torch, triton, transformers; print(torch.__version__, triton.
 case "${1:-tests}" in
   tests)
     python3 -m pytest -q tests/test_gpu.py tests/test_gpu_sliding_window.py -p no:cacheprovider 2>&1 \
-      | tee "$OUT/test_gpu.txt" | tail -15 ;;
+      | tee "$OUT/test_gpu.txt" | tail -15
+    # its own process: the CPU test files switch Triton to the interpreter
+    python3 -m pytest -q tests/test_gpu_quant.py -p no:cacheprovider 2>&1 \
+      | tee "$OUT/test_gpu_quant.txt" | tail -15 ;;
   w1-http)
     for shape in qwen3-0.6b llama3-8b; do
       timeout 280 python3 benchmarks/w1_http_vs_offline.py --model-shape "$shape" --engine-core process \
@@ -58,6 +62,8 @@ case "${1:-tests}" in
       --num-images "${VISION_IMAGES:-512}" --out "$OUT/v1.json" 2>&1 | tee "$OUT/v1.txt" | tail -12 ;;
   structured)
     OUT="$OUT" NO_WHEELS=1 bash benchmarks/gpu_structured.sh ;;
+  quant)
+    python3 benchmarks/quant_w1.py --out "$OUT/quant_w1.json" 2>&1 | tee "$OUT/quant_w1.txt" ;;
   *)
-    echo "usage: $0 tests|w1-http|latency|sampling|vision|structured" >&2; exit 2 ;;
+    echo "usage: $0 tests|w1-http|latency|sampling|vision|structured|quant" >&2; exit 2 ;;
 esac

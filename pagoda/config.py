@@ -157,6 +157,11 @@ _TASK_MEANING = {"auto": ("auto", "auto"), "generate": ("generate", "auto"),
                  "embed": ("pooling", "embed"), "embedding": ("pooling", "embed"),
                  "classify": ("pooling", "classify"), "score": ("pooling", "auto")}
 
+QUANT_METHODS = ("gguf", "int8", "fp8", "int4", "awq", "gptq", "none")
+KV_CACHE_DTYPES = ("auto", "int8", "int4", "fp8", "fp8_e4m3", "fp8_e5m2")
+# LMDeploy's --quant-policy: 0 = as the model, 4 = 4-bit KV, 8 = 8-bit KV
+_QUANT_POLICY = {"0": "auto", "4": "int4", "8": "int8"}
+
 _DTYPE_ALIASES = {"half": "float16", "fp16": "float16", "float": "float32", "fp32": "float32",
                   "bf16": "bfloat16"}
 
@@ -179,10 +184,13 @@ class EngineArgs:
     quantization: Optional[str] = flag(
         None, "Weight quantization. gguf (CPU): a GGUF's own 4/5/6/8-bit blocks kept packed and "
         "multiplied with directly. int8: 8-bit weights (CPU: groups of 32 with a scale and min; "
-        "CUDA: weight-only per channel). int4 (CPU): float weights packed as 4-bit Q4_1 blocks for "
-        "the gguf kernel. Activations stay float. none: weights in --dtype. Default: gguf for a "
-        "quantized GGUF on the CPU, else none.", aliases=("-q", "quantize"),
-        choices=("gguf", "int8", "int4", "none"))
+        "CUDA: weight-only per channel). int4: 4-bit weights (CPU: float weights packed as Q4_1 "
+        "blocks for the gguf kernel; CUDA: groups of 128 with 16-bit activations, W4A16). fp8: "
+        "float8 weights per channel with per-token activation scales (fp8 tensor cores on "
+        "Ada/Hopper). awq, gptq: 4-bit checkpoints, found from their quantization_config (the flag "
+        "may be left out; so may fp8 for an FP8 checkpoint). none: weights in --dtype. Default: "
+        "the checkpoint's format; gguf for a quantized GGUF on the CPU; else none.",
+        aliases=("-q", "quantize"), choices=QUANT_METHODS)
     max_model_len: Optional[int] = flag(None, "Longest prompt + output per request (default: the "
                                         "model's max_position_embeddings).", aliases=("session-len",))
     load_format: str = flag("auto", "auto = read the checkpoint; dummy = random weights of the "
@@ -224,6 +232,13 @@ class EngineArgs:
                              "does not swap to CPU memory.", group="KV cache")
     enable_prefix_caching: bool = flag(True, "Reuse KV blocks of shared prompt prefixes.",
                                        group="KV cache")
+    kv_cache_dtype: str = flag(
+        "auto", "How the KV cache holds keys and values. auto: in --dtype. int8 / int4: "
+        "asymmetric, a scale and zero per token per KV head (int4: two values a byte); about 2x / "
+        "3.5x the tokens of a 16-bit cache in the same memory. fp8 (= fp8_e4m3), fp8_e5m2: one "
+        "scale per tensor (1.0). --quant-policy is LMDeploy's spelling: 0 = auto, 4 = int4, "
+        "8 = int8.", group="KV cache", aliases=("quant-policy",),
+        choices=KV_CACHE_DTYPES + tuple(_QUANT_POLICY))
     # Scheduler
     max_num_seqs: Optional[int] = flag(
         None, "Most requests in one batch (default 512 on a GPU with 70+ GiB, 256 on smaller GPUs, "
@@ -258,9 +273,6 @@ class EngineArgs:
     backend: Optional[str] = flag(None, "LMDeploy's engine choice, accepted for its command lines: "
                                   "pagoda has one engine, so it is logged and ignored.",
                                   group="Scheduler", choices=("turbomind", "pytorch"))
-    quant_policy: int = flag(0, "LMDeploy's KV-cache quantization (4 = int4, 8 = int8). Not "
-                             "supported yet: only 0 (off) is accepted.", group="KV cache",
-                             choices=(0, 4, 8))
     # Multimodal (vision-language models)
     limit_mm_per_prompt: Optional[dict] = flag(
         None, "Most items of each modality one prompt may carry, as JSON: '{\"image\": 4}'. "
@@ -302,6 +314,8 @@ class EngineArgs:
             self.served_model_name = [self.served_model_name]
         if isinstance(self.kv_cache_memory, str):
             self.kv_cache_memory = parse_bytes(self.kv_cache_memory)
+        kv = str(self.kv_cache_dtype).strip().lower()
+        self.kv_cache_dtype = {"fp8": "fp8_e4m3", **_QUANT_POLICY}.get(kv, kv)
         try:
             self.structured_outputs_config = structured_outputs_config(self.structured_outputs_config)
         except argparse.ArgumentTypeError as e:
@@ -356,12 +370,14 @@ class EngineArgs:
         if self.data_parallel_size > 1 and self.tensor_parallel_size > 1 and self.nnodes > 1:
             bad("nnodes", "data parallelism across several hosts is not supported; run one "
                 "--data-parallel-size per host")
-        if self.quantization not in (None, "gguf", "int8", "int4", "none"):
-            bad("quantization", f"unknown method {self.quantization!r}; supported: gguf, int8, int4, "
-                "none")
-        if self.quantization in ("gguf", "int4") and self.device.startswith("cuda"):
-            bad("quantization", f"{self.quantization} runs on the CPU only so far; use int8 or none on "
-                "CUDA")
+        if self.quantization is not None and self.quantization not in QUANT_METHODS:
+            bad("quantization", f"unknown method {self.quantization!r}; supported: "
+                f"{', '.join(QUANT_METHODS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            bad("kv-cache-dtype", f"unknown cache dtype {self.kv_cache_dtype!r}; use "
+                f"{', '.join(KV_CACHE_DTYPES)} (or --quant-policy 0, 4 or 8)")
+        if self.quantization == "gguf" and self.device.startswith("cuda"):
+            bad("quantization", "gguf runs on the CPU only so far; use int8, int4 or fp8 on CUDA")
         if self.threads is not None and self.threads < 1:
             bad("threads", f"must be >= 1, got {self.threads}")
         if self.load_format not in ("auto", "dummy"):
@@ -376,11 +392,6 @@ class EngineArgs:
             bad("convert", f"{self.convert} makes a pooling model; it needs --runner pooling (or auto)")
         if self.backend not in (None, "turbomind", "pytorch"):
             bad("backend", f"unknown backend {self.backend!r}; LMDeploy's are turbomind and pytorch")
-        if self.quant_policy not in (0, 4, 8):
-            bad("quant-policy", f"must be 0, 4 or 8, got {self.quant_policy}")
-        if self.quant_policy:
-            bad("quant-policy", f"{self.quant_policy} (KV-cache int{self.quant_policy}) is not supported "
-                "yet; leave the flag out (or pass 0)")
         for modality, n in (self.limit_mm_per_prompt or {}).items():
             if modality != "image":
                 bad("limit-mm-per-prompt", f"unknown modality {modality!r}; supported: image")

@@ -216,6 +216,23 @@ def random_prompts(n: int, lo: int, hi: int, vocab: int, seed: int = 0) -> list[
     return [[rng.randrange(100, vocab - 100) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
 
 
+def scattered_blocks(lens: list[int], block_size: int, spare: int = 3):
+    """Block tables for requests of `lens` tokens over blocks in random order (a few spare),
+    and the slot of every token: (num_blocks, block_tables int32, slot_mapping int64)."""
+    import torch
+    per = [-(-n // block_size) for n in lens]
+    nb = sum(per) + spare
+    perm = torch.randperm(nb)
+    bt = torch.zeros(len(lens), max(per), dtype=torch.int32)
+    i = 0
+    for r, p in enumerate(per):
+        bt[r, :p] = perm[i:i + p]
+        i += p
+    slots = torch.cat([bt[r].long().repeat_interleave(block_size)[:n] * block_size
+                       + torch.arange(n) % block_size for r, n in enumerate(lens)])
+    return nb, bt, slots
+
+
 def assert_same_outputs(got, ref, atol: float = 1e-4):
     """Two runs of the same prompts: equal tokens, and each returned logprob within atol."""
     for a, b in zip(got, ref, strict=True):

@@ -140,7 +140,7 @@ def test_chat_template_file_or_inline(tmp_path):
     (["serve", "--port", "0"], "--port"),
     (["serve", "--tensor-parallel-size", "0"], "--tensor-parallel-size"),
     (["serve", "--threads", "0"], "--threads"),
-    (["serve", "--quantization", "int4", "--device", "cuda"], "--quantization"),
+    (["serve", "--quantization", "gguf", "--device", "cuda"], "--quantization"),
 ])
 def test_cli_errors_are_one_line(argv, flag):
     out = run_cli(*argv)

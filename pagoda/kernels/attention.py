@@ -13,16 +13,23 @@ Layouts (shared with the Triton kernels in this package):
   the KV-cache manager is free to hand them to other requests).
 - logits_soft_cap (None = off): scores become cap * tanh(scores / cap) before the softmax
   (Gemma 2's attn_logit_softcapping).
+- kv_quant (None = the cache holds K/V in the model's dtype): a quantized cache (int8, int4,
+  fp8; kv_quant.py has the formats). Its values are quantized on write and only the blocks a
+  step reads are dequantized; for int4 the cache's last dim is head_dim / 2.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from pagoda.kernels.kv_quant import KVQuant, read_blocks, write_cache_torch
+
 
 def reshape_and_cache_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                            slot_mapping: torch.Tensor) -> None:
+                            slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
     """Write this step's K/V into the paged cache at slot_mapping (padding slots < 0 skipped)."""
+    if kv_quant is not None:
+        return write_cache_torch(k, v, kv_cache, kv_quant, slot_mapping)
     nb, bs = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, nb * bs, kv_cache.shape[3], kv_cache.shape[4])
     if bool((slot_mapping < 0).any()):
@@ -37,17 +44,19 @@ def window_start(pos: int, sliding_window: int | None) -> int:
     return 0 if sliding_window is None else max(0, pos - sliding_window + 1)
 
 
-def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int):
+def _gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int,
+               kv_quant: KVQuant | None = None, dtype: torch.dtype = torch.float32):
     """[end - start, kv_heads, head_dim] K and V of keys start..end-1 of one request, read
-    through its block table (blocks before `start`'s are not touched)."""
+    through its block table (blocks before `start`'s are not touched); a quantized cache's
+    values come back as `dtype`."""
     bs = kv_cache.shape[2]
     first, last = start // bs, (end + bs - 1) // bs
     blocks = block_table[first:last].long()
     lo = start - first * bs
-    shape = ((last - first) * bs, kv_cache.shape[3], kv_cache.shape[4])
-    k = kv_cache[0, blocks].reshape(shape)[lo:lo + end - start]
-    v = kv_cache[1, blocks].reshape(shape)[lo:lo + end - start]
-    return k, v
+    k = read_blocks(kv_cache, kv_quant, 0, blocks, dtype)
+    v = read_blocks(kv_cache, kv_quant, 1, blocks, dtype)
+    shape = ((last - first) * bs, k.shape[2], k.shape[3])
+    return k.reshape(shape)[lo:lo + end - start], v.reshape(shape)[lo:lo + end - start]
 
 
 def _scores(q: torch.Tensor, kt: torch.Tensor, scale: float, cap: float | None) -> torch.Tensor:
@@ -62,32 +71,34 @@ def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, query_start_l
                           query_start_loc_cpu: list[int] | None = None,
                           seq_lens_cpu: list[int] | None = None,
                           step_cache: dict | None = None, sliding_window: int | None = None,
-                          logits_soft_cap: float | None = None) -> torch.Tensor:
+                          logits_soft_cap: float | None = None,
+                          kv_quant: KVQuant | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its cached KV (written beforehand).
 
     Requests with one query token (decodes) are batched into one padded matmul; each
     multi-token request (prefill chunk) gets its own SDPA call. Host copies of the offsets can be
     passed to avoid device syncs.
     """
-    num_tokens, num_heads, head_dim = q.shape
-    num_kv_heads = kv_cache.shape[3]
-    group = num_heads // num_kv_heads
+    num_heads = q.shape[1]
+    group = num_heads // kv_cache.shape[3]
     qsl = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc.tolist()
     sl = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
     out = torch.empty_like(q)
     decodes = [r for r in range(len(sl)) if qsl[r + 1] - qsl[r] == 1]
     if decodes:
         _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group,
-                      step_cache if step_cache is not None else {}, sliding_window, logits_soft_cap)
+                      step_cache if step_cache is not None else {}, sliding_window, logits_soft_cap,
+                      kv_quant)
     prefill_attention_torch(q, kv_cache, block_tables, scale, qsl, sl, out, sliding_window,
-                            logits_soft_cap)
+                            logits_soft_cap, kv_quant)
     return out
 
 
 def prefill_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             scale: float, qsl: list[int], sl: list[int], out: torch.Tensor,
                             sliding_window: int | None = None,
-                            logits_soft_cap: float | None = None) -> None:
+                            logits_soft_cap: float | None = None,
+                            kv_quant: KVQuant | None = None) -> None:
     """Requests with more than one query token (prefill chunks), one SDPA call each, into out."""
     group = q.shape[1] // kv_cache.shape[3]
     for r in range(len(sl)):
@@ -97,7 +108,7 @@ def prefill_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table
             continue
         n = sl[r]
         lo = window_start(n - ql, sliding_window)  # the first query's window start
-        k, v = _gather_kv(kv_cache, block_tables[r], lo, n)
+        k, v = _gather_kv(kv_cache, block_tables[r], lo, n, kv_quant, q.dtype)
         qr = q[qs:qe].transpose(0, 1).unsqueeze(0)                    # [1, H, ql, D]
         kr = k.transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)  # [1, H, n - lo, D]
         vr = v.transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)
@@ -117,7 +128,7 @@ def prefill_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, block_table
 
 
 def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group, memo,
-                  sliding_window=None, logits_soft_cap=None):
+                  sliding_window=None, logits_soft_cap=None, kv_quant=None):
     bs = kv_cache.shape[2]
     key = ("decode", sliding_window)  # sliding and global layers of one step differ
     if key not in memo:
@@ -138,9 +149,9 @@ def _decode_batch(q, kv_cache, block_tables, scale, qsl, sl, decodes, out, group
         memo[key] = (tok, nblk, bt, valid)
     tok, nblk, bt, valid = memo[key]
     B = len(decodes)
-    kvh, d = kv_cache.shape[3], kv_cache.shape[4]
-    k = kv_cache[0][bt].reshape(B, nblk * bs, kvh, d)                 # [B, L, kvh, D]
-    v = kv_cache[1][bt].reshape(B, nblk * bs, kvh, d)
+    kvh, d = kv_cache.shape[3], q.shape[2]
+    k = read_blocks(kv_cache, kv_quant, 0, bt, q.dtype).reshape(B, nblk * bs, kvh, d)  # [B, L, kvh, D]
+    v = read_blocks(kv_cache, kv_quant, 1, bt, q.dtype).reshape(B, nblk * bs, kvh, d)
     qb = q[tok].view(B, kvh, group, d)                                # [B, kvh, G, D]
     k = k.permute(0, 2, 3, 1)                                         # [B, kvh, D, L]
     scores = _scores(qb.to(k.dtype), k, scale, logits_soft_cap)         # [B, kvh, G, L]

@@ -1,6 +1,7 @@
 """Paged attention on the CPU: decode tokens through the C kernel in cpu_attention.c, prefill
 chunks through the torch reference (one SDPA call per request, already efficient on the CPU).
-Falls back to the torch reference entirely for non-float32 or when the kernel cannot be built."""
+Falls back to the torch reference entirely for non-float32, for a quantized cache (the C kernel
+reads float32 K/V only, so far) or when the kernel cannot be built."""
 from __future__ import annotations
 
 import ctypes
@@ -9,6 +10,7 @@ import torch
 
 from pagoda.kernels import cpu_build
 from pagoda.kernels.attention import paged_attention_torch, prefill_attention_torch
+from pagoda.kernels.kv_quant import KVQuant
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
@@ -26,15 +28,16 @@ def paged_attention_cpu(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc
                         query_start_loc_cpu: list[int] | None = None,
                         seq_lens_cpu: list[int] | None = None,
                         step_cache: dict | None = None, sliding_window: int | None = None,
-                        logits_soft_cap: float | None = None) -> torch.Tensor:
+                        logits_soft_cap: float | None = None,
+                        kv_quant: KVQuant | None = None) -> torch.Tensor:
     """Same contract as paged_attention_torch."""
     num_heads = q.shape[1]
     usable = (q.device.type == "cpu" and q.dtype == torch.float32 and kv_cache.dtype == torch.float32
-              and num_heads // kv_cache.shape[3] <= 64 and _lib() is not None)
+              and kv_quant is None and num_heads // kv_cache.shape[3] <= 64 and _lib() is not None)
     if not usable:
         return paged_attention_torch(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
                                      query_start_loc_cpu, seq_lens_cpu, step_cache,
-                                     sliding_window, logits_soft_cap)
+                                     sliding_window, logits_soft_cap, kv_quant)
     qsl = query_start_loc_cpu if query_start_loc_cpu is not None else query_start_loc.tolist()
     sl = seq_lens_cpu if seq_lens_cpu is not None else seq_lens.tolist()
     memo = step_cache if step_cache is not None else {}

@@ -9,6 +9,7 @@ import torch
 
 from .activation import silu_and_mul_torch
 from .attention import paged_attention_torch, reshape_and_cache_torch
+from .kv_quant import KVQuant
 from .norm import fused_add_rms_norm_torch, rms_norm_torch
 from .rotary import rotary_embedding_torch
 
@@ -27,11 +28,12 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
-    """Write k, v [T, kv_heads, D] into kv_cache at slot_mapping (slots < 0 skipped)."""
+                      slot_mapping: torch.Tensor, kv_quant: KVQuant | None = None) -> None:
+    """Write k, v [T, kv_heads, D] into kv_cache at slot_mapping (slots < 0 skipped), quantized
+    when kv_quant says how."""
     if use_triton(kv_cache):
-        return reshape_and_cache_triton(k, v, kv_cache, slot_mapping)
-    return reshape_and_cache_torch(k, v, kv_cache, slot_mapping)
+        return reshape_and_cache_triton(k, v, kv_cache, slot_mapping, kv_quant)
+    return reshape_and_cache_torch(k, v, kv_cache, slot_mapping, kv_quant)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
@@ -40,14 +42,16 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
                     seq_lens_cpu: list[int] | None = None, *, max_query_len: int | None = None,
                     max_seq_len: int | None = None, out: torch.Tensor | None = None,
                     sliding_window: int | None = None,
-                    logits_soft_cap: float | None = None) -> torch.Tensor:
+                    logits_soft_cap: float | None = None,
+                    kv_quant: KVQuant | None = None) -> torch.Tensor:
     """Causal attention of each request's new queries over its paged KV (see attention.py).
 
     On the GPU pass max_query_len (a Python int; 1 = decode-only step, which enables split-K).
     It is derived from query_start_loc_cpu when that is given instead. max_seq_len only sizes
     split-K; leave it None under CUDA graphs (the block-table width is used). `out`, if given,
     receives the result (a preallocated buffer for graph capture). sliding_window and
-    logits_soft_cap are the layer's (None = off), as in attention.py.
+    logits_soft_cap are the layer's (None = off), as in attention.py; kv_quant the cache's
+    format (None = the model's dtype).
     """
     if use_triton(q):
         if max_query_len is None and query_start_loc_cpu is not None:
@@ -58,10 +62,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: to
         return paged_attention_triton(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
                                       max_query_len=max_query_len, max_seq_len=max_seq_len,
                                       out=out, sliding_window=sliding_window,
-                                      logits_soft_cap=logits_soft_cap)
+                                      logits_soft_cap=logits_soft_cap, kv_quant=kv_quant)
     res = paged_attention_torch(q, kv_cache, query_start_loc, seq_lens, block_tables, scale,
                                 query_start_loc_cpu, seq_lens_cpu, sliding_window=sliding_window,
-                                logits_soft_cap=logits_soft_cap)
+                                logits_soft_cap=logits_soft_cap, kv_quant=kv_quant)
     if out is not None:
         out.copy_(res)
         return out

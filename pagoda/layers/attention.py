@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pagoda.kernels.kv_quant import KVQuant
 from pagoda.platforms import current_platform
 
 
@@ -47,7 +48,8 @@ def get_attention_metadata() -> AttentionMetadata:
 
 class Attention(nn.Module):
     """Writes this step's K/V into the layer's cache by slot mapping, then attends through the
-    block tables. `kv_cache` is bound by the model runner after the cache is allocated.
+    block tables. `kv_cache` (and `kv_quant`, the format of a quantized cache) are bound by the
+    model runner after the cache is allocated.
     sliding_window: this layer's window (a query at p sees keys in (p - window, p]); None = global.
     logits_soft_cap: cap * tanh(score / cap) on the scaled scores; None = off."""
 
@@ -59,21 +61,23 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap
         self.kv_cache: torch.Tensor = torch.empty(0)
+        self.kv_quant: Optional[KVQuant] = None
         self.ops = current_platform().ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = get_attention_metadata()
         ops = self.ops
-        ops.reshape_and_cache(k, v, self.kv_cache, m.slot_mapping)
+        kvq = self.kv_quant
+        ops.reshape_and_cache(k, v, self.kv_cache, m.slot_mapping, kvq)
         if ops.triton:
             return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
                                        self.scale, max_query_len=m.max_query_len,
                                        max_seq_len=m.max_seq_len, sliding_window=self.sliding_window,
-                                       logits_soft_cap=self.logits_soft_cap)
+                                       logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
         return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
                                    self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache,
                                    sliding_window=self.sliding_window,
-                                   logits_soft_cap=self.logits_soft_cap)
+                                   logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
 
 
 @dataclass

@@ -1,16 +1,21 @@
 """Linear layers. Merged projections (q|k|v, gate|up) load their shards from the checkpoint's
 separate tensors.
 
-Weight formats (`quantize_packed` / `quantize_int8`, after loading; pagoda/worker/loader.py
-picks), each cutting the bytes a decode step reads, which is what a decode step on the CPU is
-bound by:
+Weight formats (after loading; pagoda/worker/loader.py and worker.py pick), each cutting the
+bytes a step reads, which is what a decode step is bound by:
 - --quantization gguf: a GGUF's own blocks (Q4_0 ... Q6_K), kept packed on the CPU and multiplied
-  with directly (layers/quantization/gguf.py); `int4` puts float weights in that format (Q4_1);
+  with directly (layers/quantization/gguf.py); `int4` on the CPU puts float weights in that
+  format (Q4_1);
 - int8: on the CPU 8 bits in groups of 32 along K with a scale and minimum each and
   float32 activations, through our AVX2 kernel (pagoda/kernels/cpu_int8.c). fbgemm's dynamic int8
   is about as fast but scales activations per tensor, and greedy outputs then diverged from
   float32 at the first token on most C1 prompts; on CUDA, per output channel and weight-only
-  (torch's int8 weight-only kernel).
+  (torch's int8 weight-only kernel);
+- the formats of layers/quantization/ that are a layer's `quant` (`quantize(method)` after
+  loading, then `quant(x)`): fp8 (per channel, dynamic per-token activations), int4 on CUDA
+  (W4A16, groups of 128) and AWQ / GPTQ checkpoints, whose packed tensors (qweight, qzeros,
+  scales, g_idx) are kept per shard while loading (`checkpoint_quant` set by the worker) and
+  unpacked into the same W4A16 format; FP8 checkpoints' scales likewise.
 """
 from __future__ import annotations
 
@@ -34,6 +39,12 @@ def int8_supported(w: torch.Tensor) -> bool:
     if w.device.type != "cpu":
         return True
     return w.shape[1] % cpu_int8.GROUP == 0 and cpu_int8.available()
+
+
+# the tensors of a quantized checkpoint's layer besides (or instead of) its weight: AWQ / GPTQ,
+# and FP8's scales (per tensor / channel, or per 2-D block)
+PACKED_PARAMS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv",
+                 "input_scale")
 
 
 class Int8Matmul:
@@ -74,6 +85,9 @@ class Linear(nn.Module):
         # output rows of each shard of a merged projection, in order
         self.shard_sizes = shard_sizes or [out_features]
         self.int8: Int8Matmul | None = None
+        self.quant = None             # a layers/quantization method: called instead of F.linear
+        self.checkpoint_quant = None  # quantization.checkpoint.CheckpointQuant of an AWQ/GPTQ model
+        self._packed: dict[int, dict[str, torch.Tensor]] = {}
         self.gguf: gguf_format.GGUFLinearMethod | None = None  # packed GGUF blocks (CPU)
 
     def load_full(self, param: str, tensor: torch.Tensor):
@@ -81,6 +95,8 @@ class Linear(nn.Module):
         self.load_shard(0, param, tensor)
 
     def load_shard(self, shard: int, param: str, tensor: torch.Tensor):
+        if param in PACKED_PARAMS:
+            return self._load_packed(shard, param, tensor)
         start = sum(self.shard_sizes[:shard])
         size = self.shard_sizes[shard]
         target = self.weight if param == "weight" else self.bias
@@ -99,6 +115,82 @@ class Linear(nn.Module):
         self.int8 = Int8Matmul(self.weight.data, self.bias.data if self.bias is not None else None, groups)
         self.weight = None
 
+    def _load_packed(self, shard: int, param: str, tensor) -> None:
+        if self.checkpoint_quant is None:
+            raise ValueError(f"checkpoint has a {param} (a quantized layer) but its config names no "
+                             "AWQ/GPTQ/FP8 quantization")
+        self._packed.setdefault(shard, {})[param] = (tensor if isinstance(tensor, torch.Tensor)
+                                                     else torch.as_tensor(tensor[:]))
+
+    def quantize(self, method: str) -> None:
+        """Put the loaded weight in --quantization `method`'s format: fp8 | int4 online, or the
+        AWQ / GPTQ shards kept while loading (on the CPU: dequantized once into the float
+        weight, which the matmul then reads)."""
+        from pagoda.layers.quantization import fp8, int4
+        bias = self.bias.data if self.bias is not None else None
+        if self._packed and self.checkpoint_quant.method == "fp8":
+            self._dequantize_fp8_shards()
+        if self._packed:
+            codes, scales, zeros, g_idx = self._unpack_shards()
+            if self.weight.device.type != "cuda":
+                self.weight.data.copy_(int4.from_groups(codes, scales, zeros, g_idx, self._group(),
+                                                        None, self.weight.dtype).dequantize())
+                return
+            self.quant = int4.from_groups(codes, scales, zeros, g_idx, self._group(), bias,
+                                          self.weight.dtype)
+        elif method == "fp8":
+            self.quant = fp8.Fp8LinearMethod(self.weight.data, bias)
+        elif method == "int4":
+            if self.in_features % int4.GROUP:
+                return  # stays float: no whole groups of 128
+            codes, scales, zeros = int4.rtn(self.weight.data)
+            self.quant = int4.Int4LinearMethod(codes, scales, zeros, int4.GROUP, bias, self.weight.dtype)
+        else:
+            return
+        self.weight = None
+
+    def _dequantize_fp8_shards(self) -> None:
+        """An FP8 checkpoint's shards: their fp8 values (loaded into the float weight) times their
+        scales, so that fp8.Fp8LinearMethod quantizes the merged rows per channel again (the
+        checkpoint's activation scales are not used: activations are scaled per token)."""
+        from pagoda.layers.quantization.fp8 import checkpoint_scales
+        start = 0
+        for shard, size in enumerate(self.shard_sizes):
+            t = self._packed.get(shard, {})
+            rows = self.weight.data[start:start + size]
+            rows.copy_(rows.float() * checkpoint_scales(t, rows.shape, self.checkpoint_quant.block))
+            start += size
+        self._packed = {}
+
+    def _group(self) -> int:
+        g = self.checkpoint_quant.group
+        return self.in_features if g <= 0 else g
+
+    def _unpack_shards(self):
+        """The AWQ / GPTQ shards, unpacked and joined along N: codes [K, N], scales, zeros, g_idx."""
+        from pagoda.layers.quantization import awq, gptq
+        cq, parts = self.checkpoint_quant, []
+        for shard in range(len(self.shard_sizes)):
+            t = self._packed.get(shard, {})
+            need = ("qweight", "qzeros", "scales")
+            if any(n not in t for n in need):
+                raise ValueError(f"--quantization {cq.method}: a layer's shard {shard} lacks "
+                                 f"{[n for n in need if n not in t]}")
+            if cq.method == "awq":
+                parts.append((*awq.unpack(t["qweight"], t["qzeros"], t["scales"]), None))
+            else:
+                parts.append(gptq.unpack(t["qweight"], t["qzeros"], t["scales"], t.get("g_idx"),
+                                         self._group(), cq.v2_zeros))
+        self._packed = {}
+        g_idx = parts[0][3]
+        if any(p[3] is not None and not torch.equal(p[3], g_idx) for p in parts[1:]):
+            raise ValueError("--quantization gptq: merged projections with different g_idx")
+        codes, zeros, scales = (torch.cat([p[i] for p in parts], 1) for i in range(3))
+        if tuple(codes.shape) != (self.in_features, self.out_features):
+            raise ValueError(f"--quantization {cq.method}: packed weight unpacks to "
+                             f"{tuple(codes.shape)}, the layer is ({self.in_features}, {self.out_features})")
+        return codes, scales, zeros, g_idx
+
     def quantize_packed(self, method: str, blocks=None):
         """--quantization gguf | int4: the checkpoint's GGUF blocks of each shard (`blocks`, in
         order, None where the loader gave floats) kept packed when the kernel takes them all;
@@ -114,6 +206,8 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gguf is not None:
             return self.gguf(x)
+        if self.quant is not None:
+            return self.quant(x)
         if self.int8 is not None:
             return self.int8(x)
         return F.linear(x, self.weight, self.bias)
@@ -152,6 +246,8 @@ class ColumnParallelLinear(Linear):
         self._starts = [(r * p // n) * (size // p) for size, p in zip(full, parts)]
 
     def load_shard(self, shard: int, param: str, tensor):
+        if param in PACKED_PARAMS:  # one rank only (quantized formats refuse tensor parallelism)
+            return super().load_shard(shard, param, tensor)
         size = self.shard_sizes[shard]
         super().load_shard(shard, param, _narrow_rows(tensor, self._starts[shard], size))
 
@@ -171,6 +267,8 @@ class RowParallelLinear(Linear):
         self.tp, self._start = n, tp_rank() * (in_features // n)
 
     def load_shard(self, shard: int, param: str, tensor):
+        if param in PACKED_PARAMS:
+            return super().load_shard(shard, param, tensor)
         if param == "weight":
             t = tensor[:, self._start:self._start + self.in_features]
             tensor = t if isinstance(t, torch.Tensor) else torch.as_tensor(t)

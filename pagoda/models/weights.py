@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pagoda.layers.embedding import shape_of
-from pagoda.layers.linear import Linear
+from pagoda.layers.linear import PACKED_PARAMS, Linear
 
 # checkpoint name fragment -> (our merged module fragment, shard index)
 QKV_PACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2)}
@@ -38,7 +38,13 @@ def load_named(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                     break
         else:
             if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no place in {type(module).__name__}")
+                mod_name, _, pname = name.rpartition(".")
+                mod = module.get_submodule(mod_name) if pname in PACKED_PARAMS else None
+                if not isinstance(mod, Linear):
+                    raise ValueError(f"checkpoint tensor {name!r} has no place in {type(module).__name__}")
+                mod.load_full(pname, tensor)  # a quantized checkpoint's qweight, scales, ...
+                loaded.add(name)
+                continue
             p = params[name]
             shape = shape_of(tensor)
             if shape != tuple(p.shape) and len(shape) > 2:

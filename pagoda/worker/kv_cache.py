@@ -1,6 +1,8 @@
 """KV-cache tensors and their sizing.
 
-One preallocated tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim]. The number
+One preallocated tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim] (with
+--kv-cache-dtype int8/int4/fp8: the quantized values, and for int8/int4 a float16 tensor of
+(scale, zero) pairs beside it; layers/quantization/kv_cache.py). The number
 of blocks comes from --num-gpu-blocks-override, else from a byte budget: --kv-cache-memory, or on
 CUDA --gpu-memory-utilization x total memory minus what weights and a profiled max-size forward
 pass use; on CPU 1 GiB by default.
@@ -8,25 +10,25 @@ pass use; on CPU 1 GiB by default.
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
+
+from pagoda.kernels.kv_quant import KVQuant
+from pagoda.layers.quantization.kv_cache import KVCacheFormat
 
 logger = logging.getLogger("pagoda.kv_cache")
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 
 
-def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                    dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
-
-
-def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                      head_dim: int, dtype: torch.dtype, device) -> list[torch.Tensor]:
-    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+def allocate_kv_cache(fmt: KVCacheFormat, num_layers: int, num_blocks: int, block_size: int,
+                      device) -> list[tuple[torch.Tensor, Optional[KVQuant]]]:
+    """Per layer: the cache tensor and, for a quantized cache, how it holds its values."""
     if torch.device(device).type == "cpu":
-        return [_lazy_zeros(shape, dtype) for _ in range(num_layers)]
-    return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        return fmt.allocate(num_layers, num_blocks, block_size, _lazy_zeros)
+    return fmt.allocate(num_layers, num_blocks, block_size,
+                        lambda shape, dtype: torch.zeros(shape, dtype=dtype, device=device))
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
 from pagoda.layers.pooler import Pooler
+from pagoda.layers.quantization.kv_cache import KVCacheFormat
 from pagoda.sample import ops as sample_ops
 from pagoda.sample.logprobs import LogprobsLists, LogprobsTensors
 from pagoda.sample.grammar_bitmask import apply_token_bitmask
@@ -122,7 +123,7 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config, device: torch.device, dtype: torch.dtype,
                  block_size: int, max_num_seqs: int, max_model_len: int, seed: int = 0,
-                 pooler: Optional[Pooler] = None):
+                 pooler: Optional[Pooler] = None, kv_cache_dtype: str = "auto"):
         self.model = model
         self.config = config
         self.device = device
@@ -136,6 +137,7 @@ class ModelRunner:
         self.num_layers = len(attn)
         self.num_kv_heads = attn[0].num_kv_heads if attn else 0
         self.head_dim = attn[0].head_dim if attn else 0
+        self.kv_format = KVCacheFormat(kv_cache_dtype, dtype, self.num_kv_heads, self.head_dim)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size),
@@ -165,14 +167,14 @@ class ModelRunner:
 
     # -- KV cache -------------------------------------------------------------------------------
     def block_bytes(self) -> int:
-        return kvc.bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim,
-                                   self.dtype)
+        return self.kv_format.block_bytes(self.num_layers, self.block_size)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.kv_caches = kvc.allocate_kv_cache(self.num_layers, num_blocks, self.block_size,
-                                               self.num_kv_heads, self.head_dim, self.dtype, self.device)
-        for layer, cache in zip(self.model.attention_layers(), self.kv_caches):
-            layer.kv_cache = cache
+        caches = kvc.allocate_kv_cache(self.kv_format, self.num_layers, num_blocks, self.block_size,
+                                       self.device)
+        self.kv_caches = [c for c, _ in caches]
+        for layer, (cache, quant) in zip(self.model.attention_layers(), caches):
+            layer.kv_cache, layer.kv_quant = cache, quant
         self.num_blocks = num_blocks
         self.cpu_decoder = None
         if self.device.type == "cpu" and self.dtype == torch.float32 and num_blocks:
@@ -217,7 +219,7 @@ class ModelRunner:
         del h
         self.kv_caches = []
         for layer in self.model.attention_layers():
-            layer.kv_cache = torch.empty(0)
+            layer.kv_cache, layer.kv_quant = torch.empty(0), None
         torch.cuda.empty_cache()
         return peak
 

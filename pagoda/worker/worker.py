@@ -82,14 +82,17 @@ class Worker:
                 model = model_cls(mc.mm_hf_config or hf, **kwargs)
         finally:
             torch.set_default_dtype(prev)
-        self.quantization = q = self._pick_quantization()
+        self.quantization = q = self._pick_quantization(model)
         # a GGUF's quantized matrices go to the layers as they are (no float round trip): packed
         # blocks (gguf, int4) or Q4/Q8 blocks as int8 groups; one rank only (the others slice floats)
-        kept = ({} if q in ("gguf", "int4", "int8") and self.device.type == "cpu"
+        on_cpu = self.device.type == "cpu"
+        kept = ({} if q in ("gguf", "int4", "int8") and on_cpu
                 and self.parallel.world_size == 1 else None)
         self._load_weights(model, kept, "int8" if q == "int8" else "gguf")
-        if q in ("gguf", "int4", "int8"):
+        if q in ("gguf", "int8") or (q == "int4" and on_cpu):
             loader.quantize_weights(model, q, kept)
+        elif q != "none":  # fp8, int4 on CUDA, awq, gptq
+            self._quantize_linears(model)
         del kept
         self.model = model.eval()
         self.startup.mark("weights")
@@ -115,7 +118,8 @@ class Worker:
             self.embedding_size = mc.embedding_size
         self.pooler = pooler
         self.runner = ModelRunner(model, hf, self.device, self.dtype, args.block_size, self.max_num_seqs,
-                                  mc.max_model_len, args.seed, pooler=pooler)
+                                  mc.max_model_len, args.seed, pooler=pooler,
+                                  kv_cache_dtype=args.kv_cache_dtype)
         self.num_blocks = 0
         self.encoder_cache_size = 0  # embedding rows the encoder cache holds (multimodal models)
         if mc.is_multimodal:
@@ -151,24 +155,40 @@ class Worker:
                    disable=None)
         with loader.loading_threads():
             loaded = model.load_weights(bar)
+        # an AWQ / GPTQ layer's packed tensors stand for its weight
+        loaded = {n.replace(".qweight", ".weight") for n in loaded}
         missing = model.expected_weights() - loaded
         if missing:
             raise ValueError(f"--model: checkpoint is missing {len(missing)} weight(s), e.g. "
                              f"{sorted(missing)[:3]}")
 
-    def _pick_quantization(self) -> str:
+    def _pick_quantization(self, model) -> str:
         """vLLM runs a GGUF's quantized weights as they are (--quantization gguf); so does
         pagoda on the CPU, multiplying with the file's blocks in pagoda/kernels/cpu_gguf.c
-        (tests/test_fidelity.py runs the bundled GGUF this way against transformers)."""
+        (tests/test_fidelity.py runs the bundled GGUF this way against transformers). An AWQ /
+        GPTQ / FP8 checkpoint's linear layers are told its format before they load."""
+        from pagoda.layers.linear import Linear
+        from pagoda.layers.quantization import checkpoint
         q = self.args.quantization
         src = self.source
         on_cpu = self.device.type == "cpu"
-        if q in ("gguf", "int4") and not on_cpu:
-            raise ValueError(f"--quantization: {q} runs on the CPU only so far; use int8 or none on "
-                             f"{self.device.type}")
+        if not src.gguf_file:
+            q, ckpt = checkpoint.resolve(q, self.model_config.hf_config)
+            if ckpt is not None:
+                for m in model.modules():
+                    if isinstance(m, Linear):
+                        m.checkpoint_quant = ckpt
+        if q == "gguf" and not on_cpu:
+            raise ValueError(f"--quantization: gguf runs on the CPU only so far; use int8, int4 or "
+                             f"fp8 on {self.device.type}")
         if q == "gguf" and not src.gguf_file:
             raise ValueError("--quantization: gguf needs a .gguf model; for this checkpoint use int4 "
                              "or int8")
+        if q in checkpoint.CHECKPOINT_METHODS + ("fp8",) or (q == "int4" and not on_cpu):
+            if self.parallel.world_size > 1:
+                raise ValueError(f"--quantization: {q} runs on one device; use --tensor-parallel-size 1")
+            if self.model_config.is_pooling and not self.model_config.pooling_model.decoder:
+                raise ValueError(f"--quantization: {q} is not supported for encoder (BERT, RoBERTa) models")
         if q is None:
             q = "none"
             if src.gguf_file and on_cpu and self.args.load_format != "dummy":
@@ -181,6 +201,16 @@ class Worker:
             logger.info("--quantization %s: each tensor-parallel rank packs its slice of the float "
                         "weights (%s)", q, "int8 groups" if q == "gguf" else "Q4_1 blocks")
         return q
+
+    def _quantize_linears(self, model) -> None:
+        """fp8 / int4 / AWQ / GPTQ: every linear layer in that format (the LM head stays in
+        --dtype, as vLLM keeps it)."""
+        from pagoda.layers.linear import Linear
+        for m in model.modules():
+            if isinstance(m, Linear):
+                m.quantize(self.quantization)
+        logger.info("weights: %s (%d linear layers)", self.quantization,
+                    sum(isinstance(m, Linear) and m.quant is not None for m in model.modules()))
 
     # -- memory ---------------------------------------------------------------------------------
     def determine_num_blocks(self) -> int:
@@ -217,6 +247,11 @@ class Worker:
         else:
             n = kvc.CPU_DEFAULT_KV_BYTES // block_bytes
         n = all_reduce_min(n)  # every rank must hold the same blocks
+        fmt = runner.kv_format
+        if fmt.kind is not None:
+            logger.info("KV cache %s: %d blocks (%d tokens), %d bytes a block; %.2fx the tokens of a "
+                        "16-bit cache in the same memory", fmt.kind, n, n * args.block_size,
+                        block_bytes, fmt.capacity_vs(torch.bfloat16))
         kvc.check_fits(n, args.block_size, max_model_len, on_cuda)
         return n
 

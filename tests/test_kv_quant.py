@@ -1,0 +1,192 @@
+"""Quantized KV cache (--kv-cache-dtype int8 | int4 | fp8, LMDeploy's --quant-policy): the torch
+reference of the formats, the Triton cache-write and attention kernels against it (under
+TRITON_INTERPRET=1 at small sizes), the flag, and the memory plan's bytes."""
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as in test_kernels.py)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import scattered_blocks  # noqa: E402
+from pagoda.config import EngineArgs, engine_flags  # noqa: E402
+from pagoda.kernels.attention import paged_attention_torch, reshape_and_cache_torch  # noqa: E402
+from pagoda.kernels.kv_quant import KVQuant, dequantize, quantize, storage  # noqa: E402
+from pagoda.layers.quantization.kv_cache import KVCacheFormat  # noqa: E402
+
+QUANTIZED = ("int8", "int4")
+
+
+def _cache(kind, nb, bs, kvh, d):
+    sdt, last = storage(kind, d, torch.float32)
+    params = torch.zeros(2, nb, bs, kvh, 2, dtype=torch.float16) if kind in QUANTIZED else None
+    return torch.zeros(2, nb, bs, kvh, last, dtype=sdt), (KVQuant(kind, params) if kind else None)
+
+
+# -- the formats ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,levels", [("int8", 255), ("int4", 15)])
+def test_asymmetric_round_trip_is_within_half_a_step(kind, levels):
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 40) * torch.tensor([0.1, 1.0, 30.0])[None, :, None] + 2.0
+    data, params = quantize(x, kind)
+    assert params.dtype == torch.float16 and params.shape == (7, 3, 2)
+    assert data.dtype == torch.uint8 and data.shape[-1] == (40 if kind == "int8" else 20)
+    scale, zero = params[..., 0].float(), params[..., 1].float()
+    # the pair: the row's range over the levels, its minimum (both float16-rounded)
+    assert torch.allclose(scale, ((x.amax(-1) - x.amin(-1)) / levels).half().float())
+    assert torch.equal(zero, x.amin(-1).half().float())
+    err = (dequantize(data, params, kind) - x).abs()
+    assert (err <= scale[..., None] * 0.5 + 1e-3 * x.abs().amax()).all()
+    # a constant row (zero range) comes back exactly
+    c = torch.full((1, 1, 40), 3.25)
+    assert torch.equal(dequantize(*quantize(c, kind), kind), c)
+
+
+def test_int4_packs_even_elements_low_nibble():
+    x = torch.tensor([[[0.0, 15.0, 1.0, 14.0]]])  # scale 1, zero 0: codes are the values
+    data, params = quantize(x, "int4")
+    assert data.tolist() == [[[0 | (15 << 4), 1 | (14 << 4)]]]
+    assert dequantize(data, params, "int4").tolist() == x.tolist()
+
+
+@pytest.mark.parametrize("kind", ["fp8_e4m3", "fp8_e5m2"])
+def test_fp8_saturates_instead_of_nan(kind):
+    x = torch.tensor([[[1e6, -1e6, 0.3, 2.0]]])
+    data, _ = quantize(x, kind, scale=2.0)
+    back = dequantize(data, None, kind, scale=2.0)
+    assert torch.isfinite(back).all()
+    limit = 448.0 if kind == "fp8_e4m3" else 57344.0
+    assert back[0, 0, 0] == 2.0 * limit and back[0, 0, 1] == -2.0 * limit
+    assert abs(back[0, 0, 3] - 2.0) < 1e-6 and abs(back[0, 0, 2] - 0.3) < 0.03
+
+
+def _paged_batch(kind, lens, qlens, kvh=2, heads=6, d=24, bs=4, seed=0):
+    """A quantized cache holding every request's K/V (written by the torch reference), the
+    queries of each request's last qlens tokens, and their metadata."""
+    torch.manual_seed(seed)
+    nb, bt, slots = scattered_blocks(lens, bs)
+    k = torch.randn(sum(lens), kvh, d) * 2
+    v = torch.randn(sum(lens), kvh, d)
+    cache, kvq = _cache(kind, nb, bs, kvh, d)
+    reshape_and_cache_torch(k, v, cache, slots, kvq)
+    q = torch.randn(sum(qlens), heads, d)
+    qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
+    return q, cache, kvq, qsl, torch.tensor(lens, dtype=torch.int32), bt, slots, k, v
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8_e4m3"])
+def test_reference_attends_over_the_dequantized_values(kind):
+    """The quantized reference = the float reference over a float cache holding exactly the
+    dequantized values (so the reference itself is checked, not only the kernels against it)."""
+    lens, qlens = [9, 5, 13, 1], [3, 1, 13, 1]
+    q, cache, kvq, qsl, sl, bt, slots, *_ = _paged_batch(kind, lens, qlens)
+    fcache = dequantize(cache, kvq.params, kind) if kind in QUANTIZED else dequantize(cache, None, kind)
+    ref = paged_attention_torch(q, fcache, qsl, sl, bt, 0.3)
+    got = paged_attention_torch(q, cache, qsl, sl, bt, 0.3, kv_quant=kvq)
+    assert torch.allclose(got, ref, atol=1e-5)
+    # and it approximates attention over the unquantized K/V (same seed: same K/V and queries)
+    _, fp_cache, _, *_ = _paged_batch(None, lens, qlens)
+    exact = paged_attention_torch(q, fp_cache, qsl, sl, bt, 0.3)
+    bound = {"int8": 0.06, "int4": 0.8, "fp8_e4m3": 0.4}[kind]
+    assert 0 < (got - exact).abs().max() < bound
+
+
+def test_memory_plan_counts_the_smaller_bytes():
+    for d, want8, want4 in ((128, 1.9, 3.5), (64, 1.85, 3.5)):
+        bf16 = KVCacheFormat("auto", torch.bfloat16, 8, d).block_bytes(4, 16)
+        assert bf16 == 2 * 4 * 16 * 8 * d * 2
+        int8 = KVCacheFormat("int8", torch.bfloat16, 8, d)
+        int4 = KVCacheFormat("int4", torch.bfloat16, 8, d)
+        fp8 = KVCacheFormat("fp8_e4m3", torch.bfloat16, 8, d)
+        assert int8.block_bytes(4, 16) == 2 * 4 * 16 * 8 * (d + 4)
+        assert int4.block_bytes(4, 16) == 2 * 4 * 16 * 8 * (d // 2 + 4)
+        assert fp8.block_bytes(4, 16) * 2 == bf16
+        assert bf16 / int8.block_bytes(4, 16) >= want8 and bf16 / int4.block_bytes(4, 16) >= want4
+        assert abs(int8.capacity_vs(torch.bfloat16) - bf16 / int8.block_bytes(4, 16)) < 1e-9
+
+
+# -- the flag --------------------------------------------------------------------------------------
+
+def test_flag_and_quant_policy_alias():
+    import argparse
+    parser = argparse.ArgumentParser()
+    EngineArgs.add_cli_args(parser)
+    names = {f.name: f for f in engine_flags()}
+    assert names["kv-cache-dtype"].aliases == ("quant-policy",)
+    for argv, want in ((["--quant-policy", "4"], "int4"), (["--quant-policy", "8"], "int8"),
+                       (["--quant-policy", "0"], "auto"), (["--kv-cache-dtype", "fp8"], "fp8_e4m3"),
+                       (["--kv-cache-dtype", "fp8_e5m2"], "fp8_e5m2"), ([], "auto")):
+        assert EngineArgs.from_cli_args(parser.parse_args(argv)).kv_cache_dtype == want, argv
+    assert EngineArgs(kv_cache_dtype=8).kv_cache_dtype == "int8"
+    with pytest.raises(ValueError, match="--kv-cache-dtype"):
+        EngineArgs(kv_cache_dtype="int2")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--quant-policy", "2"])
+
+
+# -- the Triton kernels against the reference --------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("d", [24, 32])
+def test_triton_cache_write_matches_reference(kind, d):
+    from pagoda.kernels.attention_triton import reshape_and_cache_triton
+    torch.manual_seed(1)
+    T, kvh, nb, bs = 11, 3, 6, 4
+    k, v = torch.randn(T, kvh, d) * 3, torch.randn(T, kvh, 2 * d)[:, :, ::2]  # v strided over heads
+    v = v.contiguous()
+    slots = torch.randperm(nb * bs)[:T]
+    slots[4] = -1  # padding: not written
+    c1, q1 = _cache(kind, nb, bs, kvh, d)
+    c2, q2 = _cache(kind, nb, bs, kvh, d)
+    reshape_and_cache_torch(k, v, c1, slots, q1)
+    reshape_and_cache_triton(k, v, c2, slots, q2)
+    assert torch.equal(q1.params, q2.params)
+    if kind == "int8":
+        diff = (c1.int() - c2.int()).abs()
+    else:
+        diff = torch.maximum(((c1 & 15).int() - (c2 & 15).int()).abs(),
+                             ((c1 >> 4).int() - (c2 >> 4).int()).abs())
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # fp32 division may round apart
+    written = torch.zeros(nb * bs, dtype=torch.bool)
+    written[slots[slots >= 0]] = True
+    assert not c2.view(2, nb * bs, -1)[:, ~written].any()  # padding and unused slots untouched
+
+
+@pytest.mark.parametrize("kind", ["fp8_e4m3", "fp8_e5m2"])
+def test_triton_fp8_cache_write(kind):
+    """Values an fp8 format holds exactly (the interpreter's own fp8 cast rounds wrongly where
+    the mantissa carries into the exponent, so rounding itself is checked on a GPU), plus
+    saturation."""
+    from pagoda.kernels.attention_triton import reshape_and_cache_triton
+    torch.manual_seed(2)
+    T, kvh, d = 6, 2, 16
+    k = torch.randn(T, kvh, d).to(torch.float8_e4m3fn if kind == "fp8_e4m3" else torch.float8_e5m2).float()
+    k[0, 0, 0], k[1, 1, 3] = 1e6, -1e6
+    v = -k
+    slots = torch.arange(T) * 2
+    c1, q1 = _cache(kind, 4, 4, kvh, d)
+    c2, q2 = _cache(kind, 4, 4, kvh, d)
+    reshape_and_cache_torch(k, v, c1, slots, q1)
+    reshape_and_cache_triton(k, v, c2, slots, q2)
+    assert torch.equal(c1.view(torch.uint8), c2.view(torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8_e4m3"])
+@pytest.mark.parametrize("case", ["mixed", "decode_split", "window"])
+def test_triton_attention_matches_reference(kind, case):
+    from pagoda.kernels.attention_triton import paged_attention_triton
+    if case == "mixed":  # prefill chunks over cached context, a whole prompt, decodes
+        lens, qlens, kw = [9, 5, 13, 1, 40], [3, 1, 13, 1, 6], {}
+    elif case == "decode_split":
+        lens, qlens, kw = [9, 37, 1, 20], [1, 1, 1, 1], {"num_splits": 3}
+    else:
+        lens, qlens, kw = [30, 17, 25], [5, 1, 25], {"sliding_window": 7}
+    q, cache, kvq, qsl, sl, bt, *_ = _paged_batch(kind, lens, qlens, kvh=2, heads=6, d=24)
+    ref = paged_attention_torch(q, cache, qsl, sl, bt, 0.3, kv_quant=kvq,
+                                sliding_window=kw.get("sliding_window"))
+    got = paged_attention_triton(q, cache, qsl, sl, bt, 0.3, max_query_len=max(qlens), kv_quant=kvq,
+                                 **kw)
+    assert torch.allclose(got, ref, atol=2e-5), (got - ref).abs().max()
