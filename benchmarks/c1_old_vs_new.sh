@@ -5,7 +5,7 @@
 # Writes benchmarks/results/c1/old_vs_new_<label>_<round>.json; run on a quiet machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}; PY=$(realpath "$PY")
+PY=${PY:-$PWD/.venv/bin/python}  # the venv's own path (resolving the link would leave the venv)
 RES=$PWD/benchmarks/results/c1; mkdir -p "$RES"
 for round in 1 2; do
   (cd .old81329ad && PYTHONPATH=$PWD "$PY" benchmarks/c1_server.py --skip-hf --out "$RES/old_vs_new_old_$round.json" | tail -1 | sed "s/^/old      /")
