@@ -16,6 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter here. The mode is fixed when a kernel is decorated,
+    # so it must be set before any test module imports pagoda's Triton kernels (a GPU test module
+    # collected first would otherwise leave compiled-mode helpers that interpreted kernels call).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def smollm_side_dir() -> str:

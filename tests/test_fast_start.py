@@ -261,8 +261,11 @@ def test_kernels_build_in_background_into_a_fresh_cache(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_kv_cache_is_zero_and_writable(dtype):
-    caches = kv_cache.allocate_kv_cache(2, 8, 16, 2, 32, dtype, "cpu")
+    from pagoda.layers.quantization.kv_cache import KVCacheFormat
+    pairs = kv_cache.allocate_kv_cache(KVCacheFormat("auto", dtype, 2, 32), 2, 8, 16, "cpu")
+    caches = [c for c, quant in pairs]
     assert len(caches) == 2 and caches[0].data_ptr() != caches[1].data_ptr()
+    assert all(quant is None for _, quant in pairs)  # auto: the model's dtype, no scales
     for c in caches:
         assert c.shape == (2, 8, 16, 2, 32) and c.dtype == dtype and c.is_contiguous()
         assert not c.any()

@@ -38,6 +38,23 @@ def _file(name: str, media_type: str):
     return serve
 
 
+class PrefixSlashRedirect:
+    """GET/HEAD of the --root-path itself ("/llm", no slash) -> 307 to "/llm/", so the page's
+    relative URLs keep the prefix. Slash redirects are otherwise off (no Location built from the
+    Host header); this one's Location is the configured prefix, a relative URL."""
+
+    def __init__(self, app, root_path: str):
+        self.app, self.root_path = app, root_path.rstrip("/")
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and self.root_path and scope["path"] == self.root_path
+                and scope["method"] in ("GET", "HEAD")):
+            from starlette.responses import RedirectResponse
+            await RedirectResponse(self.root_path + "/", status_code=307)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def add_frontend_routes(app: FastAPI) -> None:
     """GET (and HEAD) routes for the page and its assets, kept out of the OpenAPI schema."""
     page = _file("chat.html", "text/html; charset=utf-8")

@@ -22,7 +22,7 @@ from pagoda import __version__
 from pagoda.metrics import CONTENT_TYPE, ServerMetrics, StatsLogger
 
 from .errors import OpenAIError, error_response, from_exception, quote
-from .frontend import FRONTEND_PATHS, add_frontend_routes
+from .frontend import FRONTEND_PATHS, PrefixSlashRedirect, add_frontend_routes
 from .middleware import (OPEN_PATHS, AdmissionMiddleware, APIKeyMiddleware, BodySizeLimitMiddleware,
                          RequestContextMiddleware, ServerState)
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, ClassificationRequest,
@@ -370,6 +370,8 @@ def build_app(engine: Any, args: Any) -> FastAPI:
                            allow_headers=["*"], allow_credentials="*" not in args.allowed_origins,
                            expose_headers=["X-Request-Id"])
     app.add_middleware(RequestContextMiddleware, metrics=metrics, routes=app.router.routes)
+    if frontend and args.root_path:
+        app.add_middleware(PrefixSlashRedirect, root_path=args.root_path)
     return app
 
 
