@@ -22,7 +22,6 @@ import torch
 from pagoda.sample import ops
 from pagoda.sample.logprobs import LogprobsTensors
 from pagoda.sample.metadata import SamplingMetadata
-from pagoda.sample.ops import to_device  # noqa: F401  (the runner's helper lives with the ops)
 from pagoda.sample.state import FREQUENCY, INV_TEMP, MIN_P, PRESENCE, REPETITION, TOP_P
 
 

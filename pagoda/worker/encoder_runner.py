@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pagoda.layers.attention import to_device_async
-from pagoda.sample.sampler import to_device
+from pagoda.sample.ops import to_device
 
 
 @dataclass

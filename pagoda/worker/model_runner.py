@@ -37,7 +37,8 @@ from pagoda.sample import ops as sample_ops
 from pagoda.sample.logprobs import LogprobsLists, LogprobsTensors
 from pagoda.sample.grammar_bitmask import apply_token_bitmask
 from pagoda.sample.metadata import SamplingMetadata
-from pagoda.sample.sampler import Sampler, to_device
+from pagoda.sample.ops import to_device
+from pagoda.sample.sampler import Sampler
 from pagoda.worker import kv_cache as kvc
 from pagoda.worker.encoder_runner import EncoderRunner
 from pagoda.worker.input_batch import PLACEHOLDER, CachedRequestState, InputBatch
