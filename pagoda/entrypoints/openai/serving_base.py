@@ -356,6 +356,8 @@ class OpenAIServing:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         stop_ids = sorted(set(req.stop_token_ids)) if req.stop_token_ids else None
         self.check_stop(stop, stop_ids)
+        if req.allowed_token_ids:
+            self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
 
         def given(value, default):
             return default if value is None else value
@@ -372,7 +374,8 @@ class OpenAIServing:
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
-                structured_outputs=structured_outputs)
+                structured_outputs=structured_outputs, allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words)
         except ValueError as e:
             raise bad_request(e) from e
 
