@@ -56,6 +56,7 @@ class ChatPlan:
     forced: Optional[ForcedTools] = None       # tool_choice required / named
     reasoning_parser: Optional[str] = None
     prompt_tail: str = ""                      # the prompt's last characters (does it open <think>?)
+    fields: Optional[dict] = None              # the request fields of its structured-outputs constraint
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -180,7 +181,7 @@ class ServingChat:
         s = self.s
         plan = await self.plan(req, raw)
         request_id = random_id("chatcmpl")
-        first, gen = await s.start(raw, plan.prompt_ids, plan.params, request_id)
+        first, gen = await s.start(raw, plan.prompt_ids, plan.params, request_id, plan.fields)
         outputs = s.follow(first, gen, request_id)
         if req.stream:
             return SSEResponse(self._stream(req, plan, request_id, outputs))
@@ -219,7 +220,8 @@ class ServingChat:
         reasoning = getattr(s, "reasoning_parser", None)
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
         tail = await s.decode(ids[-8:]) if reasoning else ""
-        return ChatPlan(prompt, params, req.tools, parser, forced, reasoning, tail)
+        return ChatPlan(prompt, params, req.tools, parser, forced, reasoning, tail,
+                        constraint.fields if constraint is not None else None)
 
     def _tool_parser(self, req: ChatCompletionRequest, forced: Optional[ForcedTools]) -> Optional[ToolParser]:
         """The parser for tool_choice auto, or None (no tools, none, forced calls, or the server

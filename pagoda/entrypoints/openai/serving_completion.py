@@ -79,7 +79,8 @@ class ServingCompletion:
         s.admit(raw, len(items) * req.n, "prompt" if len(items) > 1 else "n")
         prompts = await self._prompts(req, items)
         want_prompt_lp = req.echo and req.logprobs is not None
-        constraint = await validated(from_request(req))  # response_format / guided_*: 400 if bad
+        found = from_request(req)
+        constraint = await validated(found)  # response_format / guided_*: 400 if bad
         params = [s.sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(p.ids),
                                     logprobs=req.logprobs,
                                     prompt_logprobs=req.logprobs if want_prompt_lp else None,
@@ -87,7 +88,8 @@ class ServingCompletion:
                   for p in prompts]
         request_id = random_id("cmpl")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        started = await s.start_all(raw, [p.ids for p in prompts], params, ids)
+        started = await s.start_all(raw, [p.ids for p in prompts], params, ids,
+                                    found.fields if found is not None else None)
         streams = [s.follow(first, gen, rid) for (first, gen), rid in zip(started, ids)]
         if req.stream:
             return SSEResponse(self._stream(req, request_id, prompts, streams))
