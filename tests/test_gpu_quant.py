@@ -4,6 +4,8 @@ torch reference in bf16 (fp8 rounding included, which the interpreter gets wrong
 _scaled_mm linear against its reference, the W4A16 GEMM, and engines with each format."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -102,7 +104,9 @@ def test_engine_runs_each_format(model_dir, kv, q):
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     base = LLM(model_dir, max_model_len=512, gpu_memory_utilization=0.3)
     want = [o.outputs[0].token_ids for o in base.generate(prompts, sp, use_tqdm=False)]
+    base.shutdown()
     del base
+    gc.collect()  # the engine holds cycles: its KV cache goes only with a collection
     torch.cuda.empty_cache()
     llm = LLM(model_dir, max_model_len=512, gpu_memory_utilization=0.3, kv_cache_dtype=kv,
               quantization=q)

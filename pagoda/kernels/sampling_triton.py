@@ -57,15 +57,24 @@ def _race(base, width, inv_t, lo, piv, seed, p_lo, p_hi, rnd, BLOCK: tl.constexp
         bits = tl.where(w[None, :] == 0, r0[:, None], tl.where(w[None, :] == 1, r1[:, None],
                         tl.where(w[None, :] == 2, r2[:, None], r3[:, None])))
         score = tl.where((x >= lo) & (x > piv), x - _log_exp_noise(bits), float("-inf"))
-        score = tl.reshape(score, (BLOCK,))
-        cmax = tl.max(score, 0)
+        # max and first index of it on the [G, 4] tile itself: compiled Triton (3.6, H200) gave
+        # indices past the row from argmax over the tile reshaped to 1-D (the interpreter did not)
+        cmax = tl.max(tl.max(score, 1), 0)
         if cmax > best:
             best = cmax
-            pick = start + tl.argmax(score, 0)
+            pick = tl.min(tl.min(tl.where(score == cmax, offs, 2147483647), 1), 0)
     return pick
 
 
-@triton.jit
+def _aligned(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """t dense, in `dtype`, at a 16-byte-aligned address: Triton specializes a kernel on its
+    pointers' alignment, and a column of a one-row batch is a view at an odd offset — a compile
+    in the middle of serving. A copy of a few numbers is cheaper."""
+    t = t.to(dtype).contiguous() if dtype is not None else t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+@triton.jit(do_not_specialize=["stride"])
 def _sample_rows_kernel(vals, stride, index, width_ptr, inv_temp_ptr, min_p_ptr, top_p_ptr,
                         seed_ptr, pos_ptr, out_ptr, BLOCK: tl.constexpr, USE_TOP_P: tl.constexpr,
                         USE_MIN_P: tl.constexpr, MAX_R: tl.constexpr):
@@ -119,9 +128,10 @@ def sample_rows_triton(vals: torch.Tensor, index: torch.Tensor, width: torch.Ten
     if n == 0:
         return out
     assert vals.stride(1) == 1
-    _sample_rows_kernel[(n,)](vals, vals.stride(0), index, width, inv_temp.float().contiguous(),
-                              min_p.float().contiguous(), top_p.float().contiguous(), seed, position,
-                              out, BLOCK=CHUNK, USE_TOP_P=use_top_p, USE_MIN_P=use_min_p,
+    f32 = torch.float32
+    _sample_rows_kernel[(n,)](vals, vals.stride(0), _aligned(index), _aligned(width),
+                              _aligned(inv_temp, f32), _aligned(min_p, f32), _aligned(top_p, f32),
+                              _aligned(seed), _aligned(position), out, BLOCK=CHUNK, USE_TOP_P=use_top_p, USE_MIN_P=use_min_p,
                               MAX_R=MAX_ROUNDS, num_warps=8)
     return out
 
@@ -152,7 +162,8 @@ def apply_penalties_triton(logits: torch.Tensor, token_state: torch.Tensor, batc
     assert logits.dtype == torch.float32 and logits.stride(1) == 1 and token_state.stride(1) == 1
     block = 1024
     _penalties_kernel[(n, triton.cdiv(vocab, block))](
-        logits, logits.stride(0), token_state, token_state.stride(0), batch_rows, state_rows,
-        repetition.float().contiguous(), frequency.float().contiguous(), presence.float().contiguous(),
+        logits, logits.stride(0), token_state, token_state.stride(0), _aligned(batch_rows),
+        _aligned(state_rows), _aligned(repetition, torch.float32), _aligned(frequency, torch.float32),
+        _aligned(presence, torch.float32),
         vocab, BLOCK=block, MASK=COUNT_MASK, num_warps=4,
         enable_fp_fusion=False)  # no FMA: the torch twin's roundings exactly

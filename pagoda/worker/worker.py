@@ -281,11 +281,13 @@ class Worker:
         if self.num_blocks < sum(-(-(n + 2) // bs) for n in lengths) + 2:
             return
         vocab = self.model_config.vocab_size
-        # the sampler's kernel variants: plain greedy, top-p, top-k with penalties, min-p with logprobs
+        # the sampler's kernel variants: plain greedy, top-p, top-k with penalties, min-p with logprobs,
+        # top-p with min-p
         params = [SamplingParams(temperature=0, max_tokens=2),
                   SamplingParams(temperature=1.0, top_p=0.9, max_tokens=2),
                   SamplingParams(temperature=0.8, top_k=50, repetition_penalty=1.1, max_tokens=2),
-                  SamplingParams(temperature=1.0, min_p=0.05, logprobs=5, max_tokens=2)]
+                  SamplingParams(temperature=1.0, min_p=0.05, logprobs=5, max_tokens=2),
+                  SamplingParams(temperature=0.7, top_p=0.95, min_p=0.05, max_tokens=2)]
         last = self.num_blocks - 1
         made: list[tuple[str, int]] = []
         for i, n in enumerate(lengths):
