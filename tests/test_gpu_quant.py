@@ -13,11 +13,9 @@ KINDS = ("int8", "int4", "fp8_e4m3", "fp8_e5m2")
 
 
 def _cache(kind, nb, bs, kvh, d):
-    from pagoda.kernels.kv_quant import KVQuant, storage
-    sdt, last = storage(kind, d, torch.bfloat16)
-    params = (torch.zeros(2, nb, bs, kvh, 2, dtype=torch.float16, device="cuda")
-              if kind in ("int8", "int4") else None)
-    return torch.zeros(2, nb, bs, kvh, last, dtype=sdt, device="cuda"), KVQuant(kind, params)
+    from pagoda.layers.quantization.kv_cache import KVCacheFormat
+    fmt = KVCacheFormat(kind, torch.bfloat16, kvh, d)
+    return fmt.allocate(1, nb, bs, lambda shape, dtype: torch.zeros(shape, dtype=dtype, device="cuda"))[0]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -36,8 +34,14 @@ def test_kv_write_and_attention_match_reference(kind):
     c2, q2 = _cache(kind, nb, bs, kvh, d)
     reshape_and_cache_torch(k, v, c1, slots, q1)
     reshape_and_cache_triton(k, v, c2, slots, q2)
-    if q1.params is not None:
-        assert torch.equal(q1.params, q2.params)
+    if q1.scales is not None:
+        # the compiled kernel's fp32 division may round a last bit apart from torch's: a scale
+        # then differs by its last float16 bit, a zero point or a code by one
+        assert (q1.scales == q2.scales).float().mean() > 0.999
+        ds = (q1.scales.float() - q2.scales.float()).abs() / q1.scales.float().clamp(min=1e-30)
+        assert ds.max() <= 2 ** -10
+        dz = (q1.zeros.int() - q2.zeros.int()).abs()
+        assert (dz == 0).float().mean() > 0.999 and dz.max() <= 1
     same = (c1.view(torch.uint8) == c2.view(torch.uint8)).float().mean()
     assert same > 0.99
     q = torch.randn(sum(qlens), heads, d, device="cuda").bfloat16()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -43,9 +44,10 @@ def test_cache_is_quantized(alone, kv):
     layer = llm.llm_engine.core.worker.model.attention_layers()[0]
     assert layer.kv_cache.dtype == torch.uint8 and layer.kv_quant.kind == kv
     assert layer.kv_cache.shape[-1] == layer.head_dim // (2 if kv == "int4" else 1)
-    assert layer.kv_quant.params.shape == (2, 256, 16, layer.num_kv_heads, 2)
+    assert layer.kv_quant.scales.shape == layer.kv_quant.zeros.shape == (2, 256, 16, layer.num_kv_heads)
+    assert layer.kv_quant.scales.dtype == torch.float16 and layer.kv_quant.zeros.dtype == torch.uint8
     assert runner.block_bytes() == runner.kv_format.block_bytes(runner.num_layers, 16)
-    assert layer.kv_quant.params.abs().sum() > 0  # the scales were written
+    assert layer.kv_quant.scales.float().abs().sum() > 0  # the scales were written
 
 
 def test_batch_equals_each_alone(alone, prompts):
@@ -92,4 +94,6 @@ def test_serve_with_lmdeploy_quant_policy(policy, kind):
                                                      prompt="The capital of France is", max_tokens=8,
                                                      temperature=0)
         assert out.choices[0].text and out.usage.completion_tokens == 8
-        assert f"KV cache {kind}:" in srv.log()
+        # the memory plan's capacity line, on the bundled model's shape (64-dim heads)
+        got = re.search(rf"KV cache {kind}: .*; ([0-9.]+)x the tokens of a 16-bit cache", srv.log())
+        assert got and float(got.group(1)) >= {"int8": 1.9, "int4": 3.5}[kind], srv.log()[-2000:]

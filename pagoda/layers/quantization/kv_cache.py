@@ -1,5 +1,5 @@
 """--kv-cache-dtype as a format of the attention layers' caches: what each layer's tensors are
-(data + the int8/int4 (scale, zero) pairs beside it, or fp8 with per-tensor scales), their bytes
+(data + the int8/int4 scales and zero points beside it, or fp8 with per-tensor scales), their bytes
 per block for the memory plan, and their allocation. The kernels that write and read them are in
 pagoda/kernels/kv_quant.py (torch) and attention_triton.py (Triton)."""
 from __future__ import annotations
@@ -9,7 +9,8 @@ from typing import Callable, Optional
 
 import torch
 
-from pagoda.kernels.kv_quant import LEVELS, PARAM_DTYPE, KVQuant, bytes_per_token_head, storage
+from pagoda.kernels.kv_quant import (LEVELS, SCALE_DTYPE, ZERO_DTYPE, KVQuant,
+                                      bytes_per_token_head, storage)
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class KVCacheFormat:
         return None if self.kv_cache_dtype == "auto" else self.kv_cache_dtype
 
     def block_bytes(self, num_layers: int, block_size: int) -> int:
-        """K and V of every layer for one block, (scale, zero) pairs included."""
+        """K and V of every layer for one block, scales and zero points included."""
         return 2 * num_layers * block_size * self.num_kv_heads * bytes_per_token_head(
             self.kind, self.head_dim, self.dtype)
 
@@ -44,9 +45,10 @@ class KVCacheFormat:
         for _ in range(num_layers):
             data = zeros((2, num_blocks, block_size, self.num_kv_heads, last), sdt)
             quant = None
-            if self.kind is not None:
-                params = (zeros((2, num_blocks, block_size, self.num_kv_heads, 2), PARAM_DTYPE)
-                          if self.kind in LEVELS else None)
-                quant = KVQuant(self.kind, params, self.k_scale, self.v_scale)
+            if self.kind in LEVELS:
+                shape = (2, num_blocks, block_size, self.num_kv_heads)
+                quant = KVQuant(self.kind, zeros(shape, SCALE_DTYPE), zeros(shape, ZERO_DTYPE))
+            elif self.kind is not None:
+                quant = KVQuant(self.kind, k_scale=self.k_scale, v_scale=self.v_scale)
             out.append((data, quant))
         return out
