@@ -38,6 +38,8 @@ def _text() -> str:
 def _measure(kv: str):
     """(greedy tokens, per-step top-2 logprob gap, perplexity)."""
     llm = LLM(kv_cache_dtype=kv, max_model_len=2048, max_num_batched_tokens=256)
+    if kv in ("auto", "int8"):  # decode steps run the fused C layers, over the int8 cache too
+        assert llm.llm_engine.core.worker.runner.cpu_decoder is not None
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
     toks = [o.outputs[0].token_ids for o in outs]
