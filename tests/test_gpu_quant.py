@@ -94,11 +94,14 @@ def model_dir(tmp_path_factory):
     return build(str(tmp_path_factory.mktemp("gpu-quant-qwen3")), 0.08)
 
 
-@pytest.mark.parametrize("kv,q", [("int8", None), ("int4", None), ("fp8", None), ("auto", "fp8"),
-                                  ("auto", "int4"), ("int8", "fp8")])
-def test_engine_runs_each_format(model_dir, kv, q):
+@pytest.mark.parametrize("kv,q,calc", [("int8", None, False), ("int4", None, False),
+                                       ("fp8", None, False), ("fp8", None, True),
+                                       ("auto", "fp8", False), ("auto", "int4", False),
+                                       ("int8", "fp8", False)])
+def test_engine_runs_each_format(model_dir, kv, q, calc):
     """Each format on the CUDA engine (Triton, CUDA graphs): the greedy tokens mostly equal the
-    bf16 engine's (wide weights: clear winners), with every batch row finished."""
+    bf16 engine's (wide weights: clear winners), with every batch row finished. calc:
+    --calculate-kv-scales, measured on the profile run, read by the graphs' replays."""
     from pagoda import LLM, SamplingParams
     import random
     rng = random.Random(0)
@@ -109,7 +112,11 @@ def test_engine_runs_each_format(model_dir, kv, q):
     del base
     torch.cuda.empty_cache()
     llm = LLM(model_dir, max_model_len=512, gpu_memory_utilization=0.3, kv_cache_dtype=kv,
-              quantization=q)
+              quantization=q, calculate_kv_scales=calc)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    if calc:
+        layers = llm.llm_engine.core.worker.model.attention_layers()
+        scales = torch.stack([layer.kv_quant.fp8_scales for layer in layers])
+        assert not any(layer.calculate_kv_scales for layer in layers) and (scales != 1).all()
     first = sum(a[:4] == b[:4] for a, b in zip(want, got))
     assert all(len(g) == 16 for g in got) and first >= 8, (first, want[:2], got[:2])

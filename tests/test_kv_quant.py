@@ -97,6 +97,8 @@ def _paged_batch(kind, lens, qlens, kvh=2, heads=6, d=24, bs=4, seed=0):
     k = torch.randn(sum(lens), kvh, d) * 2
     v = torch.randn(sum(lens), kvh, d)
     cache, kvq = _cache(kind, nb, bs, kvh, d)
+    if kvq is not None and kvq.fp8_scales is not None:  # measured-looking scales, not 1.0
+        kvq.fp8_scales.copy_(torch.tensor([0.02, 0.01]))
     reshape_and_cache_torch(k, v, cache, slots, kvq)
     q = torch.randn(sum(qlens), heads, d)
     qsl = torch.tensor([0] + list(torch.tensor(qlens).cumsum(0)), dtype=torch.int32)
@@ -166,6 +168,9 @@ def test_flag_and_quant_policy_alias():
         EngineArgs(kv_cache_dtype="int2")
     with pytest.raises(SystemExit):
         parser.parse_args(["--quant-policy", "2"])
+    assert not EngineArgs.from_cli_args(parser.parse_args([])).calculate_kv_scales
+    assert EngineArgs.from_cli_args(parser.parse_args(["--kv-cache-dtype", "fp8",
+                                                       "--calculate-kv-scales"])).calculate_kv_scales
 
 
 # -- the Triton kernels against the reference --------------------------------------------------------
@@ -197,19 +202,43 @@ def test_triton_cache_write_matches_reference(kind, d):
 
 
 @pytest.mark.parametrize("kind", ["fp8_e4m3", "fp8_e5m2"])
-def test_triton_fp8_cache_write(kind):
+def test_calibrate_sets_the_scales_from_the_data(kind):
+    """--calculate-kv-scales: amax / the format's largest value, K and V apart, on the scales'
+    own tensor (which the kernels read); the largest value then maps onto the format's largest."""
+    from pagoda.kernels.kv_quant import FP8_MAX, calibrate
+    torch.manual_seed(3)
+    _, kvq = _cache(kind, 4, 4, 2, 16)
+    assert kvq.fp8_scales.tolist() == [1.0, 1.0]
+    k, v = torch.randn(9, 2, 16) * 700, torch.randn(9, 2, 16) * 0.01
+    tensor = kvq.fp8_scales
+    calibrate(kvq, k, v)
+    assert kvq.fp8_scales is tensor
+    want = torch.stack([k.abs().amax(), v.abs().amax()]) / FP8_MAX[kind]
+    assert torch.allclose(kvq.fp8_scales, want, rtol=1e-6)
+    data, _, _ = quantize(k, kind, kvq.k_scale)
+    assert data.float().abs().amax() == FP8_MAX[kind]
+    back = dequantize(data, None, None, kind, kvq.k_scale)
+    assert ((back - k).abs() <= k.abs() * 0.13 + 1e-3 * 700).all()  # e5m2: 2 mantissa bits
+
+
+@pytest.mark.parametrize("kind", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.25, 2.0 ** -7)])
+def test_triton_fp8_cache_write(kind, scales):
     """Values an fp8 format holds exactly (the interpreter's own fp8 cast rounds wrongly where
-    the mantissa carries into the exponent, so rounding itself is checked on a GPU), plus
-    saturation."""
+    the mantissa carries into the exponent, so rounding itself is checked on a GPU), times
+    power-of-two scales read from the scales' tensor, plus saturation."""
     from pagoda.kernels.attention_triton import reshape_and_cache_triton
     torch.manual_seed(2)
     T, kvh, d = 6, 2, 16
     k = torch.randn(T, kvh, d).to(torch.float8_e4m3fn if kind == "fp8_e4m3" else torch.float8_e5m2).float()
     k[0, 0, 0], k[1, 1, 3] = 1e6, -1e6
-    v = -k
+    v = -k * scales[1]
+    k = k * scales[0]
     slots = torch.arange(T) * 2
     c1, q1 = _cache(kind, 4, 4, kvh, d)
     c2, q2 = _cache(kind, 4, 4, kvh, d)
+    q1.fp8_scales.copy_(torch.tensor(scales))
+    q2.fp8_scales.copy_(torch.tensor(scales))
     reshape_and_cache_torch(k, v, c1, slots, q1)
     reshape_and_cache_triton(k, v, c2, slots, q2)
     assert torch.equal(c1.view(torch.uint8), c2.view(torch.uint8))

@@ -128,8 +128,16 @@ def _store_quantized(x_ptr, stride_xt, stride_xh, t, cache_ptr, scale_ptr, zero_
 
 
 @triton.jit
+def _fp8_scales(fp8_ptr, QUANT: tl.constexpr):
+    """fp8's K and V scales, read from the device (1.0 for the other formats)."""
+    if QUANT == 3:
+        return tl.load(fp8_ptr).to(tl.float32), tl.load(fp8_ptr + 1).to(tl.float32)
+    return 1.0, 1.0
+
+
+@triton.jit
 def _reshape_and_cache_quant_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr,
-                                    kz_ptr, vz_ptr, slot_ptr, k_scale, v_scale,
+                                    kz_ptr, vz_ptr, slot_ptr, fp8_ptr,
                                     stride_kt, stride_kh, stride_vt, stride_vh,
                                     stride_cb, stride_cs, stride_ch, stride_pb, stride_ps, stride_ph,
                                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -143,6 +151,7 @@ def _reshape_and_cache_quant_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_p
     h_ok = h < NUM_KV_HEADS
     dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch
     p_dst = (slot // PAGE) * stride_pb + (slot % PAGE) * stride_ps + h * stride_ph
+    k_scale, v_scale = _fp8_scales(fp8_ptr, QUANT)
     _store_quantized(k_ptr, stride_kt, stride_kh, t, k_cache_ptr, ks_ptr, kz_ptr, dst, p_dst, h,
                      h_ok, k_scale, HEAD_DIM, D_PAD, QUANT, FP8_MAX)
     _store_quantized(v_ptr, stride_vt, stride_vh, t, v_cache_ptr, vs_ptr, vz_ptr, dst, p_dst, h,
@@ -157,6 +166,13 @@ def _scales_and_zeros(kv_quant: KVQuant | None, kv_cache: torch.Tensor):
     sc, zp = kv_quant.scales, kv_quant.zeros
     assert sc.stride() == zp.stride(), "scales and zero points must share their layout"
     return (sc[0], sc[1]), (zp[0], zp[1])
+
+
+def _fp8_ptr(kv_quant: KVQuant | None, kv_cache: torch.Tensor) -> torch.Tensor:
+    """fp8's [K, V] scale tensor (a placeholder the kernels never read for other formats)."""
+    if kv_quant is None or kv_quant.fp8_scales is None:
+        return kv_cache
+    return kv_quant.fp8_scales
 
 
 def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -178,7 +194,7 @@ def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
         return
     (ks, vs), (kz, vz) = _scales_and_zeros(kv_quant, kv_cache)
     _reshape_and_cache_quant_kernel[(num_tokens,)](
-        k, v, kc, vc, ks, vs, kz, vz, slot_mapping, kv_quant.k_scale, kv_quant.v_scale,
+        k, v, kc, vc, ks, vs, kz, vz, slot_mapping, _fp8_ptr(kv_quant, kv_cache),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=h_pad, D_PAD=max(d_pad, 2),
@@ -270,7 +286,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr, vs_p
 def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr,
                        block_tables_ptr,
                        seq_lens_ptr, qsl_ptr, part_out_ptr, part_lse_ptr,
-                       num_reqs, qk_scale, window, cap_in, cap_out, k_sc, v_sc,
+                       num_reqs, qk_scale, window, cap_in, cap_out, fp8_ptr,
                        stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_cb, stride_cs, stride_ch, stride_bt, stride_pb, stride_ps, stride_ph,
                        NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -331,6 +347,7 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    k_sc, v_sc = _fp8_scales(fp8_ptr, QUANT)
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_head_off = kvh * stride_ch
     p_head_off = kvh * stride_ph
@@ -350,21 +367,24 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr,
         t_b = t_begin
     for t in range(t_begin, t_a):
         m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr,
-                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t, k_lo, n_keys,
-                                     window, qk_scale, cap_in, cap_out, k_sc, v_sc, d, d_ok,
-                                     stride_cb, stride_cs, stride_pb, stride_ps, PAGE, BLOCK_N,
+                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t,
+                                     k_lo, n_keys, window, qk_scale, cap_in, cap_out, k_sc, v_sc,
+                                     d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps, PAGE,
+                                     BLOCK_N,
                                      True, HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC, QUANT)
     for t in range(t_a, t_b):
         m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr,
-                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t, k_lo, n_keys,
-                                     window, qk_scale, cap_in, cap_out, k_sc, v_sc, d, d_ok,
-                                     stride_cb, stride_cs, stride_pb, stride_ps, PAGE, BLOCK_N,
+                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t,
+                                     k_lo, n_keys, window, qk_scale, cap_in, cap_out, k_sc, v_sc,
+                                     d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps, PAGE,
+                                     BLOCK_N,
                                      False, HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC, QUANT)
     for t in range(t_b, t_end):
         m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr,
-                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t, k_lo, n_keys,
-                                     window, qk_scale, cap_in, cap_out, k_sc, v_sc, d, d_ok,
-                                     stride_cb, stride_cs, stride_pb, stride_ps, PAGE, BLOCK_N,
+                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t,
+                                     k_lo, n_keys, window, qk_scale, cap_in, cap_out, k_sc, v_sc,
+                                     d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps, PAGE,
+                                     BLOCK_N,
                                      True, HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC, QUANT)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -486,7 +506,6 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
             num_splits = decode_num_splits(num_reqs, num_kv_heads, cap, _sm_count(q.device))
     kc, vc = kv_cache[0], kv_cache[1]
     (ks, vs), (kz, vz) = _scales_and_zeros(kv_quant, kv_cache)
-    k_sc, v_sc = (kv_quant.k_scale, kv_quant.v_scale) if kv_quant is not None else (1.0, 1.0)
     if num_splits > 1:
         part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim,
                                dtype=torch.float32, device=q.device)
@@ -499,7 +518,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
         out, q, kc, vc, ks, vs, kz, vz, block_tables, seq_lens, query_start_loc, part_out, part_lse,
         num_reqs, scale * _LOG2E, sliding_window or 0,
         scale / logits_soft_cap if logits_soft_cap else 0.0,
-        logits_soft_cap * _LOG2E if logits_soft_cap else 0.0, k_sc, v_sc,
+        logits_soft_cap * _LOG2E if logits_soft_cap else 0.0, _fp8_ptr(kv_quant, kv_cache),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
         ks.stride(0), ks.stride(1), ks.stride(2),

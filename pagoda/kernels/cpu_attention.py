@@ -42,8 +42,8 @@ def kv_write_int8(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, kv_q
     assert k.stride(1) == k.shape[2]
     _, nb, bs, kvh, d = kv_cache.shape
     slots = slot_mapping.to(torch.int64).contiguous()
-    _lib().pagoda_kv_write_int8(k.data_ptr(), v.data_ptr(), k.stride(0), k.shape[0], slots.data_ptr(),
-                                kv_cache.data_ptr(), kv_quant.scales.data_ptr(),
+    _lib().pagoda_kv_write_int8(k.data_ptr(), v.data_ptr(), k.stride(0), k.shape[0],
+                                slots.data_ptr(), kv_cache.data_ptr(), kv_quant.scales.data_ptr(),
                                 kv_quant.zeros.data_ptr(), nb, bs, kvh, d)
 
 

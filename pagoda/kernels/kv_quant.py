@@ -13,8 +13,11 @@ write and the attention loop.
   values per byte along head_dim: byte j holds element 2j in its low nibble, 2j + 1 in its high.
   The scale is rounded to float16 *before* the values are quantized, so the stored scale is
   exactly the one the values were rounded against.
-- fp8 (e4m3 / e5m2): x / scale stored as fp8, one scale per tensor (K and V each; 1.0 unless
-  measured), saturated at the format's largest finite value (a cast alone would give NaN).
+- fp8 (e4m3 / e5m2): x / scale stored as fp8, one scale per tensor (K and V each; 1.0, or
+  measured on the first forward with --calculate-kv-scales: `calibrate`), saturated at the
+  format's largest finite value (a cast alone would give NaN). The two scales live in a small
+  float32 tensor on the cache's device that the kernels read, so a measured value reaches
+  CUDA-graph replays too.
 
 Rounding is floor(y + 0.5) in fp32 on both paths (Triton has no round-half-even), so the two
 agree bit for bit except where fp32 division rounds differently.
@@ -38,13 +41,20 @@ SCALE_DTYPE, ZERO_DTYPE = torch.float16, torch.uint8
 class KVQuant:
     """How one layer's cache holds its values (None in the kernels' `kv_quant` = as --dtype).
     scales / zeros: int8/int4's float16 scales and uint8 zero points, [2, num_blocks,
-    block_size, num_kv_heads] each (contiguous, so they share strides); k_scale / v_scale: fp8's
-    per-tensor scales."""
+    block_size, num_kv_heads] each (contiguous, so they share strides); fp8_scales: fp8's
+    per-tensor scales, float32 [2] (K's, V's)."""
     kind: str
     scales: Optional[torch.Tensor] = None
     zeros: Optional[torch.Tensor] = None
-    k_scale: float = 1.0
-    v_scale: float = 1.0
+    fp8_scales: Optional[torch.Tensor] = None
+
+    @property
+    def k_scale(self):
+        return self.fp8_scales[0] if self.fp8_scales is not None else 1.0
+
+    @property
+    def v_scale(self):
+        return self.fp8_scales[1] if self.fp8_scales is not None else 1.0
 
     @property
     def code(self) -> int:
@@ -104,6 +114,14 @@ def dequantize(data: torch.Tensor, scales: Optional[torch.Tensor], zeros: Option
         data = torch.stack([data & 15, data >> 4], -1).flatten(-2)
     zp = zeros.float() / ZERO_UNITS[kind]
     return ((data.float() - zp[..., None]) * scales.float()[..., None]).to(dtype)
+
+
+def calibrate(kv: KVQuant, k: torch.Tensor, v: torch.Tensor) -> None:
+    """--calculate-kv-scales: set an fp8 cache's K and V scales from this data, amax / the
+    format's largest value (so the largest magnitude seen maps onto it), on the device, without
+    a host sync."""
+    amax = torch.stack([k.detach().abs().amax(), v.detach().abs().amax()]).float()
+    kv.fp8_scales.copy_((amax / FP8_MAX[kv.kind]).clamp(min=1e-12))
 
 
 def write_cache_torch(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, kv: KVQuant,

@@ -28,7 +28,8 @@ class _Layer(ctypes.Structure):
                 ("inter", _I64), ("rot", _I64), ("eps", _F), ("attn_scale", _F),
                 ("ln1", _P), ("ln2", _P), ("q_norm", _P), ("k_norm", _P),
                 ("qkv", _QWeight), ("o", _QWeight), ("gate_up", _QWeight), ("down", _QWeight),
-                ("kv", _P), ("kv_scales", _P), ("kv_zeros", _P), ("num_blocks", _I64), ("block_size", _I64), ("window", _I64)]
+                ("kv", _P), ("kv_scales", _P), ("kv_zeros", _P), ("num_blocks", _I64),
+                ("block_size", _I64), ("window", _I64)]
 
 
 class _Step(ctypes.Structure):

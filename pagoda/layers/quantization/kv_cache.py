@@ -19,7 +19,7 @@ class KVCacheFormat:
     dtype: torch.dtype           # the model's
     num_kv_heads: int
     head_dim: int
-    k_scale: float = 1.0         # fp8's per-tensor scales
+    k_scale: float = 1.0         # fp8's per-tensor scales (until measured)
     v_scale: float = 1.0
 
     @property
@@ -49,6 +49,8 @@ class KVCacheFormat:
                 shape = (2, num_blocks, block_size, self.num_kv_heads)
                 quant = KVQuant(self.kind, zeros(shape, SCALE_DTYPE), zeros(shape, ZERO_DTYPE))
             elif self.kind is not None:
-                quant = KVQuant(self.kind, k_scale=self.k_scale, v_scale=self.v_scale)
+                fp8 = zeros((2,), torch.float32)
+                fp8[0], fp8[1] = self.k_scale, self.v_scale
+                quant = KVQuant(self.kind, fp8_scales=fp8)
             out.append((data, quant))
         return out
