@@ -235,8 +235,9 @@ class EngineArgs:
     kv_cache_dtype: str = flag(
         "auto", "How the KV cache holds keys and values. auto: in --dtype. int8 / int4: "
         "asymmetric, a float16 scale and a uint8 zero point per token per KV head (int4: two "
-        "values a byte); 1.9x / 3.7x the tokens of a 16-bit cache in the same memory at head_dim "
-        "64, 1.95x / 3.8x at 128. fp8 (= fp8_e4m3), fp8_e5m2: one scale per tensor (1.0, or "
+        "values a byte, q/k/v rotated over head_dim to spread outlier channels); 1.9x / 3.7x "
+        "the tokens of a 16-bit cache in the same memory at head_dim 64, 1.95x / 3.8x at 128. "
+        "fp8 (= fp8_e4m3), fp8_e5m2: one scale per tensor (1.0, or "
         "measured: --calculate-kv-scales). --quant-policy is LMDeploy's spelling: 0 = auto, "
         "4 = int4, 8 = int8.", group="KV cache", aliases=("quant-policy",),
         choices=KV_CACHE_DTYPES + tuple(_QUANT_POLICY))

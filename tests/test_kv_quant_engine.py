@@ -48,6 +48,7 @@ def test_cache_is_quantized(alone, kv):
     assert layer.kv_quant.scales.dtype == torch.float16 and layer.kv_quant.zeros.dtype == torch.uint8
     assert runner.block_bytes() == runner.kv_format.block_bytes(runner.num_layers, 16)
     assert layer.kv_quant.scales.float().abs().sum() > 0  # the scales were written
+    assert (layer.kv_quant.rotation is not None) == (kv == "int4")
 
 
 def test_batch_equals_each_alone(alone, prompts):

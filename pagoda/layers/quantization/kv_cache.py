@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 
 from pagoda.kernels.kv_quant import (LEVELS, SCALE_DTYPE, ZERO_DTYPE, KVQuant,
-                                      bytes_per_token_head, storage)
+                                      bytes_per_token_head, hadamard, storage)
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,18 @@ class KVCacheFormat:
                  ) -> list[tuple[torch.Tensor, Optional[KVQuant]]]:
         """One (data, format) per layer; `zeros(shape, dtype)` makes a zeroed tensor."""
         sdt, last = storage(self.kind, self.head_dim, self.dtype)
+        rotation = None
+        if self.kind == "int4":  # one for every layer
+            rotation = zeros((self.head_dim, self.head_dim), self.dtype)
+            rotation.copy_(hadamard(self.head_dim))
         out = []
         for _ in range(num_layers):
             data = zeros((2, num_blocks, block_size, self.num_kv_heads, last), sdt)
             quant = None
             if self.kind in LEVELS:
                 shape = (2, num_blocks, block_size, self.num_kv_heads)
-                quant = KVQuant(self.kind, zeros(shape, SCALE_DTYPE), zeros(shape, ZERO_DTYPE))
+                quant = KVQuant(self.kind, zeros(shape, SCALE_DTYPE), zeros(shape, ZERO_DTYPE),
+                                rotation=rotation)
             elif self.kind is not None:
                 fp8 = zeros((2,), torch.float32)
                 fp8[0], fp8[1] = self.k_scale, self.v_scale
