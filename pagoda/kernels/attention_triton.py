@@ -129,10 +129,15 @@ def _store_quantized(x_ptr, stride_xt, stride_xh, t, cache_ptr, scale_ptr, zero_
 
 @triton.jit
 def _fp8_scales(fp8_ptr, QUANT: tl.constexpr):
-    """fp8's K and V scales, read from the device (1.0 for the other formats)."""
+    """fp8's K and V scales, read from the device (1.0 for the other formats; one return, as
+    compiled Triton wants)."""
     if QUANT == 3:
-        return tl.load(fp8_ptr).to(tl.float32), tl.load(fp8_ptr + 1).to(tl.float32)
-    return 1.0, 1.0
+        k_scale = tl.load(fp8_ptr).to(tl.float32)
+        v_scale = tl.load(fp8_ptr + 1).to(tl.float32)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    return k_scale, v_scale
 
 
 @triton.jit
@@ -226,19 +231,23 @@ def _load_kv(cache_ptr, s_ptr, z_ptr, off, p_off, d, ok, scale, USE_MASK: tl.con
         koff, dd, pk = off[None, :], d[:, None], p_off[None, :]
     else:
         koff, dd, pk = off[:, None], d[None, :], p_off[:, None]
+    # one return: compiled Triton checks every return of a function against the others, taken
+    # branch or not (the interpreter does not), and QUANT 0 returns the stored dtype
     if QUANT == 0:
-        return _load(cache_ptr + koff + dd, ok, USE_MASK)
-    if QUANT == 3:
-        return _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale
-    sc = _load(s_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
-    zp = _load(z_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)
-    if QUANT == 2:  # the zero point in sixteenths of a step
-        byte = _load(cache_ptr + koff + dd // 2, ok, USE_MASK).to(tl.int32)
-        code = (byte >> ((dd % 2) * 4)) & 15
-        zp = zp * 0.0625
+        x = _load(cache_ptr + koff + dd, ok, USE_MASK)
+    elif QUANT == 3:
+        x = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale
     else:
-        code = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.int32)
-    return (code.to(tl.float32) - zp) * sc
+        sc = _load(s_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
+        zp = _load(z_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)
+        if QUANT == 2:  # the zero point in sixteenths of a step
+            byte = _load(cache_ptr + koff + dd // 2, ok, USE_MASK).to(tl.int32)
+            code = (byte >> ((dd % 2) * 4)) & 15
+            zp = zp * 0.0625
+        else:
+            code = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.int32)
+        x = (code.to(tl.float32) - zp) * sc
+    return x
 
 
 @triton.jit
