@@ -76,20 +76,42 @@ def test_silu_and_mul_matches_reference():
     torch.testing.assert_close(cpu_fused.silu_and_mul_cpu(x), silu_and_mul_torch(x))
 
 
+def _int8_cache(g, nb, bs, kv_heads, D):
+    """An int8 cache (as --kv-cache-dtype int8 allocates it) holding random K/V in every slot."""
+    from pagoda.kernels.kv_quant import write_cache_torch
+    from pagoda.layers.quantization.kv_cache import KVCacheFormat
+    fmt = KVCacheFormat("int8", torch.float32, kv_heads, D)
+    (cache, kvq), = fmt.allocate(1, nb, bs, lambda shape, dtype: torch.zeros(shape, dtype=dtype))
+    k = torch.randn(nb * bs, kv_heads, D, generator=g) * 3 + 0.5
+    v = torch.randn(nb * bs, kv_heads, D, generator=g)
+    write_cache_torch(k, v, cache, kvq, torch.arange(nb * bs))
+    return cache, kvq
+
+
 @pytest.mark.parametrize("isa", cpu_build.supported_isas())
-@pytest.mark.parametrize("heads,kv_heads,D", [(4, 4, 64), (9, 3, 64), (16, 2, 128), (6, 2, 80)])
+@pytest.mark.parametrize("heads,kv_heads,D", [(4, 4, 64), (9, 3, 64), (16, 2, 128), (6, 2, 80),
+                                             (4, 2, 20)])
 @pytest.mark.parametrize("window,cap", [(None, None), (1, None), (5, None), (16, None), (17, 3.0),
                                         (100, None), (None, 3.0)])
-def test_paged_decode_attention_matches_reference(heads, kv_heads, D, window, cap, isa, monkeypatch):
+@pytest.mark.parametrize("cache_dtype", ["float32", "int8"])
+def test_paged_decode_attention_matches_reference(heads, kv_heads, D, window, cap, cache_dtype, isa,
+                                                  monkeypatch):
     """Each instruction set's build; head sizes that are and are not a multiple of the register
     width; contexts shorter than, equal to and longer than one block of positions. Windows below,
     at and across block boundaries and beyond every sequence; blocks wholly before every query's
-    window point at a NaN block (freed or reused), which must not be read."""
+    window point at a NaN block (freed or reused), which must not be read. An int8 cache
+    (--kv-cache-dtype int8) is dequantized inside the kernel's loop (its NaN block: NaN scales)."""
+    from pagoda.kernels.cpu_attention import reads
     monkeypatch.setenv("PAGODA_CPU_ISA", isa)
     g = torch.Generator().manual_seed(heads)
     nb, bs = 64, 16
-    kv = torch.randn(2, nb + 1, bs, kv_heads, D, generator=g)
-    kv[:, nb] = float("nan")
+    if cache_dtype == "int8":
+        kv, kvq = _int8_cache(g, nb + 1, bs, kv_heads, D)
+        kvq.scales[:, nb] = float("nan")
+    else:
+        kv, kvq = torch.randn(2, nb + 1, bs, kv_heads, D, generator=g), None
+        kv[:, nb] = float("nan")
+    assert reads(kv, kvq)
     # decodes at block boundaries (1, 16, 17, 32) and a long one (5+ position blocks) mixed with
     # a prefill chunk and a prefix hit
     qlens, lens = [1, 5, 1, 1, 1, 3, 1], [37, 20, 16, 1, 17, 32, 121]
@@ -104,12 +126,40 @@ def test_paged_decode_attention_matches_reference(heads, kv_heads, D, window, ca
     q = torch.randn(qsl[-1], heads, D, generator=g)
     args = (q, kv, torch.tensor(qsl, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), bt, 0.125)
     kw = dict(sliding_window=window, logits_soft_cap=cap)
-    ref = paged_attention_torch(*args, qsl, lens, {}, **kw)
-    out = paged_attention_cpu(*args, qsl, lens, {}, **kw)
+    ref = paged_attention_torch(*args, qsl, lens, {}, kv_quant=kvq, **kw)
+    out = paged_attention_cpu(*args, qsl, lens, {}, kv_quant=kvq, **kw)
     assert not ref.isnan().any()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     if window is not None and window < 100 or cap is not None:  # the options change the result
-        assert not torch.allclose(out, paged_attention_torch(*args, qsl, lens, {}), atol=1e-3)
+        assert not torch.allclose(out, paged_attention_torch(*args, qsl, lens, {}, kv_quant=kvq),
+                                  atol=1e-3)
+    if kvq is not None:  # the codes were dequantized: read as plain values they attend otherwise
+        plain = paged_attention_cpu(q, kv.float(), *args[2:], qsl, lens, {}, **kw)
+        assert not torch.allclose(out, plain, atol=1e-2)
+
+
+@pytest.mark.parametrize("D", [64, 20])
+def test_kv_write_int8_matches_reference_bit_for_bit(D):
+    """The C quantize-on-write (the fused decode layers') stores the codes, scales and zero
+    points the torch reference stores, from strided views into a qkv projection."""
+    from pagoda.kernels.cpu_attention import kv_write_int8
+    from pagoda.kernels.kv_quant import write_cache_torch
+    g = torch.Generator().manual_seed(D)
+    kvh, nb, bs, T = 3, 5, 4, 13
+    qkv = torch.randn(T, (6 + 2 * kvh) * D, generator=g) * torch.linspace(0.01, 40, T)[:, None]
+    qkv[3, 6 * D:] = qkv[3, 6 * D:].abs() + 0.5  # a token whose K and V are all positive
+    qkv[4, 6 * D:] = 0.0   # and one all zero
+    k = qkv[:, 6 * D:(6 + kvh) * D].view(T, kvh, D)
+    v = qkv[:, (6 + kvh) * D:].view(T, kvh, D)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    slots[7] = -1
+    c1, q1 = _int8_cache(g, nb, bs, kvh, D)  # every slot written before: the others stay as they are
+    c2, q2 = c1.clone(), type(q1)("int8", q1.scales.clone(), q1.zeros.clone())
+    write_cache_torch(k, v, c1, q1, slots)
+    kv_write_int8(k, v, c2, q2, slots)
+    assert torch.equal(c1, c2) and torch.equal(q1.scales, q2.scales) and torch.equal(q1.zeros, q2.zeros)
+    assert (q1.zeros.view(2, nb * bs, kvh)[:, slots[3]] == 0).all()
+    assert (q1.scales.view(2, nb * bs, kvh)[:, slots[4]] == 0).all()
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
@@ -123,10 +173,23 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     tokens and logprobs as the per-op module path on the same weights (Qwen3's q/k norm,
     Qwen2's qkv bias and Mistral's sliding window included), for a batch whose requests have
     different lengths."""
+    _fused_equals_per_op(request.getfixturevalue(f"tiny_{kind}_dir"))
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fused_decode_layers_read_an_int8_kv_cache(kind, request):
+    """--kv-cache-dtype int8 (--quant-policy 8): the fused layers quantize K/V as they write them
+    and dequantize inside their attention loop, and give what the per-op path gives (the torch
+    quantize-on-write, the C decode kernel over the int8 cache)."""
+    llm = _fused_equals_per_op(request.getfixturevalue(f"tiny_{kind}_dir"), kv_cache_dtype="int8")
+    layer = llm.llm_engine.core.worker.model.attention_layers()[0]
+    assert layer.kv_cache.dtype == torch.uint8 and layer.kv_quant.kind == "int8"
+
+
+def _fused_equals_per_op(model_dir, **kw):
     from pagoda import LLM, SamplingParams
     from conftest import assert_same_outputs, random_prompts
-    llm = LLM(request.getfixturevalue(f"tiny_{kind}_dir"), quantization="int8", max_model_len=512,
-              num_gpu_blocks_override=256)
+    llm = LLM(model_dir, quantization="int8", max_model_len=512, num_gpu_blocks_override=256, **kw)
     prompts = [{"prompt_token_ids": p} for p in random_prompts(6, 3, 40, 49152, seed=4)]
     sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
     fused = llm.generate(prompts, sp, use_tqdm=False)
@@ -135,6 +198,7 @@ def test_fused_decode_layers_match_per_op_path(kind, request):
     runner.cpu_decoder = None
     per_op = llm.generate(prompts, sp, use_tqdm=False)
     assert_same_outputs(fused, per_op)
+    return llm
 
 
 def test_fused_decode_declines_gemma3(tiny_gemma3_dir):

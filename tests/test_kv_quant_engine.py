@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -43,9 +44,11 @@ def test_cache_is_quantized(alone, kv):
     layer = llm.llm_engine.core.worker.model.attention_layers()[0]
     assert layer.kv_cache.dtype == torch.uint8 and layer.kv_quant.kind == kv
     assert layer.kv_cache.shape[-1] == layer.head_dim // (2 if kv == "int4" else 1)
-    assert layer.kv_quant.params.shape == (2, 256, 16, layer.num_kv_heads, 2)
+    assert layer.kv_quant.scales.shape == layer.kv_quant.zeros.shape == (2, 256, 16, layer.num_kv_heads)
+    assert layer.kv_quant.scales.dtype == torch.float16 and layer.kv_quant.zeros.dtype == torch.uint8
     assert runner.block_bytes() == runner.kv_format.block_bytes(runner.num_layers, 16)
-    assert layer.kv_quant.params.abs().sum() > 0  # the scales were written
+    assert layer.kv_quant.scales.float().abs().sum() > 0  # the scales were written
+    assert (layer.kv_quant.rotation is not None) == (kv == "int4")
 
 
 def test_batch_equals_each_alone(alone, prompts):
@@ -92,4 +95,68 @@ def test_serve_with_lmdeploy_quant_policy(policy, kind):
                                                      prompt="The capital of France is", max_tokens=8,
                                                      temperature=0)
         assert out.choices[0].text and out.usage.completion_tokens == 8
-        assert f"KV cache {kind}:" in srv.log()
+        # the memory plan's capacity line, on the bundled model's shape (64-dim heads)
+        got = re.search(rf"KV cache {kind}: .*; ([0-9.]+)x the tokens of a 16-bit cache", srv.log())
+        assert got and float(got.group(1)) >= {"int8": 1.9, "int4": 3.5}[kind], srv.log()[-2000:]
+
+
+@pytest.fixture(scope="module")
+def wide_kv_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny Llama with K and V 1000x larger and q_proj, o_proj 1000x smaller: the same model,
+    whose K and V overflow fp8 at a scale of 1.0."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    out = str(tmp_path_factory.mktemp("wide-kv"))
+    shutil.copytree(tiny_llama_dir, out, dirs_exist_ok=True)
+    path = os.path.join(out, "model.safetensors")
+    w = load_file(path)
+    for name in w:
+        if ".k_proj." in name or ".v_proj." in name:
+            w[name] = w[name] * 1000
+        elif ".q_proj." in name or ".o_proj." in name:
+            w[name] = w[name] / 1000
+    save_file(w, path, metadata={"format": "pt"})
+    return out
+
+
+def test_calculate_kv_scales(wide_kv_dir, tiny_llama_dir):
+    """--calculate-kv-scales: each layer's fp8 K and V scales come from the first forward's data
+    (amax / 448), and the output stays close to the unquantized cache (the logprobs of fixed
+    texts, every token reading the cache), as close as fp8 at 1.0 on the unscaled model, where
+    the scale of 1.0 saturates."""
+    from pagoda.kernels.kv_quant import FP8_MAX
+    prompts = [{"prompt_token_ids": p} for p in random_prompts(4, 40, 80, 49152, seed=5)]
+    sp = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def run(path, **kw):
+        llm = LLM(path, max_model_len=512, num_gpu_blocks_override=128,
+                  enable_prefix_caching=False, **kw)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        lps = torch.tensor([d[t].logprob for o, p in zip(outs, prompts)
+                            for d, t in zip(o.prompt_logprobs[1:], p["prompt_token_ids"][1:])])
+        return llm, lps
+
+    def err(lps, ref):
+        return (lps - ref).abs().mean().item()
+
+    _, ref = run(wide_kv_dir)
+    _, fixed = run(wide_kv_dir, kv_cache_dtype="fp8")
+    llm, calc = run(wide_kv_dir, kv_cache_dtype="fp8", calculate_kv_scales=True)
+    _, plain_ref = run(tiny_llama_dir)
+    _, plain_fp8 = run(tiny_llama_dir, kv_cache_dtype="fp8")
+    print(f"mean |logprob error|: calculated scales {err(calc, ref):.4f}, scale 1.0 "
+          f"{err(fixed, ref):.4f}, the unscaled model at 1.0 {err(plain_fp8, plain_ref):.4f}")
+    assert err(calc, ref) < 2 * err(plain_fp8, plain_ref) and err(calc, ref) < err(fixed, ref) / 4
+    layers = llm.llm_engine.core.worker.model.attention_layers()
+    scales = torch.stack([layer.kv_quant.fp8_scales for layer in layers])
+    assert not any(layer.calculate_kv_scales for layer in layers)
+    assert (scales > 1).all() and len(set(scales.flatten().tolist())) == scales.numel(), scales
+    # the measurement: the next forward after re-arming sets the scales from its own K and V
+    seen = []
+    hook = layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[1:]))
+    layers[0].calculate_kv_scales = True
+    llm.generate(prompts[:1], sp, use_tqdm=False)
+    hook.remove()
+    k, v = seen[0]
+    want = torch.stack([k.abs().amax(), v.abs().amax()]) / FP8_MAX["fp8_e4m3"]
+    assert torch.allclose(layers[0].kv_quant.fp8_scales, want)

@@ -2,18 +2,18 @@
 engine: greedy tokens of 8 prompts, and the perplexity of a fixed 2,000-token text scored in
 chunks of 256 (chunked prefill, so every chunk after the first reads the quantized cache).
 
-Tolerances. int8 (asymmetric, 255 levels per token per head): perplexity within +1% (measured
-+0.05%), and on >= 7 of 8 prompts the first 16 greedy tokens equal or parting only at a near-tie
-of the float cache (its top two within 0.05 nats: int8 moves these logprobs by up to ~0.05).
-Measured: 6 of 8 strictly equal, the other two part at gaps of 0.003 and 0.015 nats; the
-issue's bar is 7 of 8 strictly. int4 (15 levels) on this
-model is far from it: its 64-dim heads carry a few outlier channels in K, so one scale per
-token and head leaves most channels 1-2 levels (measured on this text: perplexity +14.9%, the
-first greedy difference after 1-9 tokens), against the issue's +5% / 5 of 8; the test holds int4
-near what it measured (perplexity within +20%, the first 2 greedy tokens on 6 of 8), so that a
-regression shows, and the gap stays open. (A Hadamard rotation of q, k, v over head_dim before
-quantizing, tried in a side experiment, brought int4 to +9.4% on 800 tokens: not enough yet.)
-fp8 (e4m3, scale 1.0): measured +1.7%, held within +3%, 5 of 8 agreeing."""
+Tolerances. int8 (asymmetric, 255 levels per token per head, an integer zero point):
+perplexity within +1% (measured +0.04%), and on >= 7 of 8 prompts the first 16 greedy tokens
+equal or parting only at a near-tie of the float cache (its top two within 0.05 nats: int8
+moves these logprobs by up to ~0.05). Measured: 8 of 8 strictly equal (the issue's bar is 7 of
+8 strictly). int4 (15 levels, q/k/v rotated by a Hadamard matrix over head_dim: kv_quant.py):
+measured +7.4% perplexity, the first greedy difference after 2-16 tokens (1 of 8 prompts equal
+over all 16), against the issue's +5% / 5 of 8. Without the rotation it was +17.0% (+14.9%
+with the earlier float16 zero, +21% with a whole-step zero point): this model's 64-dim heads
+carry a few outlier channels in K, so one scale per token and head left most channels 1-2
+levels. The test holds int4 near what it measured (perplexity within +10%, the first 3 greedy
+tokens on 7 of 8), so that a regression shows, and the gap stays open. fp8 (e4m3, scale 1.0):
+measured +1.8%, held within +3%, 5 of 8 agreeing."""
 from __future__ import annotations
 
 import inspect
@@ -37,6 +37,8 @@ def _text() -> str:
 def _measure(kv: str):
     """(greedy tokens, per-step top-2 logprob gap, perplexity)."""
     llm = LLM(kv_cache_dtype=kv, max_model_len=2048, max_num_batched_tokens=256)
+    if kv in ("auto", "int8"):  # decode steps run the fused C layers, over the int8 cache too
+        assert llm.llm_engine.core.worker.runner.cpu_decoder is not None
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
     outs = llm.generate(PROMPTS, sp, use_tqdm=False)
     toks = [o.outputs[0].token_ids for o in outs]
@@ -63,7 +65,7 @@ TIE = 0.05  # nats between the float cache's top two tokens
 
 
 @pytest.mark.parametrize("kv,min_equal,equal_len,max_ppl", [("int8", 7, 16, 1.01),
-                                                            ("int4", 6, 2, 1.20),
+                                                            ("int4", 7, 3, 1.10),
                                                             ("fp8", 5, 16, 1.03)])
 def test_quantized_cache_stays_close(fp_cache, kv, min_equal, equal_len, max_ppl):
     ref_toks, ref_gaps, ref_ppl = fp_cache

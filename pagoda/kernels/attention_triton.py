@@ -22,8 +22,8 @@ Layouts are those documented in attention.py. One attention kernel serves every 
 - Quantized cache (KV_QUANT: 1 int8, 2 int4, 3 fp8; formats in kv_quant.py): the cache-write
   kernel quantizes each token's K/V per head as it stores them, and the attention loop
   dequantizes each K/V tile right after loading it (int8/int4 with the tile's per-token scale
-  and zero, fp8 with the tensor's scale), before the dot products in the model's dtype. Only
-  the quantized bytes cross memory.
+  and zero point, fp8 with the tensor's scale), before the dot products in the model's dtype.
+  Only the quantized bytes cross memory.
 """
 from __future__ import annotations
 
@@ -70,25 +70,31 @@ def _reshape_and_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
 
 
 @triton.jit
-def _quantize_rows(x, ok, LEVELS: tl.constexpr):
-    """Asymmetric per-row quantization of x [H, N] (the (scale, zero) pair rounded to float16
-    first, as in kv_quant.quantize): (codes as int32, scale fp16 [H], zero fp16 [H])."""
-    lo = tl.min(tl.where(ok, x, float("inf")), 1)
-    hi = tl.max(tl.where(ok, x, float("-inf")), 1)
+def _scale_and_zero(lo, hi, LEVELS: tl.constexpr, UNITS: tl.constexpr):
+    """A row's float16 scale, its reciprocal and its zero point (in 1 / UNITS steps, fp32) from
+    its range (lo, hi) widened to hold 0, as in kv_quant.quantize."""
+    lo = tl.minimum(lo, 0.0)
+    hi = tl.maximum(hi, 0.0)
     s16 = ((hi - lo) / LEVELS).to(tl.float16)
-    z16 = lo.to(tl.float16)
     sf = s16.to(tl.float32)
     inv = tl.where(sf > 0, 1.0 / sf, 0.0)
-    q = tl.floor((x - z16.to(tl.float32)[:, None]) * inv[:, None] + 0.5)
-    q = tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
-    return q, s16, z16
+    zp = tl.minimum(tl.maximum(tl.floor(-lo * inv * UNITS + 0.5), 0.0), 255.0)
+    return s16, inv, zp
 
 
 @triton.jit
-def _store_quantized(x_ptr, stride_xt, stride_xh, t, cache_ptr, params_ptr, dst, p_dst, h, h_ok,
-                     scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, QUANT: tl.constexpr,
-                     FP8_MAX: tl.constexpr):
-    """Quantize one token's [heads, head_dim] K (or V) and store it at dst (+ its params)."""
+def _codes(x, inv, zp, LEVELS: tl.constexpr, UNITS: tl.constexpr):
+    """round(x / scale + zp / UNITS), clamped to the levels, as int32 (x [H, N]; inv, zp [H])."""
+    q = tl.floor(x * inv[:, None] + (zp / UNITS)[:, None] + 0.5)
+    return tl.minimum(tl.maximum(q, 0.0), LEVELS).to(tl.int32)
+
+
+@triton.jit
+def _store_quantized(x_ptr, stride_xt, stride_xh, t, cache_ptr, scale_ptr, zero_ptr, dst, p_dst,
+                     h, h_ok, scale, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                     QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
+    """Quantize one token's [heads, head_dim] K (or V) and store it at dst (+ its scale and
+    zero point at p_dst)."""
     src = x_ptr + t * stride_xt + h * stride_xh
     if QUANT == 2:  # int4: element 2j in byte j's low nibble, 2j + 1 in its high nibble
         j = tl.arange(0, D_PAD // 2)[None, :]
@@ -99,33 +105,44 @@ def _store_quantized(x_ptr, stride_xt, stride_xh, t, cache_ptr, params_ptr, dst,
                         tl.min(tl.where(ok, odd, float("inf")), 1))
         hi = tl.maximum(tl.max(tl.where(ok, even, float("-inf")), 1),
                         tl.max(tl.where(ok, odd, float("-inf")), 1))
-        s16 = ((hi - lo) / 15).to(tl.float16)
-        z16 = lo.to(tl.float16)
-        sf = s16.to(tl.float32)
-        inv = tl.where(sf > 0, 1.0 / sf, 0.0)[:, None]
-        zf = z16.to(tl.float32)[:, None]
-        qe = tl.minimum(tl.maximum(tl.floor((even - zf) * inv + 0.5), 0.0), 15.0).to(tl.int32)
-        qo = tl.minimum(tl.maximum(tl.floor((odd - zf) * inv + 0.5), 0.0), 15.0).to(tl.int32)
+        s16, inv, zp = _scale_and_zero(lo, hi, 15, 16)
+        qe = _codes(even, inv, zp, 15, 16)
+        qo = _codes(odd, inv, zp, 15, 16)
         tl.store(cache_ptr + dst + j, (qe | (qo << 4)).to(tl.uint8), mask=ok)
-        tl.store(params_ptr + p_dst, s16[:, None], mask=h_ok)
-        tl.store(params_ptr + p_dst + 1, z16[:, None], mask=h_ok)
+        tl.store(scale_ptr + p_dst, s16[:, None], mask=h_ok)
+        tl.store(zero_ptr + p_dst, zp.to(tl.uint8)[:, None], mask=h_ok)
     else:
         d = tl.arange(0, D_PAD)[None, :]
         ok = h_ok & (d < HEAD_DIM)
         x = tl.load(src + d, mask=ok, other=0.0).to(tl.float32)
         if QUANT == 1:
-            q, s16, z16 = _quantize_rows(x, ok, 255)
-            tl.store(cache_ptr + dst + d, q.to(tl.uint8), mask=ok)
-            tl.store(params_ptr + p_dst, s16[:, None], mask=h_ok)
-            tl.store(params_ptr + p_dst + 1, z16[:, None], mask=h_ok)
+            lo = tl.min(tl.where(ok, x, float("inf")), 1)
+            hi = tl.max(tl.where(ok, x, float("-inf")), 1)
+            s16, inv, zp = _scale_and_zero(lo, hi, 255, 1)
+            tl.store(cache_ptr + dst + d, _codes(x, inv, zp, 255, 1).to(tl.uint8), mask=ok)
+            tl.store(scale_ptr + p_dst, s16[:, None], mask=h_ok)
+            tl.store(zero_ptr + p_dst, zp.to(tl.uint8)[:, None], mask=h_ok)
         else:  # fp8, saturated
             y = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
             tl.store(cache_ptr + dst + d, y.to(cache_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _reshape_and_cache_quant_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, kp_ptr, vp_ptr,
-                                    slot_ptr, k_scale, v_scale,
+def _fp8_scales(fp8_ptr, QUANT: tl.constexpr):
+    """fp8's K and V scales, read from the device (1.0 for the other formats; one return, as
+    compiled Triton wants)."""
+    if QUANT == 3:
+        k_scale = tl.load(fp8_ptr).to(tl.float32)
+        v_scale = tl.load(fp8_ptr + 1).to(tl.float32)
+    else:
+        k_scale = 1.0
+        v_scale = 1.0
+    return k_scale, v_scale
+
+
+@triton.jit
+def _reshape_and_cache_quant_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr,
+                                    kz_ptr, vz_ptr, slot_ptr, fp8_ptr,
                                     stride_kt, stride_kh, stride_vt, stride_vh,
                                     stride_cb, stride_cs, stride_ch, stride_pb, stride_ps, stride_ph,
                                     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -139,10 +156,28 @@ def _reshape_and_cache_quant_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, kp_p
     h_ok = h < NUM_KV_HEADS
     dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + h * stride_ch
     p_dst = (slot // PAGE) * stride_pb + (slot % PAGE) * stride_ps + h * stride_ph
-    _store_quantized(k_ptr, stride_kt, stride_kh, t, k_cache_ptr, kp_ptr, dst, p_dst, h, h_ok,
-                     k_scale, HEAD_DIM, D_PAD, QUANT, FP8_MAX)
-    _store_quantized(v_ptr, stride_vt, stride_vh, t, v_cache_ptr, vp_ptr, dst, p_dst, h, h_ok,
-                     v_scale, HEAD_DIM, D_PAD, QUANT, FP8_MAX)
+    k_scale, v_scale = _fp8_scales(fp8_ptr, QUANT)
+    _store_quantized(k_ptr, stride_kt, stride_kh, t, k_cache_ptr, ks_ptr, kz_ptr, dst, p_dst, h,
+                     h_ok, k_scale, HEAD_DIM, D_PAD, QUANT, FP8_MAX)
+    _store_quantized(v_ptr, stride_vt, stride_vh, t, v_cache_ptr, vs_ptr, vz_ptr, dst, p_dst, h,
+                     h_ok, v_scale, HEAD_DIM, D_PAD, QUANT, FP8_MAX)
+
+
+def _scales_and_zeros(kv_quant: KVQuant | None, kv_cache: torch.Tensor):
+    """((K, V) scales, (K, V) zero points) of int8/int4, [num_blocks, block_size, kv_heads] each
+    with the same strides; for other formats placeholders the kernels never read."""
+    if kv_quant is None or kv_quant.scales is None:
+        return (kv_cache[0], kv_cache[1]), (kv_cache[0], kv_cache[1])
+    sc, zp = kv_quant.scales, kv_quant.zeros
+    assert sc.stride() == zp.stride(), "scales and zero points must share their layout"
+    return (sc[0], sc[1]), (zp[0], zp[1])
+
+
+def _fp8_ptr(kv_quant: KVQuant | None, kv_cache: torch.Tensor) -> torch.Tensor:
+    """fp8's [K, V] scale tensor (a placeholder the kernels never read for other formats)."""
+    if kv_quant is None or kv_quant.fp8_scales is None:
+        return kv_cache
+    return kv_quant.fp8_scales
 
 
 def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -162,12 +197,11 @@ def reshape_and_cache_triton(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.T
             NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=h_pad, D_PAD=d_pad,
             PAGE=kv_cache.shape[2])
         return
-    params = kv_quant.params if kv_quant.params is not None else kv_cache  # fp8: unused
-    kp, vp = params[0], params[1]
+    (ks, vs), (kz, vz) = _scales_and_zeros(kv_quant, kv_cache)
     _reshape_and_cache_quant_kernel[(num_tokens,)](
-        k, v, kc, vc, kp, vp, slot_mapping, kv_quant.k_scale, kv_quant.v_scale,
+        k, v, kc, vc, ks, vs, kz, vz, slot_mapping, _fp8_ptr(kv_quant, kv_cache),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kc.stride(0), kc.stride(1), kc.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
+        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, H_PAD=h_pad, D_PAD=max(d_pad, 2),
         PAGE=kv_cache.shape[2], QUANT=kv_quant.code, FP8_MAX=FP8_MAX.get(kv_quant.kind, 0.0))
 
@@ -188,11 +222,11 @@ def _tanh(x):
 
 
 @triton.jit
-def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, USE_MASK: tl.constexpr,
+def _load_kv(cache_ptr, s_ptr, z_ptr, off, p_off, d, ok, scale, USE_MASK: tl.constexpr,
              QUANT: tl.constexpr, KEY_AXIS: tl.constexpr):
     """A K or V tile from the cache, dequantized to fp32 (QUANT 0: as stored). off / p_off:
-    per-key offsets of the data and of the (scale, zero) pairs; keys run along KEY_AXIS (1 for
-    K^T, 0 for V)."""
+    per-key offsets of the data and of the scales and zero points; keys run along KEY_AXIS (1
+    for K^T, 0 for V)."""
     if KEY_AXIS == 1:
         koff, dd, pk = off[None, :], d[:, None], p_off[None, :]
     else:
@@ -204,19 +238,21 @@ def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, USE_MASK: tl.constexpr,
     elif QUANT == 3:
         x = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale
     else:
-        if QUANT == 2:
+        sc = _load(s_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
+        zp = _load(z_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)
+        if QUANT == 2:  # the zero point in sixteenths of a step
             byte = _load(cache_ptr + koff + dd // 2, ok, USE_MASK).to(tl.int32)
             code = (byte >> ((dd % 2) * 4)) & 15
+            zp = zp * 0.0625
         else:
             code = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.int32)
-        sc = _load(p_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
-        zr = _load(p_ptr + pk + 1 + dd * 0, ok, USE_MASK).to(tl.float32)
-        x = code.to(tl.float32) * sc + zr
+        x = (code.to(tl.float32) - zp) * sc
     return x
 
 
 @triton.jit
-def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr, vp_ptr, bt_row,
+def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, kz_ptr,
+                 vz_ptr, bt_row,
                  kv_head_off, p_head_off, t, k_lo, n_keys, window, qk_scale, cap_in, cap_out,
                  k_sc, v_sc, d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps,
                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -231,7 +267,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr, vp_p
     page = _load(bt_row + k_pos // PAGE, k_ok, MASKED).to(tl.int64)
     kv_off = page * stride_cb + (k_pos % PAGE) * stride_cs + kv_head_off
     p_off = page * stride_pb + (k_pos % PAGE) * stride_ps + p_head_off
-    k = _load_kv(k_cache_ptr, kp_ptr, kv_off, p_off, d, k_ok[None, :] & d_ok[:, None], k_sc,
+    k = _load_kv(k_cache_ptr, ks_ptr, kz_ptr, kv_off, p_off, d, k_ok[None, :] & d_ok[:, None], k_sc,
                  MASKED or D_MASK, QUANT, 1).to(q.dtype)                    # [D_PAD, BLOCK_N]
     if SOFTCAP:  # cap_in = scale / cap, cap_out = cap * log2(e)
         s = _tanh(_mm(q, k, UPCAST, PREC) * cap_in) * cap_out
@@ -247,7 +283,7 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr, vp_p
     p = tl.math.exp2(s - m_ref[:, None])
     alpha = tl.math.exp2(m_i - m_ref)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_kv(v_cache_ptr, vp_ptr, kv_off, p_off, d, k_ok[:, None] & d_ok[None, :], v_sc,
+    v = _load_kv(v_cache_ptr, vs_ptr, vz_ptr, kv_off, p_off, d, k_ok[:, None] & d_ok[None, :], v_sc,
                  MASKED or D_MASK, QUANT, 0).to(q.dtype)                    # [BLOCK_N, D_PAD]
     acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, UPCAST, PREC)
     return m_new, l_i, acc
@@ -256,9 +292,10 @@ def _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr, vp_p
 # num_reqs and the block-table stride change from step to step; specializing on them (value 1,
 # multiple of 16) would compile new variants in the middle of a run, costing seconds each
 @triton.jit(do_not_specialize=["num_reqs", "stride_bt", "window"])
-def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, kp_ptr, vp_ptr, block_tables_ptr,
+def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, ks_ptr, vs_ptr, kz_ptr, vz_ptr,
+                       block_tables_ptr,
                        seq_lens_ptr, qsl_ptr, part_out_ptr, part_lse_ptr,
-                       num_reqs, qk_scale, window, cap_in, cap_out, k_sc, v_sc,
+                       num_reqs, qk_scale, window, cap_in, cap_out, fp8_ptr,
                        stride_qt, stride_qh, stride_ot, stride_oh,
                        stride_cb, stride_cs, stride_ch, stride_bt, stride_pb, stride_ps, stride_ph,
                        NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -319,6 +356,7 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, kp_ptr, vp_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    k_sc, v_sc = _fp8_scales(fp8_ptr, QUANT)
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     kv_head_off = kvh * stride_ch
     p_head_off = kvh * stride_ph
@@ -337,22 +375,25 @@ def _paged_attn_kernel(out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, kp_ptr, vp_ptr,
         t_a = t_begin
         t_b = t_begin
     for t in range(t_begin, t_a):
-        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr,
-                                     vp_ptr, bt_row, kv_head_off, p_head_off, t, k_lo, n_keys,
-                                     window, qk_scale, cap_in, cap_out, k_sc, v_sc, d, d_ok,
-                                     stride_cb, stride_cs, stride_pb, stride_ps, PAGE, BLOCK_N,
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr,
+                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t,
+                                     k_lo, n_keys, window, qk_scale, cap_in, cap_out, k_sc, v_sc,
+                                     d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps, PAGE,
+                                     BLOCK_N,
                                      True, HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC, QUANT)
     for t in range(t_a, t_b):
-        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr,
-                                     vp_ptr, bt_row, kv_head_off, p_head_off, t, k_lo, n_keys,
-                                     window, qk_scale, cap_in, cap_out, k_sc, v_sc, d, d_ok,
-                                     stride_cb, stride_cs, stride_pb, stride_ps, PAGE, BLOCK_N,
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr,
+                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t,
+                                     k_lo, n_keys, window, qk_scale, cap_in, cap_out, k_sc, v_sc,
+                                     d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps, PAGE,
+                                     BLOCK_N,
                                      False, HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC, QUANT)
     for t in range(t_b, t_end):
-        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, kp_ptr,
-                                     vp_ptr, bt_row, kv_head_off, p_head_off, t, k_lo, n_keys,
-                                     window, qk_scale, cap_in, cap_out, k_sc, v_sc, d, d_ok,
-                                     stride_cb, stride_cs, stride_pb, stride_ps, PAGE, BLOCK_N,
+        m_i, l_i, acc = _attend_tile(q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, ks_ptr,
+                                     vs_ptr, kz_ptr, vz_ptr, bt_row, kv_head_off, p_head_off, t,
+                                     k_lo, n_keys, window, qk_scale, cap_in, cap_out, k_sc, v_sc,
+                                     d, d_ok, stride_cb, stride_cs, stride_pb, stride_ps, PAGE,
+                                     BLOCK_N,
                                      True, HEAD_DIM != D_PAD, SLIDING, SOFTCAP, UPCAST, PREC, QUANT)
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -473,9 +514,7 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
                 cap = min(cap, sliding_window + page)
             num_splits = decode_num_splits(num_reqs, num_kv_heads, cap, _sm_count(q.device))
     kc, vc = kv_cache[0], kv_cache[1]
-    params = kv_quant.params if kv_quant is not None and kv_quant.params is not None else kv_cache
-    kp, vp = params[0], params[1]  # (scale, zero) pairs of int8/int4 (else unused)
-    k_sc, v_sc = (kv_quant.k_scale, kv_quant.v_scale) if kv_quant is not None else (1.0, 1.0)
+    (ks, vs), (kz, vz) = _scales_and_zeros(kv_quant, kv_cache)
     if num_splits > 1:
         part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim,
                                dtype=torch.float32, device=q.device)
@@ -485,13 +524,13 @@ def paged_attention_triton(q: torch.Tensor, kv_cache: torch.Tensor, query_start_
         part_out = part_lse = out  # unused
     d_pad = triton.next_power_of_2(head_dim)
     _paged_attn_kernel[(num_tiles, num_kv_heads, num_splits)](
-        out, q, kc, vc, kp, vp, block_tables, seq_lens, query_start_loc, part_out, part_lse,
+        out, q, kc, vc, ks, vs, kz, vz, block_tables, seq_lens, query_start_loc, part_out, part_lse,
         num_reqs, scale * _LOG2E, sliding_window or 0,
         scale / logits_soft_cap if logits_soft_cap else 0.0,
-        logits_soft_cap * _LOG2E if logits_soft_cap else 0.0, k_sc, v_sc,
+        logits_soft_cap * _LOG2E if logits_soft_cap else 0.0, _fp8_ptr(kv_quant, kv_cache),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_tables.stride(0),
-        kp.stride(0), kp.stride(1), kp.stride(2),
+        ks.stride(0), ks.stride(1), ks.stride(2),
         NUM_HEADS=num_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=d_pad,
         PAGE=page, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
         NUM_SPLITS=num_splits, TILE_IS_REQ=tile_is_req, SPLIT_MASK=cfg["split_mask"],

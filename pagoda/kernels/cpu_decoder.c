@@ -5,6 +5,8 @@
  * calls from Python cost about as much again; here Python makes one call per layer. The pieces
  * are the kernels beside this file (each tested against its torch reference), chained with
  * caller-provided scratch. Prefill and mixed steps keep the per-op path (SDPA is better there).
+ * The KV cache is float32, or int8 (--kv-cache-dtype int8: quantized as it is written, dequantized
+ * inside the attention loop; cpu_attention.c).
  */
 #include "cpu_int8.c"
 #include "cpu_gguf.c"
@@ -24,7 +26,9 @@ typedef struct {
     float eps, attn_scale;
     const float *ln1, *ln2, *q_norm, *k_norm;  /* q_norm / k_norm NULL unless Qwen3 */
     QWeight qkv, o, gate_up, down;
-    float *kv;                                 /* [2, num_blocks, block_size, kv_heads, D] */
+    void *kv;                                  /* [2, num_blocks, block_size, kv_heads, D] */
+    uint16_t *kv_scales;                       /* int8 cache: float16 scales [2, nb, bs, kv_heads] */
+    uint8_t *kv_zeros;                         /* and zero points; both NULL for a float32 cache */
     int64_t num_blocks, block_size;
     int64_t window;                            /* sliding window (Mistral), 0 = global */
 } Layer;
@@ -66,18 +70,27 @@ void pagoda_decoder_layer(const Layer *L, const Step *S, float *h, float *res, i
     }
     pagoda_rotary(q, T, qkv_w, L->heads, D, L->rot, S->positions, S->cos_sin);
     pagoda_rotary(k, T, qkv_w, L->kv_heads, D, L->rot, S->positions, S->cos_sin);
-    const int64_t slot_w = L->kv_heads * D;
-    float *vcache = L->kv + L->num_blocks * L->block_size * slot_w;
-    for (int64_t t = 0; t < T; t++) {
-        if (S->slots[t] < 0) continue;
-        for (int64_t i = 0; i < slot_w; i++) {
-            L->kv[S->slots[t] * slot_w + i] = k[t * qkv_w + i];
-            vcache[S->slots[t] * slot_w + i] = v[t * qkv_w + i];
+    if (L->kv_scales) {
+        pagoda_kv_write_int8(k, v, qkv_w, T, S->slots, L->kv, L->kv_scales, L->kv_zeros,
+                             L->num_blocks, L->block_size, L->kv_heads, D);
+        pagoda_paged_decode_int8(q, qkv_w, S->rows, S->rows, T, L->kv, L->kv_scales, L->kv_zeros,
+                                 L->num_blocks, L->block_size, L->kv_heads, D, S->block_tables,
+                                 S->max_blocks, S->seq_lens, L->heads, L->attn_scale, L->window,
+                                 0.f, S->attn);
+    } else {
+        const int64_t slot_w = L->kv_heads * D;
+        float *kcache = L->kv, *vcache = kcache + L->num_blocks * L->block_size * slot_w;
+        for (int64_t t = 0; t < T; t++) {
+            if (S->slots[t] < 0) continue;
+            for (int64_t i = 0; i < slot_w; i++) {
+                kcache[S->slots[t] * slot_w + i] = k[t * qkv_w + i];
+                vcache[S->slots[t] * slot_w + i] = v[t * qkv_w + i];
+            }
         }
+        pagoda_paged_decode(q, qkv_w, S->rows, S->rows, T, kcache, L->num_blocks, L->block_size,
+                            L->kv_heads, D, S->block_tables, S->max_blocks, S->seq_lens, L->heads,
+                            L->attn_scale, L->window, 0.f, S->attn);
     }
-    pagoda_paged_decode(q, qkv_w, S->rows, S->rows, T, L->kv, L->num_blocks, L->block_size,
-                        L->kv_heads, D, S->block_tables, S->max_blocks, S->seq_lens, L->heads,
-                        L->attn_scale, L->window, 0.f, S->attn);
     matmul(&L->o, S->attn, T, h);
     pagoda_rms_norm(h, res, L->ln2, S->xn, res, T, H, L->eps);
     matmul(&L->gate_up, S->xn, T, S->gu);

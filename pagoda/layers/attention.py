@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pagoda.kernels.kv_quant import KVQuant
+from pagoda.kernels.kv_quant import KVQuant, calibrate
 from pagoda.platforms import current_platform
 
 
@@ -51,7 +51,11 @@ class Attention(nn.Module):
     block tables. `kv_cache` (and `kv_quant`, the format of a quantized cache) are bound by the
     model runner after the cache is allocated.
     sliding_window: this layer's window (a query at p sees keys in (p - window, p]); None = global.
-    logits_soft_cap: cap * tanh(score / cap) on the scaled scores; None = off."""
+    logits_soft_cap: cap * tanh(score / cap) on the scaled scores; None = off.
+    calculate_kv_scales (--calculate-kv-scales, set by the model runner on an fp8 cache): the
+    next forward outside CUDA-graph capture sets the cache's K and V scales from its own K/V
+    before writing them. An int4 cache rotates q, k, v over head_dim (kv_quant.hadamard) before
+    its write and attention, and the output back after."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  sliding_window: Optional[int] = None, logits_soft_cap: Optional[float] = None):
@@ -62,22 +66,32 @@ class Attention(nn.Module):
         self.logits_soft_cap = logits_soft_cap
         self.kv_cache: torch.Tensor = torch.empty(0)
         self.kv_quant: Optional[KVQuant] = None
+        self.calculate_kv_scales = False
         self.ops = current_platform().ops
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         m = get_attention_metadata()
         ops = self.ops
         kvq = self.kv_quant
+        if self.calculate_kv_scales and kvq is not None and kvq.fp8_scales is not None and not (
+                k.is_cuda and torch.cuda.is_current_stream_capturing()):
+            calibrate(kvq, k, v)
+            self.calculate_kv_scales = False
+        rot = kvq.rotation if kvq is not None else None
+        if rot is not None:
+            q, k, v = q @ rot, k @ rot, v @ rot
         ops.reshape_and_cache(k, v, self.kv_cache, m.slot_mapping, kvq)
         if ops.triton:
-            return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                       self.scale, max_query_len=m.max_query_len,
-                                       max_seq_len=m.max_seq_len, sliding_window=self.sliding_window,
-                                       logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
-        return ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
-                                   self.scale, m.query_start_loc_cpu, m.seq_lens_cpu, step_cache=m.cache,
-                                   sliding_window=self.sliding_window,
-                                   logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
+            out = ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
+                                      self.scale, max_query_len=m.max_query_len,
+                                      max_seq_len=m.max_seq_len, sliding_window=self.sliding_window,
+                                      logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
+        else:
+            out = ops.paged_attention(q, self.kv_cache, m.query_start_loc, m.seq_lens, m.block_tables,
+                                      self.scale, m.query_start_loc_cpu, m.seq_lens_cpu,
+                                      step_cache=m.cache, sliding_window=self.sliding_window,
+                                      logits_soft_cap=self.logits_soft_cap, kv_quant=kvq)
+        return out if rot is None else out @ rot.T
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """Decode steps of a Llama-family model on the CPU through one C call per layer
 (pagoda/kernels/cpu_decoder.c): the CPU's decode accelerator, as CUDA graphs are the GPU's. The
 model runner uses it when every projection holds packed GGUF blocks (--quantization gguf, the
-default for a quantized GGUF on the CPU; int4) or 8-bit group weights (int8). Prefill and mixed
-steps, other dtypes and devices keep the model's per-op forward, which is also this path's
+default for a quantized GGUF on the CPU; int4) or 8-bit group weights (int8), over a float32 or
+an int8 KV cache (--kv-cache-dtype int8 / --quant-policy 8). Prefill and mixed steps, other
+dtypes, cache formats and devices keep the model's per-op forward, which is also this path's
 reference (tests/test_cpu_kernels.py)."""
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ class _Layer(ctypes.Structure):
                 ("inter", _I64), ("rot", _I64), ("eps", _F), ("attn_scale", _F),
                 ("ln1", _P), ("ln2", _P), ("q_norm", _P), ("k_norm", _P),
                 ("qkv", _QWeight), ("o", _QWeight), ("gate_up", _QWeight), ("down", _QWeight),
-                ("kv", _P), ("num_blocks", _I64), ("block_size", _I64), ("window", _I64)]
+                ("kv", _P), ("kv_scales", _P), ("kv_zeros", _P), ("num_blocks", _I64),
+                ("block_size", _I64), ("window", _I64)]
 
 
 class _Step(ctypes.Structure):
@@ -70,6 +72,7 @@ class CpuDecoder:
 
     @classmethod
     def build(cls, model) -> Optional["CpuDecoder"]:
+        from pagoda.kernels.cpu_attention import reads
         from pagoda.layers.norm import RMSNorm
         from pagoda.models.llama import LlamaDecoderLayer
         from pagoda.distributed.parallel_state import tp_size
@@ -85,10 +88,10 @@ class CpuDecoder:
             if not isinstance(layer, LlamaDecoderLayer) or layer.self_attn.attn.logits_soft_cap:
                 return None
             at, mlp = layer.self_attn, layer.mlp
-            cache = at.attn.kv_cache
+            cache, kvq = at.attn.kv_cache, at.attn.kv_quant
             ws = [_qweight(x) for x in (at.qkv_proj, at.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if (any(w is None for w in ws) or _has_bias(mlp.gate_up_proj)
-                    or _has_bias(mlp.down_proj) or cache.dtype != torch.float32
+                    or _has_bias(mlp.down_proj) or not reads(cache, kvq)
                     or cache.device.type != "cpu" or cache.numel() == 0
                     or at.num_heads // at.num_kv_heads > 64
                     or at.rotary.cos_sin_cache.dtype != torch.float32):
@@ -100,7 +103,8 @@ class CpuDecoder:
                               layer.input_layernorm.eps, at.attn.scale,
                               layer.input_layernorm.weight.data_ptr(),
                               layer.post_attention_layernorm.weight.data_ptr(), qn, kn, *ws,
-                              cache.data_ptr(), cache.shape[1], cache.shape[2],
+                              cache.data_ptr(), kvq.scales.data_ptr() if kvq else None,
+                              kvq.zeros.data_ptr() if kvq else None, cache.shape[1], cache.shape[2],
                               at.attn.sliding_window or 0))
         return cls(model, out)
 

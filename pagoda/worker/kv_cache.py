@@ -1,8 +1,8 @@
 """KV-cache tensors and their sizing.
 
 One preallocated tensor per layer, [2, num_blocks, block_size, num_kv_heads, head_dim] (with
---kv-cache-dtype int8/int4/fp8: the quantized values, and for int8/int4 a float16 tensor of
-(scale, zero) pairs beside it; layers/quantization/kv_cache.py). The number
+--kv-cache-dtype int8/int4/fp8: the quantized values, and for int8/int4 a float16 scale and a
+uint8 zero point per token and head beside them; layers/quantization/kv_cache.py). The number
 of blocks comes from --num-gpu-blocks-override, else from a byte budget: --kv-cache-memory, or on
 CUDA --gpu-memory-utilization x total memory minus what weights and a profiled max-size forward
 pass use; on CPU 1 GiB by default.

@@ -24,12 +24,13 @@ failed (`ModelRunnerOutput.failed`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
 import torch
 
+from pagoda.kernels.kv_quant import FP8_DTYPES
 from pagoda.layers.attention import AttentionMetadata, set_attention_metadata
 from pagoda.layers.pooler import Pooler
 from pagoda.layers.quantization.kv_cache import KVCacheFormat
@@ -124,7 +125,8 @@ class PendingStep:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config, device: torch.device, dtype: torch.dtype,
                  block_size: int, max_num_seqs: int, max_model_len: int, seed: int = 0,
-                 pooler: Optional[Pooler] = None, kv_cache_dtype: str = "auto"):
+                 pooler: Optional[Pooler] = None, kv_cache_dtype: str = "auto",
+                 calculate_kv_scales: bool = False):
         self.model = model
         self.config = config
         self.device = device
@@ -139,6 +141,12 @@ class ModelRunner:
         self.num_kv_heads = attn[0].num_kv_heads if attn else 0
         self.head_dim = attn[0].head_dim if attn else 0
         self.kv_format = KVCacheFormat(kv_cache_dtype, dtype, self.num_kv_heads, self.head_dim)
+        # fp8's per-layer [K, V] scales, kept across re-allocations (the CUDA profile run's cache
+        # is dropped, its measured scales are not); --calculate-kv-scales measures them
+        self._fp8_scales: Optional[list[torch.Tensor]] = None
+        if calculate_kv_scales and self.kv_format.kind in FP8_DTYPES:
+            for layer in attn:
+                layer.calculate_kv_scales = True
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.batch = InputBatch(max_num_seqs, max_model_len, -(-max_model_len // block_size),
@@ -174,6 +182,10 @@ class ModelRunner:
         caches = kvc.allocate_kv_cache(self.kv_format, self.num_layers, num_blocks, self.block_size,
                                        self.device)
         self.kv_caches = [c for c, _ in caches]
+        if caches and caches[0][1] is not None and caches[0][1].fp8_scales is not None:
+            if self._fp8_scales is None:
+                self._fp8_scales = [q.fp8_scales for _, q in caches]
+            caches = [(c, replace(q, fp8_scales=s)) for (c, q), s in zip(caches, self._fp8_scales)]
         for layer, (cache, quant) in zip(self.model.attention_layers(), caches):
             layer.kv_cache, layer.kv_quant = cache, quant
         self.num_blocks = num_blocks
@@ -181,6 +193,11 @@ class ModelRunner:
         if self.device.type == "cpu" and self.dtype == torch.float32 and num_blocks:
             from pagoda.worker.cpu_decode import CpuDecoder
             self.cpu_decoder = CpuDecoder.build(self.model)
+
+    def kv_scales_pending(self) -> bool:
+        """Whether --calculate-kv-scales still waits for its first forward."""
+        return any(getattr(layer, "calculate_kv_scales", False)
+                   for layer in self.model.attention_layers())
 
     @torch.inference_mode()
     def profile_peak_memory(self, num_tokens: int, max_model_len: int, max_num_seqs: int) -> int:

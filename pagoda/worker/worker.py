@@ -119,7 +119,8 @@ class Worker:
         self.pooler = pooler
         self.runner = ModelRunner(model, hf, self.device, self.dtype, args.block_size, self.max_num_seqs,
                                   mc.max_model_len, args.seed, pooler=pooler,
-                                  kv_cache_dtype=args.kv_cache_dtype)
+                                  kv_cache_dtype=args.kv_cache_dtype,
+                                  calculate_kv_scales=args.calculate_kv_scales)
         self.num_blocks = 0
         self.encoder_cache_size = 0  # embedding rows the encoder cache holds (multimodal models)
         if mc.is_multimodal:
@@ -278,6 +279,8 @@ class Worker:
             return
         budget = min(self.max_num_batched_tokens, self.model_config.max_model_len - 2, 512)
         lengths = sorted({n for n in (3, 16, 17, budget // 2, budget) if n >= 1})
+        if runner.kv_scales_pending():  # --calculate-kv-scales measures on the longest prompt
+            lengths.reverse()
         if self.num_blocks < sum(-(-(n + 2) // bs) for n in lengths) + 2:
             return
         vocab = self.model_config.vocab_size
