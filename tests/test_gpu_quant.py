@@ -51,13 +51,20 @@ def test_kv_write_and_attention_match_reference(kind):
     sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
     ref = paged_attention_torch(q, c1, qsl, sl, bt, d ** -0.5, kv_quant=q1)
     got = paged_attention_triton(q, c1, qsl, sl, bt, d ** -0.5, max_query_len=max(qlens), kv_quant=q1)
-    assert (got.float() - ref.float()).abs().max() < 2e-2
+    assert_close_bf16(got, ref)
     qd = q[qsl[1:].long() - 1]
     ref = paged_attention_torch(qd, c1, torch.arange(len(lens) + 1, device="cuda", dtype=torch.int32),
                                 sl, bt, d ** -0.5, kv_quant=q1)
     got = paged_attention_triton(qd, c1, torch.arange(len(lens) + 1, device="cuda", dtype=torch.int32),
                                  sl, bt, d ** -0.5, max_query_len=1, kv_quant=q1)
-    assert (got.float() - ref.float()).abs().max() < 2e-2
+    assert_close_bf16(got, ref)
+
+
+def assert_close_bf16(got, ref):
+    """bf16 outputs of two summation orders: within 2e-2 plus one bf16 step of the value (the
+    H200 measured 0.023 at values near 2.5, where one step is 0.016)."""
+    g, r = got.float(), ref.float()
+    assert ((g - r).abs() <= 2e-2 + r.abs() * 2 ** -7).all(), (g - r).abs().max()
 
 
 def test_fp8_scaled_mm_matches_reference():

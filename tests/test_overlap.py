@@ -170,3 +170,21 @@ def test_every_sampling_setting_stays_overlapped_with_the_same_outputs(tiny_llam
     assert [o.prompt_logprobs for o in got] == [o.prompt_logprobs for o in ref]
     assert got[3].prompt_logprobs is not None and got[2].outputs[0].logprobs
     assert_idle(llm.llm_engine)
+
+
+def test_finished_rows_leave_the_batch_across_idle_gaps(tiny_llama_dir, prompts):
+    """The requests that finish in an overlapped run's last step are told to the worker with the
+    next step that runs, even though the engine went idle in between: a full batch's worth of
+    runs in a row must not fill the persistent batch (on the H200 the second W1 run in one engine
+    failed with "more than 512 requests in the batch")."""
+    llm = make(tiny_llama_dir, True, max_num_seqs=4)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    runner = llm.llm_engine.core.model_executor.driver_worker.runner
+    for _ in range(4):
+        outs = llm.generate(prompts[:4], params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
+        assert len(runner.batch.requests) <= 4
+        for _ in range(3):  # the engine idles (as a server's core does between requests)
+            llm.llm_engine.core.step()
+    llm.generate(prompts[:1], params, use_tqdm=False)
+    assert set(runner.batch.requests) <= {"16"}

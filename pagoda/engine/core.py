@@ -139,6 +139,9 @@ class EngineCore:
         if prev is not None and (sync or not sched):  # this step must see real tokens
             resolve_prev()
             self._drop_finished(sched)
+            if not sched and sched.finished_req_ids:  # nothing left to run: the next step tells
+                self.scheduler.unsend_finished(sched.finished_req_ids)
+                sched.finished_req_ids = set()
         if sched and so.has_requests:
             self._attach_grammar(sched, resolve_prev)
         launched = None

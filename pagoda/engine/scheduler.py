@@ -204,9 +204,14 @@ class Scheduler:
         self.waiting.extendleft(reversed(compiling))
         return self._output(num, encoder_inputs)
 
+    def unsend_finished(self, request_ids: set[str]) -> None:
+        """A step that was scheduled but will not run: the worker learns these with the next."""
+        self._finished_since_sent |= request_ids
+
     def _output(self, num: dict[Request, int], encoder_inputs: Optional[dict] = None) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_since_sent)
-        self._finished_since_sent = set()
+        out = SchedulerOutput()
+        if num:  # a step that runs tells the worker; an empty one would lose them (rows leak)
+            out.finished_req_ids, self._finished_since_sent = self._finished_since_sent, set()
         if self.encoders is not None:
             out.encoder_inputs = encoder_inputs or {}
             out.free_encoder_hashes = self.encoders.take_freed()
