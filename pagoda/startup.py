@@ -71,13 +71,13 @@ def first_start_gc():
     tensors) frozen after it (gc.freeze, as vLLM does after its start). A warm `LLM()` spent
     ~0.4 s of the 2-core machine's time in full collections walking torch's and transformers'
     import-time objects, and every later full collection would walk them again. What the caller
-    left before is collected first (so none of it is frozen); a start that fails freezes nothing.
-    Later starts in the same process import nothing new and run with the collector as it is."""
+    left before is collected first (so none of it is frozen); a start that fails freezes nothing
+    (the next start pauses it again). Later starts in the same process import nothing new and
+    run with the collector as it is."""
     global _first_start
     if not _first_start or not gc.isenabled():
         yield
         return
-    _first_start = False
     gc.collect()
     gc.disable()
     ok = False
@@ -87,4 +87,5 @@ def first_start_gc():
     finally:
         if ok:
             gc.freeze()
+            _first_start = False
         gc.enable()
