@@ -312,6 +312,8 @@ def test_cached_config_reads_back_as_its_model_class(monkeypatch, tmp_path, bund
             continue
         assert getattr(cfg, name) == getattr(ref, name), name
     assert cfg.get_text_config() is cfg
+    import pickle
+    assert pickle.loads(pickle.dumps(cfg)).to_dict() == cfg.to_dict()  # the class is found by name
 
 
 def test_other_model_types_read_back_through_autoconfig(tmp_path):

@@ -127,12 +127,25 @@ def save(config, tokenizer, folder: str) -> None:
 READ_BACK_TYPES = frozenset({"llama", "qwen2", "qwen3"})
 
 
+_CLASS_PREFIX = "GGUFConfig_"
+
+
 @functools.cache
 def _config_class(model_type: str):
-    from transformers.configuration_utils import PreTrainedConfig
-    return type(f"GGUFConfig_{model_type}", (PreTrainedConfig,), {
+    try:
+        from transformers.configuration_utils import PreTrainedConfig
+    except ImportError:  # transformers 4
+        from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
+    return type(_CLASS_PREFIX + model_type, (PreTrainedConfig,), {
         "model_type": model_type, "__module__": __name__,
         "__doc__": f"A converted GGUF's {model_type} config, read back without its model class."})
+
+
+def __getattr__(name: str):
+    """The read-back config classes by name, made on first use (so pickle finds them)."""
+    if name.startswith(_CLASS_PREFIX) and name[len(_CLASS_PREFIX):] in READ_BACK_TYPES:
+        return _config_class(name[len(_CLASS_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_config(folder: str):
