@@ -270,6 +270,11 @@ class EngineArgs:
         "name. Backends: auto = xgrammar. disable_any_whitespace: JSON without whitespace between "
         "tokens.", group="Scheduler", aliases=("guided-decoding-backend",),
         type=structured_outputs_config)
+    structured_outputs_compile_timeout: float = flag(
+        30.0, "Seconds a request's grammar (response_format, structured_outputs, guided_*, forced "
+        "tools) may take to compile against the vocabulary; one that takes longer fails its request "
+        "with a 400 naming the field, without holding up other requests. 0: no limit.",
+        group="Scheduler")
     backend: Optional[str] = flag(None, "LMDeploy's engine choice, accepted for its command lines: "
                                   "pagoda has one engine, so it is logged and ignored.",
                                   group="Scheduler", choices=("turbomind", "pytorch"))
@@ -350,6 +355,9 @@ class EngineArgs:
             bad("max-model-len", f"must be >= 1, got {self.max_model_len}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             bad("max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")
+        if not self.structured_outputs_compile_timeout >= 0:
+            bad("structured-outputs-compile-timeout",
+                f"must be >= 0 seconds (0: no limit), got {self.structured_outputs_compile_timeout}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             bad("max-num-batched-tokens", f"must be >= 1, got {self.max_num_batched_tokens}")
         if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:

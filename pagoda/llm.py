@@ -103,8 +103,13 @@ class LLM:
             while eng.has_unfinished_requests():
                 outputs = eng.step()
                 if eng.output_processor.failed:
-                    rid, err = next(iter(eng.output_processor.failed.items()))
-                    eng.output_processor.failed.clear()
+                    op = eng.output_processor
+                    rid, err = next(iter(op.failed.items()))
+                    invalid = rid in op.invalid
+                    op.failed.clear()
+                    op.invalid.clear()
+                    if invalid:  # the request's own: its grammar compiled too long
+                        raise ValueError(err)
                     raise RuntimeError(f"request {rid} failed in the engine: {err}")
                 for out in outputs:
                     done[out.request_id] = out

@@ -141,6 +141,7 @@ class ServerMetrics:
                                       "HTTP request latency (whole response, streams included).",
                                       ["method", "route"], buckets=HTTP_BUCKETS, registry=r)
         self._m = [model_name]
+        self.itl_child = self.itl.labels(model_name)  # observed per streamed token: no label lookup
 
     def on_engine_step(self, step: Any) -> None:
         """Step listener (engine.messages.SchedulerStats of each engine step)."""
@@ -182,7 +183,7 @@ class RequestTracker:
         new = count - self._last_count
         if self._last_token_time is not None and new > 0:
             gap = (m.last_token_time - self._last_token_time) / new
-            h = self.metrics.itl.labels(self.metrics.model_name)
+            h = self.metrics.itl_child
             for _ in range(new):
                 h.observe(max(gap, 0.0))
         if new > 0:

@@ -99,11 +99,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     structured_outputs: Optional[StructuredOutputsParams] = None
+    # vLLM's: only these token ids may be sampled; these words are never generated (each is
+    # tokenized by the front end into bad_words_token_ids, with and without a leading space)
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: Optional[list[str]] = None
     guided_decoding: Optional[StructuredOutputsParams] = field(default=None, repr=False)  # vLLM's old name
     # filled in by the engine (generation_config.json / tokenizer)
     eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
     # Whisper (generation_config.json's begin_suppress_tokens): never the first output token
     begin_suppress_token_ids: tuple[int, ...] = field(default=(), repr=False)
+    # filled in by the front end (InputProcessor): the token sequences of the bad words
+    bad_words_token_ids: list[list[int]] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -114,6 +120,12 @@ class SamplingParams:
             self.top_k = 0
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        if self.bad_words is not None:
+            self.bad_words = list(self.bad_words)
         if self.guided_decoding is not None:
             if self.structured_outputs is not None:
                 raise ValueError("structured_outputs: give structured_outputs or guided_decoding, not both.")
@@ -139,6 +151,14 @@ class SamplingParams:
             _check_int("stop_token_ids", t, 0, INT32_MAX)
         for t in (self.logit_bias or {}):
             _check_int("logit_bias", t, 0, INT32_MAX)
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                bad("allowed_token_ids", "must not be empty (leave it out to allow every token).")
+            for t in self.allowed_token_ids:
+                _check_int("allowed_token_ids", t, 0, INT32_MAX)
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip()
+                                              for w in self.bad_words):
+            bad("bad_words", "must be a list of non-empty strings.")
         if self.seed is not None:
             _check_int("seed", self.seed, *SEED_RANGE)
         if self.temperature < 0:

@@ -1,7 +1,8 @@
 """Structured outputs, forced tool calls and reasoning through a live `pagoda serve` (bundled
 SmolLM2) and the official openai SDK: 22 JSON schemas whose outputs must validate (jsonschema),
 choice / regex / grammar / json_object, vLLM's and the older guided_* fields, 400s naming the
-field, tool_choice required and named, and --reasoning-parser on an output a grammar makes."""
+field, tool_choice required and named, --reasoning-parser on an output a grammar makes, and
+--structured-outputs-compile-timeout on a schema that really compiles for long."""
 from __future__ import annotations
 
 import asyncio
@@ -14,11 +15,13 @@ import openai
 import pytest
 
 from server_utils import PagodaServer
+from test_structured_outputs import slow_enum_schema
 
 pytestmark = pytest.mark.slow
 
 MODEL = "SmolLM2-135M-Instruct"
 KEY = "sk-structured"
+COMPILE_TIMEOUT_S = 3   # the schemas here compile in milliseconds; slow_enum_schema's takes ~25 s
 
 S = {"type": "string", "maxLength": 16}
 SCHEMAS = [
@@ -94,6 +97,7 @@ def server():
     with PagodaServer(["--max-model-len", "2048", "--api-key", KEY, "--enable-auto-tool-choice",
                        "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
                        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+                       "--structured-outputs-compile-timeout", str(COMPILE_TIMEOUT_S),
                        "--disable-log-requests"]) as s:
         yield s
 
@@ -283,3 +287,45 @@ def test_routes_need_the_api_key(server):
     r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
                    json={"messages": [{"role": "user", "content": "hi"}], "guided_choice": ["a"]})
     assert r.status_code == 401
+
+
+def test_a_grammar_that_compiles_too_long_is_a_400_and_others_are_served(server):
+    """Last in this module (its compilation runs on in the background). The slow schema is a 400
+    naming the field after about the flag's seconds, while a free request and a quick
+    constrained one are answered; the same schema again, from another field, is a 400 at once."""
+    client = server.openai_client(api_key=KEY, timeout=120)
+    slow = slow_enum_schema()
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def post(route, body):
+        async with httpx.AsyncClient(timeout=120) as c:
+            t0 = asyncio.get_running_loop().time()
+            r = await c.post(server.url + route, headers=headers, json={"model": MODEL, "max_tokens": 4, **body})
+            return r, asyncio.get_running_loop().time() - t0
+
+    msgs = [{"role": "user", "content": "Pick one."}]
+    (bad, t_bad), (quick, _), (free, t_free) = _gather(
+        post("/v1/chat/completions", {"messages": msgs, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "slow", "schema": slow}}}),
+        post("/v1/chat/completions", {"messages": msgs, "guided_choice": ["yes", "no"], "temperature": 0}),
+        post("/v1/completions", {"prompt": "The capital of France is", "temperature": 0}))
+    assert bad.status_code == 400, bad.text[:300]
+    err = bad.json()["error"]
+    assert err["param"] == "response_format.json_schema.schema"
+    assert err["message"] == (f"response_format.json_schema.schema: the grammar did not compile within "
+                              f"{COMPILE_TIMEOUT_S} s (--structured-outputs-compile-timeout)")
+    assert COMPILE_TIMEOUT_S <= t_bad < 4 * COMPILE_TIMEOUT_S
+    assert quick.status_code == 200 and quick.json()["choices"][0]["message"]["content"] in ("yes", "no")
+    assert free.status_code == 200 and t_free < t_bad
+    # the same constraint from other fields: refused at once, each naming its own field
+    for route, body, param in [
+            ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": slow}}, "structured_outputs.json"),
+            ("/v1/chat/completions", {"messages": msgs, "tools": [{"type": "function", "function": {
+                "name": "pick", "parameters": slow}}], "tool_choice": {"type": "function", "function": {
+                    "name": "pick"}}}, "tools.0.function.parameters")]:
+        (r, took), = _gather(post(route, body))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text[:300]
+        assert took < COMPILE_TIMEOUT_S
+    with pytest.raises(openai.BadRequestError) as e:   # and through the SDK
+        chat(client, "hi", max_tokens=4, extra_body={"guided_json": slow})
+    assert e.value.body["param"] == "guided_json"

@@ -341,3 +341,68 @@ def test_tensor_parallel_ranks_mask_the_same_rows(tiny_llama_dir):
     assert one[0].text in ("Paris", "London", "Rome")
     if one[2].finish_reason == "stop":
         assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", one[2].text)
+
+
+def slow_enum_schema(n: int = 60000) -> dict:
+    """A schema xgrammar takes many seconds to compile against a vocabulary (the time grows
+    faster than the number of values: 20k values ~2 s, 40k ~10 s on a 2-core CPU)."""
+    return {"enum": [f"value_{i}_{i * 7919 % 10007}" for i in range(n)]}
+
+
+def test_compile_threads_abandon_a_compilation_past_the_timeout():
+    """The slow compilation's future fails after the timeout while it still runs; the one queued
+    behind it (one thread) then runs; the preparation is not timed; the abandoned result still
+    arrives, through on_late."""
+    from pagoda.structured_output.compile_threads import CompileThreads, CompileTimeout
+    release, late = threading.Event(), []
+    pool = CompileThreads(1, 0.3, prepare=lambda: time.sleep(0.5),
+                          on_late=lambda tag, result: late.append((tag, result)))
+    slow = pool.submit(lambda: release.wait(30) and "slow done", tag="slow")
+    quick = pool.submit(lambda: "quick done", tag="quick")
+    deadline = time.time() + 20
+    while not slow.done() and time.time() < deadline:
+        pool.expire()
+        time.sleep(0.05)
+    assert isinstance(slow.exception(), CompileTimeout)
+    assert quick.result(timeout=10) == "quick done"   # its 0.5 s preparation did not time it out
+    assert not late
+    release.set()
+    while not late and time.time() < deadline:
+        time.sleep(0.05)
+    assert late == [("slow", "slow done")]
+    assert CompileThreads(1, 0).expire() == []        # 0: no limit
+
+
+def test_a_grammar_that_compiles_too_long_fails_as_the_requests_error(bundled_llm, monkeypatch):
+    """A real slow schema under a 1 s limit: its request fails with a ValueError-kind error
+    (`invalid`) naming the field, a quick constrained request and a free one finish meanwhile,
+    and the same schema again fails at once."""
+    llm = bundled_llm
+    eng = llm.llm_engine
+    manager = eng.core.structured_output
+    monkeypatch.setattr(manager._pool, "timeout_s", 1.0)
+    manager._grammars.clear()
+    prompts = chat_prompts(llm, 3)
+    slow = SO(json=slow_enum_schema(40000))   # ~10 s here: it runs on in this process
+    t0 = time.time()
+    eng.add_request("slow", prompts[0], SamplingParams(max_tokens=5, structured_outputs=slow))
+    eng.add_request("quick", prompts[1], SamplingParams(temperature=0, max_tokens=5,
+                                                        structured_outputs=SO(regex="[0-9]+")))
+    eng.add_request("free", prompts[2], SamplingParams(temperature=0, max_tokens=5))
+    done = {}
+    while eng.has_unfinished_requests() and time.time() - t0 < 120:
+        for out in eng.step():
+            if out.finished:
+                done[out.request_id] = (out, time.time() - t0)
+    failed = eng.output_processor.failed
+    assert "slow" in eng.output_processor.invalid
+    assert failed.pop("slow") == "json: the grammar did not compile within 1 s (--structured-outputs-compile-timeout)"
+    failed.clear()
+    eng.output_processor.invalid.clear()
+    assert done["slow"][0].outputs[0].finish_reason == "error"
+    assert done["slow"][1] < 8   # the compilation itself runs on for many seconds more
+    assert done["quick"][0].outputs[0].text.isdigit() and done["free"][0].outputs[0].finish_reason == "length"
+    t1 = time.time()
+    with pytest.raises(ValueError, match="^json: the grammar did not compile within 1 s"):
+        llm.generate(prompts[0], SamplingParams(max_tokens=5, structured_outputs=slow), use_tqdm=False)
+    assert time.time() - t1 < 1   # refused from the cache, not compiled (and timed out) again

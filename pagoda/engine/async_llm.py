@@ -169,9 +169,14 @@ class AsyncLLM:
                 if c is None:
                     continue
                 err = op.failed.pop(out.request_id, None)
-                c.put(RequestFailedError(f"the engine could not run this request ({err})")
-                      if err is not None else out)
+                if err is None:
+                    c.put(out)
+                elif out.request_id in op.invalid:  # the request's own error: a 400 ("field: why")
+                    c.put(ValueError(err))
+                else:
+                    c.put(RequestFailedError(f"the engine could not run this request ({err})"))
             op.failed.clear()
+            op.invalid.clear()
             self._abort_engine_ids(to_abort)
         return True
 

@@ -59,7 +59,8 @@ class EngineCore:
         # structured outputs: grammars compile in its thread pool, their matchers live here
         self.structured_output = StructuredOutputManager(
             self.model_config.vocab_size, self._load_tokenizer, args.structured_outputs_config,
-            pin_memory=worker.device.type == "cuda")
+            pin_memory=worker.device.type == "cuda",
+            compile_timeout_s=args.structured_outputs_compile_timeout)
         encoder_cache = None
         if self.model_config.is_multimodal:
             from pagoda.engine.encoder_cache import EncoderCacheManager
@@ -198,8 +199,9 @@ class EngineCore:
         failed = self.structured_output.take_failures()
         if not failed:
             return []
-        why = dict(failed)
-        return [EngineCoreOutput(r.request_id, finish_reason=FinishReason.ERROR, error=why[r.request_id])
+        why = {rid: (err, invalid) for rid, err, invalid in failed}
+        return [EngineCoreOutput(r.request_id, finish_reason=FinishReason.ERROR, error=why[r.request_id][0],
+                                 invalid_request=why[r.request_id][1])
                 for r in self.scheduler.finish_requests(list(why), FinishReason.ERROR)]
 
     def _drop_finished(self, sched: SchedulerOutput) -> None:

@@ -88,6 +88,7 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     first_scheduled_time: Optional[float] = None   # set in the first output after scheduling
     num_preemptions: int = 0
     error: Optional[str] = None                    # with FinishReason.ERROR: why it failed
+    invalid_request: bool = False                  # ... and it is the request's fault (a 400)
 
     @property
     def finished(self) -> bool:

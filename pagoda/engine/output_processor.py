@@ -75,8 +75,10 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.parents: dict[str, _Parent] = {}
         self.by_engine_id: dict[str, _Sample] = {}
-        # requests the engine failed, with why: the caller raises for them (pop as it reads)
+        # requests the engine failed, with why: the caller raises for them (pop as it reads);
+        # `invalid`: those whose failure is the request's own (a grammar that compiled too long)
         self.failed: dict[str, str] = {}
+        self.invalid: set[str] = set()
 
     def __contains__(self, request_id: str) -> bool:
         return request_id in self.parents
@@ -140,6 +142,8 @@ class OutputProcessor:
                 if eo.finish_reason == FinishReason.ERROR:
                     parent.error = eo.error or "the engine could not run this request"
                     self.failed[parent.request_id] = parent.error
+                    if eo.invalid_request:
+                        self.invalid.add(parent.request_id)
             if s.finished:
                 self.by_engine_id.pop(eo.request_id, None)
         results = []

@@ -3,7 +3,8 @@
 Everything a request can get wrong is checked here, in the front end, before the request
 reaches the engine core: an empty prompt, token ids outside the vocabulary, a prompt or
 prompt + max_tokens longer than max_model_len, more logprobs than --max-logprobs, a structured-
-outputs schema or grammar that does not parse, a pooling task or `dimensions` the model does not
+outputs schema or grammar that does not parse, allowed_token_ids outside the vocabulary (bad
+words are tokenized here, for the sampler to match), a pooling task or `dimensions` the model does not
 serve, images for a text-only model or more than --limit-mm-per-prompt. A request with n > 1
 samples becomes n engine-core requests (ids "<id>#<i>") of one sample each. A pooling prompt is
 cut to its last `truncate_prompt_tokens` tokens (vLLM's rule) before the length check.
@@ -29,6 +30,9 @@ from pagoda.sampling_params import SamplingParams
 from pagoda.structured_output.grammar import validate_structured_outputs
 
 PromptType = Union[str, list[int], dict]
+# bad_words: each one's token sequences are matched against every row's output every step
+MAX_BAD_WORDS = 1024
+MAX_BAD_WORD_TOKENS = 64
 # a prompt dict's images after the image processor (set by prepare_images, read by process)
 PREPARED_IMAGES = "_prepared_images"
 
@@ -194,8 +198,43 @@ class InputProcessor:
                                  f"{self.max_logprobs} are allowed")
         if params.structured_outputs is not None:  # a schema/grammar that does not parse: caller's error
             validate_structured_outputs(params.structured_outputs)
+        bad = next((t for t in params.allowed_token_ids or () if not 0 <= t < mc.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"allowed_token_ids: token id {bad} is outside the vocabulary "
+                             f"(0..{mc.vocab_size - 1})")
+        changes = {}
+        if params.bad_words:
+            changes["bad_words_token_ids"] = self.bad_words_token_ids(params.bad_words)
         return params.clone(eos_token_ids=mc.eos_token_ids,
-                            max_tokens=params.max_tokens or mc.max_model_len - prompt_len)
+                            max_tokens=params.max_tokens or mc.max_model_len - prompt_len, **changes)
+
+    def bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """Each bad word's token sequences, as vLLM makes them: the word alone (as it would start
+        the output), and with a leading space (inside a text) when that is a different first
+        token with the same number of tokens."""
+        if len(words) > MAX_BAD_WORDS:
+            raise ValueError(f"bad_words: {len(words)} given, at most {MAX_BAD_WORDS} are allowed")
+        if self.tokenizer is None:
+            raise ValueError("bad_words: need a tokenizer (started with --skip-tokenizer-init); "
+                             "use logit_bias or allowed_token_ids")
+        seqs: list[list[int]] = []
+        for word in words:
+            word = word.lstrip()
+            alone = list(self.tokenizer(word, add_special_tokens=False).input_ids)
+            spaced = list(self.tokenizer(" " + word, add_special_tokens=False).input_ids)
+            if len(alone) > MAX_BAD_WORD_TOKENS:
+                raise ValueError(f"bad_words: {word[:40]!r} is {len(alone)} tokens, at most "
+                                 f"{MAX_BAD_WORD_TOKENS} are allowed")
+            for ids in (alone, spaced):
+                if ids is spaced and (not alone or ids[0] == alone[0] or len(ids) != len(alone)):
+                    continue
+                if ids and ids not in seqs:
+                    seqs.append(ids)
+        vocab = self.model_config.vocab_size
+        bad = next((t for ids in seqs for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"bad_words: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        return seqs
 
     def process(self, request_id: str, prompt: PromptType,
                 params: Union[SamplingParams, PoolingParams],

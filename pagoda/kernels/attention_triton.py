@@ -197,18 +197,22 @@ def _load_kv(cache_ptr, p_ptr, off, p_off, d, ok, scale, USE_MASK: tl.constexpr,
         koff, dd, pk = off[None, :], d[:, None], p_off[None, :]
     else:
         koff, dd, pk = off[:, None], d[None, :], p_off[:, None]
+    # one return: compiled Triton checks every return of a function against the others, taken
+    # branch or not (the interpreter does not), and QUANT 0 returns the stored dtype
     if QUANT == 0:
-        return _load(cache_ptr + koff + dd, ok, USE_MASK)
-    if QUANT == 3:
-        return _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale
-    if QUANT == 2:
-        byte = _load(cache_ptr + koff + dd // 2, ok, USE_MASK).to(tl.int32)
-        code = (byte >> ((dd % 2) * 4)) & 15
+        x = _load(cache_ptr + koff + dd, ok, USE_MASK)
+    elif QUANT == 3:
+        x = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.float32) * scale
     else:
-        code = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.int32)
-    sc = _load(p_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
-    zr = _load(p_ptr + pk + 1 + dd * 0, ok, USE_MASK).to(tl.float32)
-    return code.to(tl.float32) * sc + zr
+        if QUANT == 2:
+            byte = _load(cache_ptr + koff + dd // 2, ok, USE_MASK).to(tl.int32)
+            code = (byte >> ((dd % 2) * 4)) & 15
+        else:
+            code = _load(cache_ptr + koff + dd, ok, USE_MASK).to(tl.int32)
+        sc = _load(p_ptr + pk + dd * 0, ok, USE_MASK).to(tl.float32)  # broadcast over the tile
+        zr = _load(p_ptr + pk + 1 + dd * 0, ok, USE_MASK).to(tl.float32)
+        x = code.to(tl.float32) * sc + zr
+    return x
 
 
 @triton.jit

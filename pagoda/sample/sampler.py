@@ -2,8 +2,10 @@
 
 In vLLM's order, on logits the runner has already masked for structured outputs
 (pagoda.sample.grammar_bitmask): raw logprobs (of the model's distribution, before anything
-below, as vLLM reports them by default); min_tokens (stop and EOS masked), begin-suppressed
-tokens (never the first output token) and logit bias; repetition, frequency and presence penalties; greedy rows take the argmax of that; random
+below, as vLLM reports them by default); allowed_token_ids (every other token masked) and bad
+words (pagoda.sample.bad_words); min_tokens (stop and EOS masked), begin-suppressed tokens (never
+the first output token) and logit bias; repetition, frequency and presence penalties; greedy rows
+take the argmax of that; random
 rows divide by their temperature and draw from min-p, then top-k, then top-p, with the row
 sampler of pagoda.kernels.sampling (exact rejection sampling, no sort of the vocabulary: rows with
 top-k draw among their torch.topk candidates). Each operation runs once for all the rows that
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from pagoda.sample import ops
+from pagoda.sample.bad_words import apply_bans_
 from pagoda.sample.logprobs import LogprobsTensors
 from pagoda.sample.metadata import SamplingMetadata
 from pagoda.sample.state import FREQUENCY, INV_TEMP, MIN_P, PRESENCE, REPETITION, TOP_P
@@ -44,23 +47,7 @@ class Sampler:
             return SampleResult(logits.argmax(dim=-1))
         st, d = meta.state, meta.dev
         n = logits.shape[0]
-        x = logits
-        if len(meta.penalized) or len(meta.biased) or len(meta.stopped) or len(meta.suppressed):
-            x = logits.float()
-            if x is logits and len(meta.logprobs):
-                x = logits.clone()  # logprobs read the raw logits after sampling
-        if len(meta.stopped):
-            ops.forbid_tokens_(x, d["stopped"], st.stop_ids.index_select(0, d["stopped_rows"]))
-        if len(meta.suppressed):
-            ops.forbid_tokens_(x, d["suppressed"], st.begin_ids.index_select(0, d["suppressed_rows"]))
-        if len(meta.biased):
-            rows = d["biased_rows"]
-            ops.add_logit_bias_(x, d["biased"], st.bias_ids.index_select(0, rows),
-                                st.bias_vals.index_select(0, rows))
-        if len(meta.penalized):
-            prm = st.params.index_select(0, d["penalized_rows"])
-            ops.apply_penalties_(x, st.token_state, d["penalized"], d["penalized_rows"],
-                                 prm[:, REPETITION], prm[:, FREQUENCY], prm[:, PRESENCE])
+        x = self.processed_logits(logits, meta)
         if meta.greedy.any():
             tokens = x.argmax(dim=-1)
         else:
@@ -79,6 +66,43 @@ class Sampler:
         if len(meta.penalized):  # last: a step that fails before here counts nothing
             st.count_tokens(d["penalized_rows"], tokens.index_select(0, d["penalized"]))
         return res
+
+    @staticmethod
+    def processed_logits(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The logits the rows sample from: masked, biased and penalised (`logits` itself when
+        nothing changes them; a copy when logprobs must still read the raw ones)."""
+        st, d = meta.state, meta.dev
+        x = logits
+        if (len(meta.penalized) or len(meta.biased) or len(meta.stopped) or len(meta.suppressed)
+                or len(meta.allowed) or len(meta.banned) or meta.bans is not None):
+            x = logits.float()
+            if x is logits and len(meta.logprobs):
+                x = logits.clone()  # logprobs read the raw logits after sampling
+        if len(meta.allowed):
+            every = len(meta.allowed) == x.shape[0]
+            keep = st.allowed.index_select(0, d["allowed_rows"])
+            if every:
+                x.masked_fill_(~keep, float("-inf"))
+            else:
+                i = d["allowed"]
+                x.index_copy_(0, i, x.index_select(0, i).masked_fill_(~keep, float("-inf")))
+        if len(meta.banned):
+            ops.forbid_tokens_(x, d["banned"], st.bad_ids.index_select(0, d["banned_rows"]))
+        if meta.bans is not None:
+            apply_bans_(x, meta.bans, d, meta.prev_tokens)
+        if len(meta.stopped):
+            ops.forbid_tokens_(x, d["stopped"], st.stop_ids.index_select(0, d["stopped_rows"]))
+        if len(meta.suppressed):
+            ops.forbid_tokens_(x, d["suppressed"], st.begin_ids.index_select(0, d["suppressed_rows"]))
+        if len(meta.biased):
+            rows = d["biased_rows"]
+            ops.add_logit_bias_(x, d["biased"], st.bias_ids.index_select(0, rows),
+                                st.bias_vals.index_select(0, rows))
+        if len(meta.penalized):
+            prm = st.params.index_select(0, d["penalized_rows"])
+            ops.apply_penalties_(x, st.token_state, d["penalized"], d["penalized_rows"],
+                                 prm[:, REPETITION], prm[:, FREQUENCY], prm[:, PRESENCE])
+        return x
 
     @staticmethod
     def _candidates(x: torch.Tensor, k: np.ndarray, k_dev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,11 @@
 """Each batch row's sampling parameters and token statistics, kept on the device.
 
 A request's row is written once, when it joins the persistent input batch: its parameters
-(temperature, top-p, min-p, penalties), its Philox seed, its logit-bias, stop-token and begin-suppressed tables,
-and for penalised requests the token statistics (prompt tokens marked, output counts zero).
+(temperature, top-p, min-p, penalties), its Philox seed, its logit-bias, stop-token, begin-suppressed
+and bad-word (one-token) tables, its allowed-token mask (a [rows, vocab] bool tensor, allocated
+when a request first sets allowed_token_ids), and for penalised requests the token statistics
+(prompt tokens marked, output counts zero). Multi-token bad words stay on the host
+(`bad_sequences`: pagoda.sample.bad_words matches them against the output's tail).
 From then on the only per-step work is on the device: the sampler gathers the rows it samples
 by index, and adds each sampled token to its row's counts straight from the sampled-token
 tensor, so penalties need no token history from the host and overlapped steps stay on.
@@ -20,7 +23,8 @@ import numpy as np
 import torch
 
 from pagoda.kernels.sampling import PROMPT_BIT
-from pagoda.sample.metadata import SamplingMetadata
+from pagoda.sample.bad_words import Sequence, split_sequences
+from pagoda.sample.metadata import OutputTail, SamplingMetadata
 from pagoda.sample.ops import to_device
 from pagoda.sampling_params import SamplingParams
 
@@ -46,6 +50,10 @@ class SamplingState:
         self.num_begin = np.zeros(n, dtype=np.int64)    # begin-suppressed ids (first token only)
         self.num_bias = np.zeros(n, dtype=np.int64)
         self.num_logprobs = np.full(n, -1, dtype=np.int64)
+        self.num_allowed = np.zeros(n, dtype=np.int64)  # allowed_token_ids (0: every token)
+        self.num_bad = np.zeros(n, dtype=np.int64)      # one-token bad words
+        self.max_bad_prefix = np.zeros(n, dtype=np.int64)  # longest multi-token bad word - 1
+        self.bad_sequences: dict[int, list[Sequence]] = {}
         self.seed = np.zeros(n, dtype=np.uint64)
         # device
         self.params = torch.zeros(n, 6, dtype=torch.float32, device=device)
@@ -57,10 +65,12 @@ class SamplingState:
         self.bias_vals = torch.zeros(n, 0, dtype=torch.float32, device=device)
         self.stop_ids = torch.zeros(n, 0, dtype=torch.long, device=device)
         self.begin_ids = torch.zeros(n, 0, dtype=torch.long, device=device)
+        self.bad_ids = torch.zeros(n, 0, dtype=torch.long, device=device)
+        self.allowed: Optional[torch.Tensor] = None   # bool [n, vocab], True = may be sampled
         # rows added since the last flush: (row, params, prompt ids to mark) and (stops, bias,
-        # begin-suppressed ids)
+        # begin-suppressed ids, bad one-token words, allowed ids)
         self._staged: list[tuple[int, SamplingParams, list[int]]] = []
-        self._tables: dict[int, tuple[list[int], dict[int, float], list[int]]] = {}
+        self._tables: dict[int, tuple[list[int], dict[int, float], list[int], list[int], list[int]]] = {}
 
     # -- rows join -------------------------------------------------------------------------------
     def add(self, row: int, p: SamplingParams, prompt_token_ids: list[int]) -> None:
@@ -81,10 +91,19 @@ class SamplingState:
         begin = [t for t in p.begin_suppress_token_ids if 0 <= t < v]
         self.num_begin[row] = len(begin)
         self.num_logprobs[row] = -1 if p.logprobs is None else p.logprobs
+        allowed = sorted({t for t in p.allowed_token_ids or () if 0 <= t < v})
+        self.num_allowed[row] = len(allowed)
+        bad, seqs = split_sequences(p.bad_words_token_ids, v)
+        self.num_bad[row] = len(bad)
+        self.max_bad_prefix[row] = max((len(pre) for pre, _ in seqs), default=0)
+        if seqs:
+            self.bad_sequences[row] = seqs
+        else:
+            self.bad_sequences.pop(row, None)
         seed = p.seed if p.seed is not None else self._rng.getrandbits(64)
         self.seed[row] = seed & _U64
         self._staged.append((row, p, prompt_token_ids if p.repetition_penalty != 1.0 else []))
-        self._tables[row] = (stops if p.min_tokens else [], bias, begin)
+        self._tables[row] = (stops if p.min_tokens else [], bias, begin, bad, allowed)
 
     def flush(self) -> None:
         """Write the rows added since the last flush to the device (a few copies for all of them)."""
@@ -119,11 +138,28 @@ class SamplingState:
         if begin_rows:
             self.begin_ids, _ = self._write_table(self.begin_ids, begin_rows,
                                                   [tables[r][2] for r in begin_rows])
+        bad_rows = [r for r in rows.tolist() if tables[r][3]]
+        if bad_rows:
+            self.bad_ids, _ = self._write_table(self.bad_ids, bad_rows, [tables[r][3] for r in bad_rows])
+        allowed_rows = [r for r in rows.tolist() if tables[r][4]]
+        if allowed_rows:
+            self._write_allowed(allowed_rows, [tables[r][4] for r in allowed_rows])
         bias_rows = [r for r in rows.tolist() if tables[r][1]]
         if bias_rows:
             self.bias_ids, self.bias_vals = self._write_table(
                 self.bias_ids, bias_rows, [list(tables[r][1]) for r in bias_rows],
                 self.bias_vals, [list(tables[r][1].values()) for r in bias_rows])
+
+    def _write_allowed(self, rows: list[int], ids: list[list[int]]) -> None:
+        """Rows of the allowed-token mask: only their ids True."""
+        dev = self.device
+        if self.allowed is None:
+            self.allowed = torch.zeros(len(self.greedy), self.vocab_size, dtype=torch.bool, device=dev)
+        self.allowed.index_fill_(0, to_device(np.array(rows, dtype=np.int64), torch.long, dev), False)
+        flat_rows = np.concatenate([np.full(len(x), r, dtype=np.int64) for r, x in zip(rows, ids)])
+        flat_ids = np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
+        self.allowed.index_put_((to_device(flat_rows, torch.long, dev), to_device(flat_ids, torch.long, dev)),
+                                torch.ones(len(flat_ids), dtype=torch.bool, device=dev))
 
     def _write_table(self, ids_t: torch.Tensor, rows: list[int], ids: list[list[int]],
                      vals_t: Optional[torch.Tensor] = None, vals: Optional[list[list[float]]] = None):
@@ -150,11 +186,14 @@ class SamplingState:
         return ids_t, vals_t
 
     # -- one step --------------------------------------------------------------------------------
-    def metadata(self, params: list[SamplingParams], rows: np.ndarray, positions: np.ndarray
+    def metadata(self, params: list[SamplingParams], rows: np.ndarray, positions: np.ndarray,
+                 tail: Optional[OutputTail] = None, prev_tokens: Optional[torch.Tensor] = None
                  ) -> SamplingMetadata:
         """What the sampler needs for rows (state rows in batch order) sampling output index
-        `positions` this step: host flags by numpy indexing, device indices in one copy."""
-        return SamplingMetadata.build(self, params, rows, positions)
+        `positions` this step: host flags by numpy indexing, device indices in one copy. `tail`
+        reads the output of rows with multi-token bad words (without it they are not matched),
+        `prev_tokens` holds the previous step's sampled ids it may point to."""
+        return SamplingMetadata.build(self, params, rows, positions, tail, prev_tokens)
 
     def count_tokens(self, state_rows: torch.Tensor, tokens: torch.Tensor) -> None:
         from pagoda.sample.ops import token_counts_add_

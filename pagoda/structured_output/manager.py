@@ -1,11 +1,15 @@
 """The engine core's structured outputs: compile grammars off the hot path, keep one matcher per
 constrained request, and fill each step's token bitmask.
 
-- **Compiling** a grammar against the vocabulary takes milliseconds to seconds, so it runs in a
-  thread pool; the scheduler admits a constrained request only once its grammar is ready (other
-  requests go ahead meanwhile). Compilations are cached by what they depend on
-  (`StructuredOutputsParams.key()`, LRU): many requests with one schema compile it once. The
-  tokenizer (xgrammar's `TokenizerInfo`) is built by the first compilation, in the pool too.
+- **Compiling** a grammar against the vocabulary takes milliseconds to seconds, so it runs on a
+  few threads (compile_threads.py); the scheduler admits a constrained request only once its
+  grammar is ready (other requests go ahead meanwhile). Compilations are cached by what they
+  depend on (`StructuredOutputsParams.key()`, LRU): many requests with one schema compile it
+  once. The tokenizer (xgrammar's `TokenizerInfo`) is built by the first compilation, on those
+  threads too. A compilation that runs past --structured-outputs-compile-timeout fails its
+  requests (the request's own error: a 400 naming its field) and its thread stops holding up the
+  others; the same constraint sent again fails at once until that compilation ends in the
+  background, and is then served from the cache.
 - **Matchers** advance with each sampled token when the scheduler resolves it
   (`accept`, from `Scheduler.update_from_output`).
 - **The bitmask** of a step has one row per constrained request that samples in it (allowed
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from pagoda.sampling_params import StructuredOutputsParams
+from pagoda.structured_output.compile_threads import CompileThreads, CompileTimeout
 from pagoda.structured_output.grammar import build_grammar
 
 logger = logging.getLogger("pagoda.structured_output")
@@ -40,7 +45,9 @@ class _RequestGrammar:
     stop_token_ids: list[int]
     matcher: Any = None        # xgrammar.GrammarMatcher once compiled
     error: Optional[str] = None
+    invalid: bool = False      # the error is the request's own (its grammar timed out)
     broken: bool = False       # a token the grammar rejected: no longer constrained
+    kind: str = ""             # the StructuredOutputsParams field that holds the constraint
 
 
 @dataclass
@@ -52,17 +59,20 @@ class _Backend:
 
 class StructuredOutputManager:
     def __init__(self, vocab_size: int, load_tokenizer: Callable[[], Any], config: Optional[dict] = None,
-                 pin_memory: bool = False, max_threads: Optional[int] = None):
+                 pin_memory: bool = False, max_threads: Optional[int] = None,
+                 compile_timeout_s: float = 0.0):
         self.vocab_size = vocab_size
         self._load_tokenizer = load_tokenizer
         self.config = config or {}
         self.pin_memory = pin_memory
         threads = max_threads or max(1, min(8, (os.cpu_count() or 2) // 2))
         self._threads = threads
-        self._pool = cf.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pagoda-grammar")
+        self._pool = CompileThreads(threads, compile_timeout_s, prepare=self._get_backend,
+                                    on_late=self._compiled_late)
         self._backend: Optional[_Backend] = None
         self._backend_lock = threading.Lock()
         self._grammars: "OrderedDict[tuple, cf.Future]" = OrderedDict()
+        self._cache_lock = threading.Lock()   # a late compilation lands from its own thread
         self.requests: dict[str, _RequestGrammar] = {}
         self._compiling: set[str] = set()   # requests whose matcher is not made yet
 
@@ -88,19 +98,30 @@ class StructuredOutputManager:
     def compile(self, so: StructuredOutputsParams) -> cf.Future:
         """The compilation of `so` (shared with every request of the same key)."""
         key = so.key()
-        fut = self._grammars.get(key)
-        if fut is not None and not (fut.done() and fut.exception() is not None):
-            self._grammars.move_to_end(key)
-            return fut
-        fut = self._pool.submit(self._compile, so)
-        self._grammars[key] = fut
-        while len(self._grammars) > MAX_CACHED_GRAMMARS:
-            self._grammars.popitem(last=False)
+        with self._cache_lock:
+            fut = self._grammars.get(key)
+            if fut is not None and not (fut.done() and fut.exception() is not None
+                                        and not isinstance(fut.exception(), CompileTimeout)):
+                self._grammars.move_to_end(key)   # a timed-out one fails at once while it still runs
+                return fut
+            fut = self._pool.submit(lambda: self._compile(so), tag=key)
+            self._grammars[key] = fut
+            while len(self._grammars) > MAX_CACHED_GRAMMARS:
+                self._grammars.popitem(last=False)
         return fut
+
+    def _compiled_late(self, key: tuple, compiled) -> None:
+        """An abandoned compilation finished after all: later requests with its key use it."""
+        fut: cf.Future = cf.Future()
+        fut.set_result(compiled)
+        with self._cache_lock:
+            if key in self._grammars:
+                self._grammars[key] = fut
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, request_id: str, so: StructuredOutputsParams, stop_token_ids) -> None:
-        self.requests[request_id] = _RequestGrammar(self.compile(so), list(stop_token_ids or ()))
+        self.requests[request_id] = _RequestGrammar(self.compile(so), list(stop_token_ids or ()),
+                                                    kind=so.kind)
         self._compiling.add(request_id)
 
     def remove(self, request_id: str) -> None:
@@ -116,7 +137,10 @@ class StructuredOutputManager:
             return False
         e = st.future.exception()
         if e is not None:
-            st.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
+            if isinstance(e, CompileTimeout):   # the caller's: its constraint is too costly
+                st.error, st.invalid = f"{st.kind}: {e} (--structured-outputs-compile-timeout)", True
+            else:
+                st.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             return False
         import xgrammar as xgr
         st.matcher = xgr.GrammarMatcher(st.future.result(),
@@ -124,12 +148,16 @@ class StructuredOutputManager:
         self._compiling.discard(request_id)
         return True
 
-    def take_failures(self) -> list[tuple[str, str]]:
-        """(request id, why) of requests whose grammar failed to compile; they are forgotten."""
+    def take_failures(self) -> list[tuple[str, str, bool]]:
+        """(request id, why, whether it is the request's own error) of requests whose grammar
+        failed or timed out; they are forgotten."""
+        if self._compiling:
+            self._pool.expire()
         failed = []
         for rid in list(self._compiling):
             if not self.is_ready(rid) and self.requests[rid].error is not None:
-                failed.append((rid, self.requests[rid].error))
+                st = self.requests[rid]
+                failed.append((rid, st.error, st.invalid))
                 self.remove(rid)
         return failed
 
@@ -138,7 +166,9 @@ class StructuredOutputManager:
         compiling requests waits here instead of spinning)."""
         futs = [self.requests[r].future for r in self._compiling]
         if futs:
-            cf.wait(futs, timeout=timeout, return_when=cf.FIRST_COMPLETED)
+            due = self._pool.next_deadline()
+            cf.wait(futs, timeout=timeout if due is None else min(timeout, due),
+                    return_when=cf.FIRST_COMPLETED)
 
     @property
     def has_requests(self) -> bool:
@@ -188,4 +218,4 @@ class StructuredOutputManager:
         return bitmask
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()

@@ -540,7 +540,12 @@ class ModelRunner:
         rows = np.fromiter((batch.row_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
         positions = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]  # outputs so far
         params = [batch.requests[r].sampling_params for r in req_ids]
-        return batch.sampling.metadata(params, rows, positions)
+
+        def tail(i: int, m: int) -> tuple[list[int], int]:  # rows with multi-token bad words
+            row = rows[i]
+            end, start = int(batch.num_tokens[row]), int(batch.num_prompt_tokens[row])
+            return batch.token_ids[row, max(start, end - m):end].tolist(), self._prev_rows.get(req_ids[i], -1)
+        return batch.sampling.metadata(params, rows, positions, tail, self.prev_tokens)
 
     def _finish(self, out: ModelRunnerOutput, sample_ids: list[str],
                 tokens: Optional[torch.Tensor], lps: Optional[_HostLogprobs] = None) -> PendingStep:

@@ -154,6 +154,10 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: Bool = True
     spaces_between_special_tokens: Bool = True
     include_stop_str_in_output: Bool = False
+    allowed_token_ids: Optional[list[TokenId]] = Field(None, description="vLLM's extra: only "
+                                                       "these token ids may be generated.")
+    bad_words: Optional[list[Text]] = Field(None, description="vLLM's extra: words never "
+                                            "generated (alone or after a space).")
     return_token_ids: Bool = Field(False, description="vLLM's extra: each choice (and each "
                                    "streamed chunk) carries its token_ids; the response its "
                                    "prompt_token_ids. Chunks are sent for every new token then.")

@@ -50,12 +50,17 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generati
                                        "return_dict", "tools", "documents", "multimodal"})
 
 
-def bad_request(e: ValueError) -> OpenAIError:
+def bad_request(e: ValueError, fields: Optional[dict[str, str]] = None) -> OpenAIError:
     """Engine and SamplingParams messages start with the field they are about
-    ("max_tokens: ...", "temperature must be ..."): report it as the error's param."""
+    ("max_tokens: ...", "temperature must be ..."): report it as the error's param. `fields`
+    renames a structured-outputs field ("json: ...", a grammar that compiled too long in the
+    engine) to the request field it came from (`structured_outputs.Constraint.fields`)."""
     message = str(e)
     m = re.match(r"([a-z_][a-z0-9_]*)(:| must| is)", message)
-    return OpenAIError(message, param=m.group(1) if m else None)
+    param = m.group(1) if m else None
+    if fields and param in fields:
+        message, param = fields[param] + message[len(param):], fields[param]
+    return OpenAIError(message, param=param)
 
 
 @dataclass
@@ -356,6 +361,8 @@ class OpenAIServing:
         stop = [req.stop] if isinstance(req.stop, str) else req.stop
         stop_ids = sorted(set(req.stop_token_ids)) if req.stop_token_ids else None
         self.check_stop(stop, stop_ids)
+        if req.allowed_token_ids:
+            self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
 
         def given(value, default):
             return default if value is None else value
@@ -372,17 +379,20 @@ class OpenAIServing:
                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, logit_bias=bias,
                 skip_special_tokens=req.skip_special_tokens,
                 spaces_between_special_tokens=req.spaces_between_special_tokens,
-                structured_outputs=structured_outputs)
+                structured_outputs=structured_outputs, allowed_token_ids=req.allowed_token_ids,
+                bad_words=req.bad_words)
         except ValueError as e:
             raise bad_request(e) from e
 
     # ---------------------------------------------------------------------------- running
     async def start(self, raw: Optional[Request], prompt_ids, params: SamplingParams,
-                    request_id: str) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
+                    request_id: str, fields: Optional[dict[str, str]] = None
+                    ) -> tuple[RequestOutput, AsyncIterator[RequestOutput]]:
         """Submit a request and wait for its first output, so a bad prompt is still a 400 (the
         engine validates before its first yield) rather than an error inside a 200 stream.
         prompt_ids: token ids, or a prompt dict (images: chat_prompt's). `raw` None: no client to
-        watch (a background response)."""
+        watch (a background response). `fields`: the request fields of its structured-outputs
+        constraint, for an engine error about it."""
         self.check_engine()
         matcher = None  # held until the first output: the request's detokenizers have it then
         if params.stop and self._pool is not None:  # built here, not on the event loop
@@ -401,7 +411,7 @@ class OpenAIServing:
         try:
             first = await (unless_disconnected(raw, gen.__anext__()) if raw is not None else gen.__anext__())
         except ValueError as e:
-            raise bad_request(e) from e
+            raise bad_request(e, fields) from e
         except (EngineDeadError, RequestFailedError) as e:
             raise engine_error(e) from e
         except StopAsyncIteration:
@@ -416,8 +426,9 @@ class OpenAIServing:
         return first, gen
 
     async def start_all(self, raw: Request, prompts: list[list[int]], params: list[SamplingParams],
-                        request_ids: list[str]) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
-        started = await asyncio.gather(*(self.start(raw, p, sp, rid) for p, sp, rid in
+                        request_ids: list[str], fields: Optional[dict[str, str]] = None
+                        ) -> list[tuple[RequestOutput, AsyncIterator[RequestOutput]]]:
+        started = await asyncio.gather(*(self.start(raw, p, sp, rid, fields) for p, sp, rid in
                                          zip(prompts, params, request_ids)), return_exceptions=True)
         errors = [s for s in started if isinstance(s, BaseException)]
         if errors:

@@ -21,14 +21,15 @@ from starlette.responses import Response
 from pagoda.outputs import RequestOutput
 from pagoda.sampling_params import SamplingParams, StructuredOutputsParams
 
+from .chunks import chat_chunk, chat_choice
 from .errors import OpenAIError
 from .logprobs import chat_logprobs
-from .protocol import (ChatCompletionChoice, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatResponseMessage, ChatStreamChoice, DeltaMessage,
+from .protocol import (ChatCompletionChoice, ChatCompletionRequest,
+                       ChatCompletionResponse, ChatResponseMessage,
                        PromptTokensDetails, UsageInfo)
 from .reasoning_parsers import ReasoningParser, Split
 from .serving_base import OpenAIServing, prompt_length, random_id
-from .streams import SSE_DONE, SSEResponse, json_response, sse, sse_error, unless_disconnected
+from .streams import SSE_DONE, SSEResponse, json_response, sse_error, unless_disconnected
 from .structured_outputs import Constraint, ForcedTools, forced_tools, from_request, validated
 from .tool_parsers import ToolParser, tool_call
 
@@ -56,6 +57,7 @@ class ChatPlan:
     forced: Optional[ForcedTools] = None       # tool_choice required / named
     reasoning_parser: Optional[str] = None
     prompt_tail: str = ""                      # the prompt's last characters (does it open <think>?)
+    fields: Optional[dict] = None              # the request fields of its structured-outputs constraint
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -180,7 +182,7 @@ class ServingChat:
         s = self.s
         plan = await self.plan(req, raw)
         request_id = random_id("chatcmpl")
-        first, gen = await s.start(raw, plan.prompt_ids, plan.params, request_id)
+        first, gen = await s.start(raw, plan.prompt_ids, plan.params, request_id, plan.fields)
         outputs = s.follow(first, gen, request_id)
         if req.stream:
             return SSEResponse(self._stream(req, plan, request_id, outputs))
@@ -219,7 +221,8 @@ class ServingChat:
         reasoning = getattr(s, "reasoning_parser", None)
         ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
         tail = await s.decode(ids[-8:]) if reasoning else ""
-        return ChatPlan(prompt, params, req.tools, parser, forced, reasoning, tail)
+        return ChatPlan(prompt, params, req.tools, parser, forced, reasoning, tail,
+                        constraint.fields if constraint is not None else None)
 
     def _tool_parser(self, req: ChatCompletionRequest, forced: Optional[ForcedTools]) -> Optional[ToolParser]:
         """The parser for tool_choice auto, or None (no tools, none, forced calls, or the server
@@ -257,7 +260,7 @@ class ServingChat:
                                                      final.num_cached_tokens))
 
     async def _stream(self, req: ChatCompletionRequest, plan: ChatPlan, request_id: str,
-                      outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str]:
+                      outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[str | bytes]:
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts.continuous_usage_stats)
@@ -268,15 +271,14 @@ class ServingChat:
         readers = [plan.reader() for _ in range(req.n)]
         cached = 0
 
-        def chunk(choices, usage=None) -> str:
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model,
-                                           choices=choices, usage=usage))
+        def chunk(choices: list[dict], usage=None) -> bytes:
+            return chat_chunk(request_id, created, model, choices, usage)
 
         def usage_now():
             return usage_of(prompt_tokens, sum(generated), cached)
 
-        yield chunk([ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                     for i in range(req.n)], usage_now() if continuous else None)
+        yield chunk([chat_choice(i, role="assistant", content="") for i in range(req.n)],
+                    usage_now() if continuous else None)
         try:
             async with aclosing(outputs):
                 async for out in outputs:
@@ -295,11 +297,10 @@ class ServingChat:
                         logprobs = (chat_logprobs(ids, out.delta_logprobs.get(i) or [], top,
                                                   self.s.token_text)
                                     if req.logprobs else None)
-                        delta = DeltaMessage(content=d.content if d.content or not d.reasoning else None,
-                                             reasoning_content=d.reasoning or None, tool_calls=d.tool_calls)
-                        choices.append(ChatStreamChoice(
-                            index=i, delta=delta, logprobs=logprobs, finish_reason=d.finish_reason,
-                            stop_reason=o.stop_reason,
+                        choices.append(chat_choice(
+                            i, content=d.content if d.content or not d.reasoning else None,
+                            reasoning_content=d.reasoning or None, tool_calls=d.tool_calls,
+                            logprobs=logprobs, finish_reason=d.finish_reason, stop_reason=o.stop_reason,
                             token_ids=list(ids) if req.return_token_ids else None))
                         done[i] = d.finish_reason is not None
                     if choices:

@@ -15,13 +15,14 @@ from starlette.responses import Response
 
 from pagoda.outputs import CompletionOutput, RequestOutput
 
+from .chunks import completion_choice, completion_chunk
 from .errors import OpenAIError
 from .logprobs import completion_logprobs
 from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .serving_base import OpenAIServing, check_count, random_id
 from .serving_chat import usage_of
 from .structured_outputs import from_request, validated
-from .streams import SSE_DONE, SSEResponse, json_response, merge, sse, sse_error
+from .streams import SSE_DONE, SSEResponse, json_response, merge, sse_error
 
 
 @dataclass
@@ -79,7 +80,8 @@ class ServingCompletion:
         s.admit(raw, len(items) * req.n, "prompt" if len(items) > 1 else "n")
         prompts = await self._prompts(req, items)
         want_prompt_lp = req.echo and req.logprobs is not None
-        constraint = await validated(from_request(req))  # response_format / guided_*: 400 if bad
+        found = from_request(req)
+        constraint = await validated(found)  # response_format / guided_*: 400 if bad
         params = [s.sampling_params(req, max_tokens=req.max_tokens, prompt_len=len(p.ids),
                                     logprobs=req.logprobs,
                                     prompt_logprobs=req.logprobs if want_prompt_lp else None,
@@ -87,7 +89,8 @@ class ServingCompletion:
                   for p in prompts]
         request_id = random_id("cmpl")
         ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-        started = await s.start_all(raw, [p.ids for p in prompts], params, ids)
+        started = await s.start_all(raw, [p.ids for p in prompts], params, ids,
+                                    found.fields if found is not None else None)
         streams = [s.follow(first, gen, rid) for (first, gen), rid in zip(started, ids)]
         if req.stream:
             return SSEResponse(self._stream(req, request_id, prompts, streams))
@@ -123,7 +126,7 @@ class ServingCompletion:
                                                  self.s.token_text, offset))
 
     async def _stream(self, req: CompletionRequest, request_id: str, prompts: list[Prompt],
-                      streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str]:
+                      streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[str | bytes]:
         opts = req.stream_options
         include_usage = bool(opts and opts.include_usage)
         continuous = include_usage and bool(opts.continuous_usage_stats)
@@ -137,7 +140,7 @@ class ServingCompletion:
         def usage_now():
             return usage_of(prompt_tokens, sum(generated), sum(cached))
 
-        def choice(p: int, out: RequestOutput, o: CompletionOutput) -> Optional[CompletionChoice]:
+        def choice(p: int, out: RequestOutput, o: CompletionOutput) -> Optional[dict]:
             idx = p * n + o.index
             if done[idx]:
                 return None
@@ -158,11 +161,9 @@ class ServingCompletion:
             logprobs = self._logprobs(req, ids, out.delta_logprobs.get(o.index), offsets[idx], prefix_lp)
             offsets[idx] += len(text)
             done[idx] = o.finish_reason is not None
-            return CompletionChoice(index=idx, text=prefix + text, logprobs=logprobs,
-                                    finish_reason=o.finish_reason, stop_reason=o.stop_reason,
-                                    token_ids=list(ids) if req.return_token_ids else None,
-                                    prompt_token_ids=prompts[p].ids if req.return_token_ids and first_chunk
-                                    else None)
+            return completion_choice(idx, prefix + text, logprobs, o.finish_reason, o.stop_reason,
+                                     list(ids) if req.return_token_ids else None,
+                                     prompts[p].ids if req.return_token_ids and first_chunk else None)
 
         try:
             async with aclosing(merge(streams)) as merged:
@@ -170,12 +171,10 @@ class ServingCompletion:
                     cached[p] = out.num_cached_tokens
                     choices = [c for o in out.outputs if (c := choice(p, out, o)) is not None]
                     if choices:
-                        yield sse(CompletionResponse(id=request_id, created=created, model=model,
-                                                     choices=choices,
-                                                     usage=usage_now() if continuous else None))
+                        yield completion_chunk(request_id, created, model, choices,
+                                               usage_now() if continuous else None)
             if include_usage:
-                yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[],
-                                             usage=usage_now()))
+                yield completion_chunk(request_id, created, model, [], usage_now())
         except Exception as e:  # noqa: BLE001 - the status line is gone; report in-stream
             yield sse_error(e, request_id)
         yield SSE_DONE

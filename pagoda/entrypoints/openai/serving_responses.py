@@ -372,7 +372,7 @@ class ServingResponses:
             reasoning=req.reasoning, store=req.store is not False, background=bool(req.background),
             metadata=req.metadata, user=req.user, truncation=req.truncation)
         run = ResponseRun(s, plan, response, conversation)
-        first, gen = await s.start(raw, plan.prompt_ids, plan.params, rid)   # a bad prompt: 400 here
+        first, gen = await s.start(raw, plan.prompt_ids, plan.params, rid, plan.fields)   # a bad prompt: 400 here
         outputs = s.follow(first, gen, rid)
         if req.background:
             stored = StoredResponse(response)
