@@ -18,7 +18,7 @@ llama.cpp comes from PyPI in its own venv (see c1_llamacpp_vs_pagoda.py):
     python -m venv /work/llamacpp-venv && /work/llamacpp-venv/bin/pip install "llama-cpp-python[server]"
 
 usage: python benchmarks/startup.py [--repeat 3] [--llamacpp-python PY] [--skip-llamacpp]
-                                    [--output-json benchmarks/results/startup.json]
+                                    [--only "LLM() warm" ...] [--output-json benchmarks/results/startup.json]
 """
 from __future__ import annotations
 
@@ -139,6 +139,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--llamacpp-python", default=os.environ.get("LLAMACPP_PYTHON", "/work/llamacpp-venv/bin/python"))
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--only", nargs="+", metavar="ROW",
+                    help='run only the rows whose names start with these (e.g. "LLM() warm" "pagoda serve")')
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp's --n_threads")
     ap.add_argument("--port", type=int, default=8193)
     ap.add_argument("--output-json", default=os.path.join(HERE, "results", "startup.json"))
@@ -161,11 +163,19 @@ def main() -> int:
         plan.append(("make serve (set-up venv)", None, False, True))
     else:
         print(f"(no make serve row: {venv}/bin/pagoda not found)")
-    if not a.skip_llamacpp:
+
+    def wanted(name: str) -> bool:
+        return not a.only or any(name.lower().startswith(o.lower()) for o in a.only)
+
+    if not a.skip_llamacpp and wanted("llama.cpp server"):
         if not os.path.exists(a.llamacpp_python):
             sys.exit(f"--llamacpp-python: {a.llamacpp_python} not found; install llama-cpp-python[server] "
                      "in its own venv (see this file's docstring) or pass --skip-llamacpp")
         plan.append(("llama.cpp server", None, False, True))
+    if a.only:
+        plan = [p for p in plan if wanted(p[0])]
+        if not plan:
+            sys.exit(f"--only: no row starts with {a.only}")
     for name, fn, cold, warmup in plan:
         if fn is None and name.startswith("pagoda serve"):
             fn = server(serve, "/health", name)

@@ -39,8 +39,10 @@ class LLM:
     """
 
     def __init__(self, model: Optional[str] = None, **kwargs):
+        from pagoda.startup import first_start_gc
         args = EngineArgs.from_kwargs(model=model, **kwargs)
-        self.llm_engine = LLMEngine(args)
+        with first_start_gc():
+            self.llm_engine = LLMEngine(args)
         self.llm_engine.stream_outputs = False  # only finished requests matter here
         self._ids = itertools.count()
         from pagoda.inputs.media import MediaConnector

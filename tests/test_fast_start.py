@@ -289,3 +289,119 @@ def test_int8_groups_no_layer_takes_are_an_error():
     model = LlamaForCausalLM(LlamaConfig(**TINY, vocab_size=128, max_position_embeddings=64))
     with pytest.raises(RuntimeError, match="no layer took them"):
         loader.quantize_int8(model, {"model.layers.0.mlp.extra_proj.weight": g})
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("qwen3", True)])
+def test_cached_config_reads_back_as_its_model_class(monkeypatch, tmp_path, bundled_path, arch, tied):
+    """A converted config is read back without its transformers model class (whose import costs a
+    warm start ~0.7 s): every field, and every attribute the class gives, are the class's own
+    reading of the same file (but the class's tensor/pipeline-parallel plans, transformers'
+    own model parallelism)."""
+    from transformers import AutoConfig
+    from pagoda.worker import gguf_convert
+    monkeypatch.setenv("PAGODA_CACHE_DIR", str(tmp_path / "cache"))
+    path = _tiny_gguf(str(tmp_path / arch), arch, tied, gguf_reader.read_header(bundled_path))
+    src = loader.resolve_model(path)
+    cfg = loader.load_config(src)
+    ref = AutoConfig.from_pretrained(src.config_dir)
+    assert type(cfg).__module__ == gguf_convert.__name__ and cfg.model_type == ref.model_type == arch
+    assert cfg.to_dict() == ref.to_dict()
+    skip = {"base_model_tp_plan", "base_model_pp_plan", "per_layer_config"}
+    for name in dir(ref):
+        if name.startswith("__") or name in skip or callable(getattr(ref, name)):
+            continue
+        assert getattr(cfg, name) == getattr(ref, name), name
+    assert cfg.get_text_config() is cfg
+    import pickle
+    assert pickle.loads(pickle.dumps(cfg)).to_dict() == cfg.to_dict()  # the class is found by name
+
+
+def test_other_model_types_read_back_through_autoconfig(tmp_path):
+    from transformers import Gemma3TextConfig
+    from pagoda.worker import gguf_convert
+    Gemma3TextConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                     num_hidden_layers=2, intermediate_size=128).save_pretrained(tmp_path)
+    assert gguf_convert.read_config(str(tmp_path)) is None
+
+
+def test_cached_tokenizer_loads_without_parsing_tokenizer_json_in_python(monkeypatch, smollm_side_dir):
+    """The conversion lists the added tokens in tokenizer_config.json, so loading the tokenizer
+    leaves tokenizer.json to the tokenizers library (transformers otherwise json-parses all
+    3.5 MB of it to find them); the tokens listed are the tokenizer's own."""
+    import builtins
+    import json
+    with open(os.path.join(smollm_side_dir, "tokenizer_config.json")) as f:
+        listed = json.load(f)["added_tokens_decoder"]
+    opened = []
+    real_open = builtins.open
+
+    def recording_open(file, *a, **kw):
+        opened.append(os.path.basename(str(file)))
+        return real_open(file, *a, **kw)
+    monkeypatch.setattr(builtins, "open", recording_open)
+    tok = loader.load_tokenizer(loader.ModelSource("x", smollm_side_dir, smollm_side_dir, gguf_file="x.gguf"))
+    monkeypatch.undo()
+    assert "tokenizer_config.json" in opened and "tokenizer.json" not in opened
+    assert {int(i): t["content"] for i, t in listed.items()} == \
+        {i: t.content for i, t in tok.added_tokens_decoder.items()}
+    assert all(t["special"] == tok.added_tokens_decoder[int(i)].special for i, t in listed.items())
+
+
+def test_held_weights_are_not_copied_into_float_weights():
+    """What the loader keeps packed reaches a layer as a held_weight, which it does not copy
+    (the float weight is replaced after loading); anything else, a broadcast zero of one's own
+    included, is copied."""
+    from pagoda.layers.embedding import LMHead
+    from pagoda.layers.linear import Linear, held_weight, is_held
+    lin = Linear(8, 6, shard_sizes=[4, 2])
+    lin.weight.data.fill_(7.0)
+    lin.load_shard(0, "weight", held_weight((4, 8)))
+    assert is_held(held_weight((4, 8))) and torch.all(lin.weight == 7.0)
+    own_zero = torch.zeros(()).expand(2, 8)
+    assert not is_held(own_zero) and not is_held(torch.zeros(2, 8))
+    lin.load_shard(1, "weight", own_zero)
+    assert torch.all(lin.weight[:4] == 7.0) and torch.all(lin.weight[4:] == 0.0)
+    head = LMHead(10, 8)
+    head.weight.data.fill_(3.0)
+    head.load_full("weight", held_weight((10, 8)))
+    assert torch.all(head.weight == 3.0)
+    head.load_full("weight", torch.ones(10, 8))
+    assert torch.all(head.weight == 1.0)
+
+
+_WARM_START = r"""
+import gc, json, sys
+from pagoda import LLM
+try:
+    LLM(model="/nonexistent/model.gguf")
+except ValueError:
+    pass
+failed = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+LLM(max_model_len=256, num_gpu_blocks_override=32)
+first = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+LLM(max_model_len=256, num_gpu_blocks_override=32)
+second = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+heavy = ["transformers.activations", "torch.distributed.tensor", "triton", "fastapi", "uvicorn",
+         "xgrammar", "openai", "pagoda.entrypoints.openai.protocol", "pagoda.models.whisper"]
+print(json.dumps({"loaded": [m for m in heavy if m in sys.modules], "failed": failed, "first": first,
+                  "second": second}))
+"""
+
+
+def test_warm_start_imports_only_what_the_offline_path_needs(smollm_side_dir):
+    """A warm LLM() on the CPU (the bundled model's config and tokenizer converted by the session)
+    imports no transformers model class (torch.distributed.tensor with it), no triton, no server
+    or grammar modules; the collector is paused only through the first start that succeeds, and
+    is on after every start."""
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", _WARM_START], cwd=root, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["loaded"] == []
+    assert out["failed"] == {"enabled": True, "frozen": 0}
+    assert out["first"]["enabled"] and out["first"]["frozen"] > 100_000
+    assert out["second"] == out["first"]  # later starts freeze nothing more

@@ -7,6 +7,7 @@ engine cores; each request goes to the one with the fewest requests, and step() 
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional, Union
 
@@ -19,9 +20,12 @@ from pagoda.outputs import PoolingRequestOutput, RequestOutput
 from pagoda.pooling_params import PoolingParams
 from pagoda.sampling_params import SamplingParams
 
+logger = logging.getLogger("pagoda.engine")
+
 
 class LLMEngine:
     def __init__(self, args: EngineArgs):
+        t0 = time.perf_counter()
         from pagoda.worker import loader
         from pagoda.worker.model_config import eos_token_ids
         self.args = args
@@ -32,8 +36,13 @@ class LLMEngine:
         core = self.engine_core.core
         self.model_config = core.model_config
         worker = core.worker
+        startup = worker.startup
+        startup.started_at(t0, "imports")
+        if len(self.engine_cores) > 1:
+            startup.mark("other data-parallel engine cores")
         self.tokenizer = None if args.skip_tokenizer_init else loader.load_tokenizer(
             worker.source, args.trust_remote_code)
+        startup.mark("tokenizer")
         self.model_config.eos_token_ids = eos_token_ids(worker.source, self.model_config.hf_config,
                                                         self.tokenizer)
         from pagoda.inputs.multimodal import MultiModalProcessor
@@ -45,6 +54,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         # False: step() reports only finished requests (offline batches skip per-step outputs)
         self.stream_outputs = True
+        startup.mark("front end")
+        logger.info("%s", startup.line("LLM startup"))
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> "LLMEngine":

@@ -24,6 +24,9 @@ class _VocabSlice(nn.Module):
         if shape_of(tensor) != (self.vocab_size, self.weight.shape[1]):
             raise ValueError(f"shape mismatch for {type(self).__name__}: checkpoint {shape_of(tensor)} vs "
                              f"model ({self.vocab_size}, {self.weight.shape[1]})")
+        from pagoda.layers.linear import is_held
+        if is_held(tensor):  # an untied head kept packed by the loader: taken after loading
+            return
         rows = tensor[self.start:self.end]
         rows = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(rows)
         self.weight.data[:rows.shape[0]].copy_(rows)

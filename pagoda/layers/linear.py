@@ -46,6 +46,22 @@ def int8_supported(w: torch.Tensor) -> bool:
 PACKED_PARAMS = ("qweight", "qzeros", "scales", "g_idx", "weight_scale", "weight_scale_inv",
                  "input_scale")
 
+_HELD = torch.zeros(())
+
+
+def held_weight(shape) -> torch.Tensor:
+    """What a loader yields for a matrix it keeps in a packed form (a GGUF's blocks, int8 groups)
+    and hands to the layer after loading: a broadcast zero of its shape. Linear and LMHead do not
+    copy it into their float weight (which the packed form replaces; loader.quantize_weights puts
+    the floats back where a layer cannot take it): touching the float weights of every packed
+    matrix cost a warm start ~0.3 s."""
+    return _HELD.expand(shape)
+
+
+def is_held(tensor) -> bool:
+    return (isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and not any(tensor.stride())
+            and tensor.data_ptr() == _HELD.data_ptr())
+
 
 class Int8Matmul:
     """x @ w.T with w held as int8, for the device the weight lives on."""
@@ -105,7 +121,8 @@ class Linear(nn.Module):
         if tensor.shape[0] != size or (param == "weight" and tensor.shape[1] != self.in_features):
             raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs shard {shard} of "
                              f"{tuple(target.shape)}")
-        target.data[start:start + size].copy_(tensor)
+        if not is_held(tensor):
+            target.data[start:start + size].copy_(tensor)
 
     def quantize_int8(self, groups=None):
         """int8 weights; `groups`: the CPU format (q, scale, min) already at hand, e.g. read from

@@ -6,6 +6,7 @@ and as their torch twins (pagoda.kernels.sampling) where neither is available.
 """
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 
 import numpy as np
@@ -15,11 +16,17 @@ from pagoda.kernels.cpu_sampling import apply_penalties_cpu, sample_rows_cpu
 from pagoda.kernels.sampling import apply_penalties_torch, sample_rows_torch
 from pagoda.sample.logprobs import LogprobsTensors
 
-try:
-    from pagoda.kernels.sampling_triton import apply_penalties_triton, sample_rows_triton
-    HAS_TRITON = True
-except ImportError:  # no triton wheel
-    HAS_TRITON = False
+
+
+@functools.cache
+def _triton():
+    """The Triton kernels module, or None without a triton wheel; imported with the first CUDA
+    batch (importing triton costs a CPU-only start ~0.1 s)."""
+    try:
+        from pagoda.kernels import sampling_triton
+    except ImportError:
+        return None
+    return sampling_triton
 
 
 @contextmanager
@@ -63,8 +70,10 @@ def forbid_tokens_(logits: torch.Tensor, batch_rows: torch.Tensor, ids: torch.Te
 def apply_penalties_(logits: torch.Tensor, token_state: torch.Tensor, batch_rows: torch.Tensor,
                      state_rows: torch.Tensor, repetition: torch.Tensor, frequency: torch.Tensor,
                      presence: torch.Tensor) -> None:
-    fn = apply_penalties_cpu if not logits.is_cuda else \
-        apply_penalties_triton if HAS_TRITON else apply_penalties_torch
+    if not logits.is_cuda:
+        fn = apply_penalties_cpu
+    else:
+        fn = _triton().apply_penalties_triton if _triton() else apply_penalties_torch
     fn(logits, token_state, batch_rows, state_rows, repetition, frequency, presence)
 
 
@@ -74,9 +83,9 @@ def sample_rows(vals: torch.Tensor, index: torch.Tensor, width: torch.Tensor, in
                 use_min_p: bool) -> torch.Tensor:
     """The column drawn in each row vals[index] (see pagoda.kernels.sampling). The Triton kernel
     takes the Philox keys and counters from the device, its torch twin from the host."""
-    if HAS_TRITON and vals.is_cuda:
-        return sample_rows_triton(vals, index, width, inv_temp, min_p, top_p, seed, position,
-                                  use_top_p=use_top_p, use_min_p=use_min_p)
+    if vals.is_cuda and _triton():
+        return _triton().sample_rows_triton(vals, index, width, inv_temp, min_p, top_p, seed,
+                                            position, use_top_p=use_top_p, use_min_p=use_min_p)
     fn = sample_rows_cpu if not vals.is_cuda else sample_rows_torch
     return fn(vals, index, width, inv_temp, min_p, top_p, seed_host, position_host,
                              use_top_p=use_top_p, use_min_p=use_min_p)

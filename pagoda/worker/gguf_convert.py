@@ -12,9 +12,19 @@ vocabulary (read once, by its light reader). Architectures whose config load_ggu
 special-cases, folders with their own tokenizer/config files, and older transformers without
 these pieces go through transformers' full path, unchanged. tests/test_fast_start.py checks both
 against transformers for llama, qwen2 and qwen3 files.
+
+Reading the cached files back (every start after the first) avoids two slow paths of transformers
+5: a model's config class (LlamaConfig, Qwen3Config, ...) imports torch.distributed.tensor through
+transformers' model-loading modules, about a quarter of a warm `LLM()` on the 2-core machine, so
+the flat configs of READ_BACK_TYPES come back as a PreTrainedConfig of their model_type with the
+saved fields (read_config); and a tokenizers-backed tokenizer saved by transformers leaves its
+added tokens out of tokenizer_config.json, which makes from_pretrained parse the whole
+tokenizer.json in Python to find them, so save() writes them there.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 from pagoda.worker.gguf_reader import GGUFHeader, StringArray
@@ -94,3 +104,60 @@ def load_tokenizer(header: GGUFHeader, config):
     if cls is None:
         return AutoTokenizer.from_pretrained(folder, gguf_file=f)
     return cls.from_pretrained(folder, gguf_file=f)
+
+
+def save(config, tokenizer, folder: str) -> None:
+    """The converted config and tokenizer as an HF folder, with the tokenizer's added tokens in
+    tokenizer_config.json (the entry transformers' own save leaves out for tokenizers-backed
+    tokenizers and reads back from tokenizer.json, in Python, at every load)."""
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        tc = json.load(f)
+    tc.setdefault("added_tokens_decoder",
+                  {str(i): t.__getstate__() for i, t in tokenizer.added_tokens_decoder.items()})
+    with open(path, "w") as f:
+        json.dump(tc, f, indent=2, ensure_ascii=False)
+
+
+# model types whose saved config is flat (no sub-configs, no computed properties the engine
+# reads): read back without their transformers class. tests/test_fast_start.py compares every
+# attribute with the class's own reading of the same file.
+READ_BACK_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+
+
+_CLASS_PREFIX = "GGUFConfig_"
+
+
+@functools.cache
+def _config_class(model_type: str):
+    try:
+        from transformers.configuration_utils import PreTrainedConfig
+    except ImportError:  # transformers 4
+        from transformers.configuration_utils import PretrainedConfig as PreTrainedConfig
+    return type(_CLASS_PREFIX + model_type, (PreTrainedConfig,), {
+        "model_type": model_type, "__module__": __name__,
+        "__doc__": f"A converted GGUF's {model_type} config, read back without its model class."})
+
+
+def __getattr__(name: str):
+    """The read-back config classes by name, made on first use (so pickle finds them)."""
+    if name.startswith(_CLASS_PREFIX) and name[len(_CLASS_PREFIX):] in READ_BACK_TYPES:
+        return _config_class(name[len(_CLASS_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def read_config(folder: str):
+    """The config a conversion saved in `folder`, or None when its model type is not one of
+    READ_BACK_TYPES (AutoConfig reads those)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        d = json.load(f)
+    if d.get("model_type") not in READ_BACK_TYPES:
+        return None
+    cfg = _config_class(d["model_type"]).from_dict(d)
+    for k, v in d.items():  # what the generic class drops as generation parameters (use_cache)
+        if k not in ("model_type", "transformers_version") and not hasattr(cfg, k):
+            setattr(cfg, k, v)
+    cfg.name_or_path = folder  # as from_pretrained sets it
+    return cfg

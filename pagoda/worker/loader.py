@@ -72,9 +72,15 @@ def _cache_root() -> str:
     return os.environ.get("PAGODA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pagoda"))
 
 
+# the layout of a converted GGUF's folder; a new one converts again (2: the tokenizer's added
+# tokens in tokenizer_config.json)
+_SIDE_FORMAT = 2
+
+
 def _side_dir_path(path: str) -> str:
     st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{_SIDE_FORMAT}".encode()
+                       ).hexdigest()[:16]
     return os.path.join(_cache_root(), "gguf", key)
 
 
@@ -93,8 +99,7 @@ def _gguf_side_dir(path: str, header: Optional[GGUFHeader] = None) -> str:
     tok = gguf_convert.load_tokenizer(header, cfg)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(out))
-    cfg.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    gguf_convert.save(cfg, tok, tmp)
     try:
         os.rename(tmp, out)
     except OSError:  # another process converted it first
@@ -171,6 +176,11 @@ def resolve_model(model: Optional[str], tokenizer: Optional[str] = None, revisio
 
 
 def load_config(src: ModelSource, trust_remote_code: bool = False):
+    if src.gguf_file:  # our converted config: read back without its model class where it can be
+        from pagoda.worker import gguf_convert
+        cfg = gguf_convert.read_config(src.config_dir)
+        if cfg is not None:
+            return cfg
     from transformers import AutoConfig
     return AutoConfig.from_pretrained(src.config_dir, trust_remote_code=trust_remote_code)
 
@@ -292,12 +302,14 @@ def iter_gguf(src: ModelSource, config, kept: Optional[dict] = None,
     """HF-named float32 tensors from the GGUF's memory map (the header read once, on `src`).
 
     With `kept` (and the CPU kernel of `form` built), each matrix that kernel multiplies with goes
-    there instead, under its HF name, and is yielded as zeros of its shape, not as floats:
+    there instead, under its HF name, and is yielded as a held_weight of its shape (a broadcast
+    zero the layers do not copy), not as floats:
     form "gguf": every block type pagoda/kernels/cpu_gguf.c takes, as its raw blocks (GGUFBlocks,
     a view of the file); form "int8": Q4_0/Q4_1/Q8_0 as int8 groups. quantize_weights hands them
     to the layers, and fails loudly if any is left over. The embedding table is yielded as floats
     all the same (it is looked up)."""
     from pagoda.kernels import cpu_gguf, cpu_int8
+    from pagoda.layers.linear import held_weight
     from pagoda.layers.quantization import gguf as gguf_format
     from pagoda.worker import gguf_blocks
     from pagoda.worker.gguf_reader import FLOAT_TYPES
@@ -320,7 +332,7 @@ def iter_gguf(src: ModelSource, config, kept: Optional[dict] = None,
             rows = raw if heads is None else np.ascontiguousarray(unpermute_qk(raw, heads))
             kept[name] = gguf_format.GGUFBlocks(rows, int(t.type), tuple(t.shape))
             if name != _EMBEDDING:
-                yield name, torch.zeros((), dtype=torch.float32).expand(t.shape)
+                yield name, held_weight(t.shape)
                 continue
         g = gguf_blocks.block_groups(raw, t.type, t.shape)
         if g is not None:
@@ -330,8 +342,8 @@ def iter_gguf(src: ModelSource, config, kept: Optional[dict] = None,
                 groups[name] = g
             if groups is None or name == _EMBEDDING:
                 w = gguf_blocks.groups_to_float(g)
-            else:  # a broadcast zero: copying it in costs a memset, not a dequantize
-                w = torch.zeros((), dtype=torch.float32).expand(t.shape)
+            else:  # the layer takes the groups after loading
+                w = held_weight(t.shape)
         else:
             w = gguf_blocks.dequantize(raw, t.type, t.shape)
             if heads is not None:

@@ -44,6 +44,21 @@ class GGUFBlocks:
         return cpu_gguf.dequantize_torch(self.tensor(), self.type)
 
 
+def _joined(shards: list[GGUFBlocks]) -> torch.Tensor:
+    """The shards' rows in order, copied once into one owned tensor (from the file's memory map
+    where they are views of it; numpy copies on one thread, which a busy 2-core machine does not
+    slow down as it does torch's two-thread copies)."""
+    if len(shards) == 1:
+        return shards[0].tensor()
+    rows = [s.data.numpy() if isinstance(s.data, torch.Tensor) else s.data for s in shards]
+    out = torch.empty((sum(r.shape[0] for r in rows), rows[0].shape[1]), dtype=torch.uint8)
+    dst, i = out.numpy(), 0
+    for r in rows:
+        dst[i:i + r.shape[0]] = r
+        i += r.shape[0]
+    return out
+
+
 def quantize(w: torch.Tensor, ggml_type: int = Q4_1) -> GGUFBlocks:
     """Float weights [n, k] -> GGUF blocks of `ggml_type`, by the gguf package's quantizer
     (llama.cpp's reference rounding)."""
@@ -76,16 +91,15 @@ class GGUFLinearMethod:
         self.blocks[shard] = blocks
 
     def process(self, bias: Optional[torch.Tensor]) -> "GGUFLinearMethod":
-        runs: list[tuple[int, int, list[torch.Tensor]]] = []  # (type, first column, rows)
+        runs: list[tuple[int, int, list[GGUFBlocks]]] = []  # (type, first column, shards)
         col = 0
         for b, size in zip(self.blocks, self.shard_sizes):
             if runs and runs[-1][0] == b.type:
-                runs[-1][2].append(b.tensor())
+                runs[-1][2].append(b)
             else:
-                runs.append((b.type, col, [b.tensor()]))
+                runs.append((b.type, col, [b]))
             col += size
-        self.parts = [cpu_gguf.Part(torch.cat(rows) if len(rows) > 1 else rows[0], t, c0)
-                      for t, c0, rows in runs]
+        self.parts = [cpu_gguf.Part(_joined(shards), t, c0) for t, c0, shards in runs]
         self.c_parts = cpu_gguf.make_parts(self.parts)
         self.bias = bias.float().contiguous() if bias is not None else None
         self.blocks = []
