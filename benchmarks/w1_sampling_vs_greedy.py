@@ -89,6 +89,7 @@ def end_to_end(target, prompts, args, sampling_params, sync) -> list[dict]:
     for _ in range(args.repeats):
         for name, s in SETTINGS:
             core.step_timing.clear()
+            core.kv_cache_manager.reset_prefix_cache()  # every setting prefills its prompts itself
             sync(target.device)
             t0 = time.perf_counter()
             outs = llm.generate(prompts, sampling_params(s, args.output_len), use_tqdm=not args.disable_tqdm)
