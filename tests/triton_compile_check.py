@@ -138,6 +138,13 @@ def sampling_variants() -> None:
                            torch.arange(n), f, f, f)
 
 
+def logprobs_variants() -> None:
+    from pagoda.kernels.logprobs_triton import logprobs_topk_triton
+    for dtype in (torch.float32, torch.bfloat16):
+        for k in (0, 1, 5, 20):
+            logprobs_topk_triton(torch.zeros(4, 3000, dtype=dtype), torch.zeros(4, dtype=torch.long), k)
+
+
 def w4a16_variants() -> None:
     from pagoda.kernels.w4a16 import w4a16_matmul_triton
     K, N, group = 256, 128, 128
@@ -151,7 +158,7 @@ def w4a16_variants() -> None:
 
 
 def main() -> int:
-    for part in (attention_variants, layer_variants, sampling_variants, w4a16_variants):
+    for part in (attention_variants, layer_variants, sampling_variants, logprobs_variants, w4a16_variants):
         try:
             part()
         except Exception as e:  # noqa: BLE001 - a wrapper itself broke on CPU tensors

@@ -178,6 +178,12 @@ class OutputProcessor:
 
     def _row(self, ids: list[int], vals: list[float], rank: int) -> dict[int, Logprob]:
         """One position's logprobs: the chosen (or actual) token first, then the top-k by rank."""
+        if self.tokenizer is None:  # per token of every logprobs request: the lean loop
+            d = {ids[0]: Logprob(vals[0], rank)}
+            for r in range(1, len(ids)):
+                if ids[r] not in d:
+                    d[ids[r]] = Logprob(vals[r], r)
+            return d
         d = {ids[0]: Logprob(vals[0], rank, self._decoded(ids[0]))}
         for r, (tid, v) in enumerate(zip(ids[1:], vals[1:])):
             if tid not in d:

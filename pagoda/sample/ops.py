@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from pagoda.kernels.cpu_sampling import apply_penalties_cpu, sample_rows_cpu
+from pagoda.kernels.logprobs import logprobs_topk_torch
 from pagoda.kernels.sampling import apply_penalties_torch, sample_rows_torch
 from pagoda.sample.logprobs import LogprobsTensors
-
 
 
 @functools.cache
@@ -93,16 +93,12 @@ def sample_rows(vals: torch.Tensor, index: torch.Tensor, width: torch.Tensor, in
 
 def logprobs_topk(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> LogprobsTensors:
     """Per row: the chosen token's logprob and rank (1 + the tokens strictly more likely), then
-    the k most likely tokens' ids and logprobs, from fp32 log-softmax of `logits` [N, V]."""
-    x = logits.float()
-    lse = x.logsumexp(-1, keepdim=True)
-    picked = x.gather(1, chosen[:, None])
-    ranks = (x > picked).sum(-1) + 1
-    ids, lps = chosen[:, None], picked - lse
-    if k > 0:
-        top_v, top_i = x.topk(min(k, x.shape[1]), dim=-1)
-        ids, lps = torch.cat([ids, top_i], 1), torch.cat([lps, top_v - lse], 1)
-    return LogprobsTensors(ids, lps, ranks)
+    the k most likely tokens' ids and logprobs, from fp32 log-softmax of `logits` [N, V]
+    (kernels/logprobs.py; one pass of a Triton kernel per row on CUDA)."""
+    if logits.is_cuda and _triton() and logits.stride(1) == 1:
+        from pagoda.kernels.logprobs_triton import logprobs_topk_triton
+        return LogprobsTensors(*logprobs_topk_triton(logits, chosen, k))
+    return LogprobsTensors(*logprobs_topk_torch(logits, chosen, k))
 
 
 def token_counts_add_(token_state: torch.Tensor, state_rows: torch.Tensor,
