@@ -90,3 +90,18 @@ def test_overlap_and_batching_keep_every_sampling_setting(tmp_path):
         gc.collect()  # the engine holds cycles: its KV cache goes only with a collection
         torch.cuda.empty_cache()
     assert [o.outputs[0].token_ids for o in outs[True]] == [o.outputs[0].token_ids for o in outs[False]]
+
+
+@pytest.mark.parametrize("k", [0, 5, 20])
+def test_triton_logprobs_equal_torch_reference_at_full_vocab(k):
+    from pagoda.kernels.logprobs import logprobs_topk_torch
+    from pagoda.kernels.logprobs_triton import logprobs_topk_triton
+    g = torch.Generator(device="cuda").manual_seed(k)
+    logits = (torch.randn(64, 151936, device="cuda", generator=g) * 2).bfloat16()
+    chosen = torch.randint(0, 151936, (64,), device="cuda", generator=g)
+    ids, lps, ranks = logprobs_topk_triton(logits, chosen, k)
+    rid, rlp, rrk = logprobs_topk_torch(logits, chosen, k)
+    assert torch.equal(ranks, rrk) and torch.equal(ids[:, 0], chosen)
+    x = logits.float()
+    assert torch.equal(x.gather(1, ids), x.gather(1, rid))  # bf16 ties: the same values
+    assert (lps - rlp).abs().max() < 1e-5
