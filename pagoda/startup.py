@@ -66,14 +66,13 @@ _first_start = True
 
 @contextlib.contextmanager
 def first_start_gc():
-    """The cyclic garbage collector paused through the first engine start in a process, and the
-    objects the start made (modules, classes, functions: ~250k, ~1 MB of them garbage, no
-    tensors) frozen after it (gc.freeze, as vLLM does after its start). A warm `LLM()` spent
-    ~0.4 s of the 2-core machine's time in full collections walking torch's and transformers'
-    import-time objects, and every later full collection would walk them again. What the caller
-    left before is collected first (so none of it is frozen); a start that fails freezes nothing
-    (the next start pauses it again). Later starts in the same process import nothing new and
-    run with the collector as it is."""
+    """The cyclic garbage collector paused through the first engine start in a process: a warm
+    `LLM()` spent ~0.4 s of the 2-core machine's time in full collections walking torch's and
+    transformers' import-time objects as they were made. What the caller left before is
+    collected first. Nothing is frozen (gc.freeze, as vLLM's server does after its start, would
+    keep a deleted LLM's engine and its KV cache alive: an offline user frees one engine before
+    making the next). A start that fails pauses it again next time; later starts import nothing
+    new and run with the collector as it is."""
     global _first_start
     if not _first_start or not gc.isenabled():
         yield
@@ -86,6 +85,5 @@ def first_start_gc():
         ok = True
     finally:
         if ok:
-            gc.freeze()
             _first_start = False
         gc.enable()
