@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     def timed(name, params, overlap):
         core.overlap = overlap
         core.step_timing.clear()
+        core.kv_cache_manager.reset_prefix_cache()  # each run prefills its prompts itself
         sync(target.device)
         t0 = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=progress)
