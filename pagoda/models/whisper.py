@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.layers.attention import Attention, CrossAttention
+from pagoda.models.weights import expected_names, load_named
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu,
                 "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
@@ -193,22 +194,9 @@ class WhisperForConditionalGeneration(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for name, tensor in weights:
-            if name == "proj_out.weight" and self.tied:
-                continue  # the token embedding is the head
-            if name not in params:
-                raise ValueError(f"--model: unexpected Whisper checkpoint tensor {name!r}")
-            if not isinstance(tensor, torch.Tensor):  # a lazy safetensors slice
-                tensor = tensor[:]
-            p = params[name]
-            if p.shape != tensor.shape:
-                raise ValueError(f"--model: checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(p.shape)}")
-            p.data.copy_(tensor)
-            loaded.add(name)
-        return loaded
+        # names as in the checkpoint, no merged projections; a tied head is the token embedding
+        return load_named(self, ((n, t) for n, t in weights if not (n == "proj_out.weight" and self.tied)),
+                          packed={})
 
     def expected_weights(self) -> set[str]:
-        return {n for n, _ in self.named_parameters()}
+        return expected_names(self)
