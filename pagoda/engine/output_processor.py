@@ -177,17 +177,12 @@ class OutputProcessor:
         return decode_token(self.tokenizer, tid) if self.tokenizer is not None else None
 
     def _row(self, ids: list[int], vals: list[float], rank: int) -> dict[int, Logprob]:
-        """One position's logprobs: the chosen (or actual) token first, then the top-k by rank."""
-        if self.tokenizer is None:  # per token of every logprobs request: the lean loop
-            d = {ids[0]: Logprob(vals[0], rank)}
-            for r in range(1, len(ids)):
-                if ids[r] not in d:
-                    d[ids[r]] = Logprob(vals[r], r)
-            return d
+        """One position's logprobs: the chosen (or actual) token first, then the top-k by rank.
+        Runs per token of every logprobs request: one indexed loop, no slices."""
         d = {ids[0]: Logprob(vals[0], rank, self._decoded(ids[0]))}
-        for r, (tid, v) in enumerate(zip(ids[1:], vals[1:])):
-            if tid not in d:
-                d[tid] = Logprob(v, r + 1, self._decoded(tid))
+        for r in range(1, len(ids)):
+            if ids[r] not in d:
+                d[ids[r]] = Logprob(vals[r], r, self._decoded(ids[r]))
         return d
 
     def _add_logprobs(self, s: _Sample, lp: LogprobsLists, j: int) -> None:

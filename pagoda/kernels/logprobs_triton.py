@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pagoda.kernels.triton_args import aligned
+
 BLOCK = 2048
 
 
@@ -68,9 +70,6 @@ def logprobs_topk_triton(logits: torch.Tensor, chosen: torch.Tensor, k: int
     if n == 0:
         return ids, lps, ranks
     assert logits.stride(1) == 1
-    chosen = chosen.contiguous()
-    if chosen.data_ptr() % 16:  # Triton specializes on pointer alignment: no mid-serving compile
-        chosen = chosen.clone()
-    _logprobs_kernel[(n,)](logits, logits.stride(0), chosen, ids, lps, ranks, vocab,
+    _logprobs_kernel[(n,)](logits, logits.stride(0), aligned(chosen), ids, lps, ranks, vocab,
                            K=k, KP=triton.next_power_of_2(max(k, 1)), BLOCK=BLOCK, num_warps=8)
     return ids, lps, ranks

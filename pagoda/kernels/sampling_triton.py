@@ -15,6 +15,7 @@ import triton.language as tl
 from triton.language.random import philox
 
 from pagoda.kernels.sampling import CHUNK, COUNT_MASK, MAX_ROUNDS
+from pagoda.kernels.triton_args import aligned
 
 
 @triton.jit
@@ -64,14 +65,6 @@ def _race(base, width, inv_t, lo, piv, seed, p_lo, p_hi, rnd, BLOCK: tl.constexp
             best = cmax
             pick = tl.min(tl.min(tl.where(score == cmax, offs, 2147483647), 1), 0)
     return pick
-
-
-def _aligned(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """t dense, in `dtype`, at a 16-byte-aligned address: Triton specializes a kernel on its
-    pointers' alignment, and a column of a one-row batch is a view at an odd offset — a compile
-    in the middle of serving. A copy of a few numbers is cheaper."""
-    t = t.to(dtype).contiguous() if dtype is not None else t.contiguous()
-    return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
 @triton.jit(do_not_specialize=["stride"])
@@ -129,9 +122,10 @@ def sample_rows_triton(vals: torch.Tensor, index: torch.Tensor, width: torch.Ten
         return out
     assert vals.stride(1) == 1
     f32 = torch.float32
-    _sample_rows_kernel[(n,)](vals, vals.stride(0), _aligned(index), _aligned(width),
-                              _aligned(inv_temp, f32), _aligned(min_p, f32), _aligned(top_p, f32),
-                              _aligned(seed), _aligned(position), out, BLOCK=CHUNK, USE_TOP_P=use_top_p, USE_MIN_P=use_min_p,
+    _sample_rows_kernel[(n,)](vals, vals.stride(0), aligned(index), aligned(width),
+                              aligned(inv_temp, f32), aligned(min_p, f32), aligned(top_p, f32),
+                              aligned(seed), aligned(position), out,
+                              BLOCK=CHUNK, USE_TOP_P=use_top_p, USE_MIN_P=use_min_p,
                               MAX_R=MAX_ROUNDS, num_warps=8)
     return out
 
@@ -162,8 +156,8 @@ def apply_penalties_triton(logits: torch.Tensor, token_state: torch.Tensor, batc
     assert logits.dtype == torch.float32 and logits.stride(1) == 1 and token_state.stride(1) == 1
     block = 1024
     _penalties_kernel[(n, triton.cdiv(vocab, block))](
-        logits, logits.stride(0), token_state, token_state.stride(0), _aligned(batch_rows),
-        _aligned(state_rows), _aligned(repetition, torch.float32), _aligned(frequency, torch.float32),
-        _aligned(presence, torch.float32),
+        logits, logits.stride(0), token_state, token_state.stride(0), aligned(batch_rows),
+        aligned(state_rows), aligned(repetition, torch.float32), aligned(frequency, torch.float32),
+        aligned(presence, torch.float32),
         vocab, BLOCK=block, MASK=COUNT_MASK, num_warps=4,
         enable_fp_fusion=False)  # no FMA: the torch twin's roundings exactly
