@@ -128,7 +128,9 @@ def test_whitespace_options(compiler):
 def _kernels():
     from pagoda.kernels.grammar_bitmask import apply_bitmask_rows, apply_bitmask_rows_cpu
     from pagoda.kernels.grammar_bitmask_triton import apply_bitmask_rows_triton
-    out = [("cpu", apply_bitmask_rows_cpu, "cpu"), ("triton", apply_bitmask_rows_triton, "cpu")]  # interpreted
+    # Triton: interpreted on CPU tensors here, compiled on CUDA tensors where a GPU is
+    out = [("cpu", apply_bitmask_rows_cpu, "cpu"),
+           ("triton", apply_bitmask_rows_triton, "cuda" if torch.cuda.is_available() else "cpu")]
     if torch.cuda.is_available():
         out.append(("cuda", apply_bitmask_rows, "cuda"))
     return out
