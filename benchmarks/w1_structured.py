@@ -43,6 +43,35 @@ ITEM = {"type": "object", "properties": {
 SCHEMA = {"type": "array", "items": ITEM, "minItems": 200}
 
 
+def instrument(core) -> dict:
+    """Counters of the host's structured-outputs work, read per timed run: seconds in the
+    matchers' accept and in the bitmask fill (both on the step's critical path), and Triton
+    compiles (a kernel compiled mid-run costs seconds)."""
+    acc = {"accept_s": 0.0, "fill_s": 0.0, "triton_compiles": 0}
+    so = core.structured_output
+    for name, key in (("accept_tokens", "accept_s"), ("fill", "fill_s")):
+        real = getattr(so, name)
+
+        def timed(*a, _real=real, _key=key):
+            t0 = time.perf_counter()
+            try:
+                return _real(*a)
+            finally:
+                acc[_key] += time.perf_counter() - t0
+        setattr(so, name, timed)
+    try:
+        from triton.runtime import jit
+    except ImportError:
+        return acc
+    real_compile = jit.JITFunction._do_compile
+
+    def counting(self, *a, **k):
+        acc["triton_compiles"] += 1
+        return real_compile(self, *a, **k)
+    jit.JITFunction._do_compile = counting
+    return acc
+
+
 def tokenizer_dir(path: str | None) -> str:
     from pagoda.worker import loader
     if path is None:
@@ -79,10 +108,13 @@ def main(argv=None) -> int:
     progress = not args.disable_tqdm
     # warm-up: reversed prompts (no prefix-cache reuse later), the grammar compiled once here
     llm.generate([q[::-1] for q in prompts[:8]], [constrained, free] * 4, use_tqdm=False)
+    counters = instrument(core)
 
     def timed(name, params, overlap):
         core.overlap = overlap
         core.step_timing.clear()
+        for k in counters:
+            counters[k] = type(counters[k])()
         core.kv_cache_manager.reset_prefix_cache()  # each run prefills its prompts itself
         sync(target.device)
         t0 = time.perf_counter()
@@ -91,10 +123,12 @@ def main(argv=None) -> int:
         dt = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         steps = {k: v[0] for k, v in core.step_timing.items()}
-        print(f"{name:10s} {dt:8.2f} s {tokens / dt:10.1f} out tok/s  ({tokens} tokens, steps {steps})",
-              flush=True)
+        host = dict(counters)
+        print(f"{name:10s} {dt:8.2f} s {tokens / dt:10.1f} out tok/s  ({tokens} tokens, steps {steps}; "
+              f"accept {host['accept_s']:.2f} s, fill {host['fill_s']:.2f} s, "
+              f"{host['triton_compiles']} Triton compiles)", flush=True)
         return {"name": name, "seconds": dt, "output_tokens": tokens, "output_tok_s": tokens / dt,
-                "overlap": overlap, "steps": steps}, outs
+                "overlap": overlap, "steps": steps, **host}, outs
 
     overlap = core.overlap
     runs = []

@@ -82,25 +82,34 @@ class LLM:
         return self._run(prompts, params, use_tqdm, "Processed prompts")
 
     def _run(self, prompts: list, params: list, use_tqdm: bool, desc: str) -> list:
+        """Hand every prompt to the engine and step it until all are done. A prompt is
+        validated when it is added; one that fails aborts the call's requests and raises, so a
+        call never returns part of its batch. Prompts with images reach the engine as their
+        images come out of the processor pool, while the engine already runs the first ones."""
+        from concurrent.futures import ThreadPoolExecutor
         from tqdm import tqdm
         eng = self.llm_engine
-        prompts = eng.processor.prepare_images(prompts)  # images: preprocessed in parallel
-        ids = []
-        try:  # validate everything before anything runs, so one bad prompt fails the call cleanly
-            for p, sp in zip(prompts, params):
-                rid = str(next(self._ids))
-                eng.add_request(rid, p, sp)
-                ids.append(rid)
-        except ValueError:
-            for rid in ids:
-                eng.abort_request(rid)
-            raise
+        pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pagoda-images")
+        entries = eng.processor.prepare_images(prompts, pool)
+        ids: list[str] = []
         done: dict[str, object] = {}
-        bar = tqdm(total=len(ids), desc=desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(entries), desc=desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
         t0 = time.time()
         out_toks = 0
         try:
-            while eng.has_unfinished_requests():
+            while len(ids) < len(entries) or eng.has_unfinished_requests():
+                # add each prompt that is ready, in order; wait only when the engine is idle
+                while len(ids) < len(entries):
+                    e = entries[len(ids)]
+                    if hasattr(e, "done"):
+                        if not e.done() and eng.has_unfinished_requests():
+                            break
+                        e = e.result()
+                    rid = str(next(self._ids))
+                    eng.add_request(rid, e, params[len(ids)])
+                    ids.append(rid)
+                if not eng.has_unfinished_requests():
+                    continue
                 outputs = eng.step()
                 if eng.output_processor.failed:
                     op = eng.output_processor
@@ -122,6 +131,7 @@ class LLM:
                 eng.abort_request(rid)
             raise
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             bar.close()
         return [done[r] for r in ids]
 

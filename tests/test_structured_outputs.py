@@ -14,7 +14,8 @@ import torch
 
 from pagoda import SamplingParams
 from pagoda.engine.messages import EngineCoreRequest
-from pagoda.sample.grammar_bitmask import apply_token_bitmask, apply_token_bitmask_reference, unpack_bitmask
+from pagoda.kernels.grammar_bitmask import unpack_bitmask
+from pagoda.sample.grammar_bitmask import apply_token_bitmask
 from pagoda.engine.scheduler_output import GrammarBitmask
 from pagoda.sampling_params import StructuredOutputsParams as SO
 from pagoda.structured_output.grammar import GrammarError, build_grammar, validate_structured_outputs
@@ -124,34 +125,55 @@ def test_whitespace_options(compiler):
 
 # ------------------------------------------------------------------------------ the kernel
 
+def _kernels():
+    from pagoda.kernels.grammar_bitmask import apply_bitmask_rows, apply_bitmask_rows_cpu
+    from pagoda.kernels.grammar_bitmask_triton import apply_bitmask_rows_triton
+    out = [("cpu", apply_bitmask_rows_cpu, "cpu"), ("triton", apply_bitmask_rows_triton, "cpu")]  # interpreted
+    if torch.cuda.is_available():
+        out.append(("cuda", apply_bitmask_rows, "cuda"))
+    return out
+
+
+@pytest.mark.parametrize("kernel", _kernels(), ids=lambda k: k[0])
+@pytest.mark.parametrize("vocab,grammar_vocab", [(100, 100), (4099, 4099), (4099, 3001), (5000, 4096)])
+def test_bitmask_kernels_match_torch_reference(kernel, vocab, grammar_vocab):
+    """Chosen rows masked by their bitmask row, ids past the grammar's vocabulary (a padded
+    model vocabulary) masked too, every other row untouched."""
+    from pagoda.kernels.grammar_bitmask import apply_bitmask_rows_reference
+    name, fn, device = kernel
+    g = torch.Generator().manual_seed(vocab + grammar_vocab)
+    n = 7
+    logits = torch.randn(n, vocab, generator=g)
+    words = (grammar_vocab + 31) // 32
+    for rows in ([5, 1, 6], list(range(n)), [3]):
+        bitmask = torch.randint(-(1 << 31), (1 << 31) - 1, (len(rows), words), generator=g,
+                                dtype=torch.int64).to(torch.int32)
+        want = apply_bitmask_rows_reference(logits.clone(), bitmask, rows, grammar_vocab)
+        idx = rows if name == "cpu" else torch.tensor(rows, dtype=torch.int32, device=device)
+        got = fn(logits.clone().to(device), bitmask.to(device), idx, grammar_vocab)
+        assert torch.equal(got.cpu(), want), (name, rows)
+        free = [i for i in range(n) if i not in rows]
+        assert torch.equal(got[free].cpu(), logits[free])
+        assert (got[rows[0], grammar_vocab:] == float("-inf")).all()
+        assert unpack_bitmask(bitmask[:1], grammar_vocab).sum() == (got[rows[0]] > float("-inf")).sum().cpu()
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("vocab", [100, 4099])
-def test_bitmask_kernel_matches_torch_reference(device, vocab):
-    g = torch.Generator().manual_seed(vocab)
-    rows = 7
+def test_step_bitmask_reaches_its_requests_rows(device):
+    from pagoda.kernels.grammar_bitmask import apply_bitmask_rows_reference
+    g = torch.Generator().manual_seed(3)
+    rows, vocab = 7, 4099
     logits = torch.randn(rows, vocab, generator=g).to(device)
-    words = (vocab + 31) // 32
-    bitmask = torch.randint(-(1 << 31), (1 << 31) - 1, (3, words), generator=g, dtype=torch.int64).to(torch.int32)
+    words = (4000 + 31) // 32
+    bitmask = torch.randint(-(1 << 31), (1 << 31) - 1, (4, words), generator=g, dtype=torch.int64).to(torch.int32)
     req_ids = [f"r{i}" for i in range(rows)]
-    constrained = ["r5", "r1", "gone", "r6"]   # "gone": not in this step (already finished)
-    full = torch.full((4, words), -1, dtype=torch.int32)
-    full[[0, 1, 3]] = bitmask
-    out = apply_token_bitmask(logits.clone(), GrammarBitmask(constrained, full), req_ids)
-    want = logits.clone()
-    for k, rid in enumerate(constrained):
-        if rid in req_ids:
-            i = req_ids.index(rid)
-            want[i] = apply_token_bitmask_reference(logits[i:i + 1], full[k:k + 1])[0]
-    assert torch.equal(out.cpu(), want.cpu())
-    free = [i for i in range(rows) if f"r{i}" not in constrained]
-    assert torch.equal(out[free].cpu(), logits[free].cpu())     # free rows untouched
-    assert unpack_bitmask(full[:1], vocab).sum() == (out[5] > float("-inf")).sum().cpu()
-    # every row constrained: the kernel's whole-batch path
-    all_rows = torch.randint(-(1 << 31), (1 << 31) - 1, (rows, words), generator=g, dtype=torch.int64).to(torch.int32)
-    out = apply_token_bitmask(logits.clone(), GrammarBitmask(req_ids, all_rows), req_ids)
-    assert torch.equal(out.cpu(), apply_token_bitmask_reference(logits, all_rows).cpu())
+    constrained = ["r5", "r1", "gone", "r6"]   # "gone": not in this step (the runner failed it)
+    out = apply_token_bitmask(logits.clone(), GrammarBitmask(constrained, bitmask, vocab_size=4000), req_ids)
+    want = apply_bitmask_rows_reference(logits.clone().cpu(), bitmask[[0, 1, 3]], [5, 1, 6], 4000)
+    assert torch.equal(out.cpu(), want)
     assert apply_token_bitmask(logits, None, req_ids) is logits
+    assert apply_token_bitmask(logits, GrammarBitmask([], bitmask[:0]), req_ids) is logits
 
 
 def test_a_bitmask_whose_fill_failed_fails_every_time():
@@ -229,17 +251,84 @@ def test_overlapped_constrained_outputs_equal_step_by_step(bundled_llm):
     prompts = chat_prompts(llm, 8)
     params = [SamplingParams(temperature=0.8, seed=i, max_tokens=64, structured_outputs=so)
               for i, so in enumerate(CONSTRAINTS)]
+    ref, got = step_by_step_then_overlapped(llm, prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    check_stopped(CONSTRAINTS, got)
+
+
+def step_by_step_then_overlapped(llm, prompts, params):
+    core = llm.llm_engine.core
     core.overlap = False
     ref = llm.generate(prompts, params, use_tqdm=False)
     core.overlap = True
     try:
-        got = llm.generate(prompts, params, use_tqdm=False)
+        return ref, llm.generate(prompts, params, use_tqdm=False)
     finally:
         core.overlap = False
-    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
-    for so, out in zip(CONSTRAINTS, got):
+
+
+def check_stopped(constraints, outs) -> None:
+    """Outputs that ended by their grammar follow their constraint."""
+    for so, out in zip(constraints, outs):
         if out.outputs[0].finish_reason == "stop":
             check(so, out.outputs[0].text)
+
+
+def test_mixed_batch_stays_overlapped_with_step_by_step_outputs(bundled_llm, monkeypatch):
+    """Constrained rows beside free ones (sampled, penalties, logprobs) keep every step
+    overlapped — the matchers advance one step behind, the bitmask fills while the forward pass
+    runs — and every request's tokens equal the step-by-step run's."""
+    from conftest import assert_same_outputs
+    llm = bundled_llm
+    core = llm.llm_engine.core
+    prompts = chat_prompts(llm, 12)
+    free = [SamplingParams(temperature=0.9, seed=40 + i, max_tokens=20 + i, repetition_penalty=1.2,
+                           logprobs=2 if i % 2 else None) for i in range(6)]
+    params = [p for pair in zip([SamplingParams(temperature=0.7, seed=i, max_tokens=48, structured_outputs=so)
+                                 for i, so in enumerate(CONSTRAINTS[:6])], free) for p in pair]
+    launched = overlapped = 0
+    real_step = core.step
+
+    def step():
+        nonlocal launched, overlapped
+        out = real_step()
+        if core.overlap and out.scheduler_stats.step_kind:  # the overlapped run launched a step
+            launched += 1
+            overlapped += core._inflight is not None
+        return out
+    monkeypatch.setattr(core, "step", step)
+    ref, got = step_by_step_then_overlapped(llm, prompts, params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+    assert_same_outputs(got[3::4], ref[3::4])  # the free rows with logprobs (float noise of the batch)
+    assert launched > 20 and overlapped == launched
+    check_stopped(CONSTRAINTS, got[0::2])
+
+
+def test_padded_vocabulary_ids_are_never_allowed_under_a_grammar(tmp_path, smollm_side_dir):
+    """A model vocabulary wider than its tokenizer's (Qwen3: 151,936 ids over 151,669 tokens): the
+    grammars compile against the tokenizer's ids only, and the ids past them are masked in
+    constrained rows — a logit bias that makes a free row pick one cannot make a constrained
+    row pick it."""
+    from conftest import build_tiny
+    from pagoda import LLM
+    from transformers import AutoTokenizer
+    n_tok = len(AutoTokenizer.from_pretrained(smollm_side_dir))
+    path = build_tiny("llama", str(tmp_path / "padded"), smollm_side_dir, vocab_size=n_tok + 96)
+    llm = LLM(path, max_model_len=256)
+    pad = n_tok + 50
+    bias = {pad: 100.0}
+    so = SO(json={"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]})
+    params = [SamplingParams(temperature=0, max_tokens=24, logit_bias=bias, structured_outputs=so),
+              SamplingParams(temperature=0, max_tokens=4, logit_bias=bias, ignore_eos=True)]
+    for overlap in (False, True):
+        llm.llm_engine.core.overlap = overlap
+        cons, free = llm.generate([{"prompt_token_ids": [1, 5, 9]}] * 2, params, use_tqdm=False)
+        assert free.outputs[0].token_ids == [pad] * 4
+        assert all(t < n_tok for t in cons.outputs[0].token_ids)
+        assert llm.llm_engine.core.structured_output.grammar_vocab_size == n_tok
+        if cons.outputs[0].finish_reason == "stop":
+            assert json.loads(cons.outputs[0].text)["ok"] in (True, False)
+    llm.shutdown()
 
 
 def test_grammars_compile_off_the_hot_path_once_per_schema(bundled_llm, monkeypatch):

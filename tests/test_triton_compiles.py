@@ -22,5 +22,5 @@ def test_every_kernel_variant_compiles_for_sm90():
     report = [line for line in r.stdout.splitlines() if line.startswith(("compiled", "FAILED"))]
     assert r.returncode == 0 and report and report[0].startswith("compiled"), \
         "\n".join(report) + "\n" + r.stderr[-3000:]
-    for kernel in ("_paged_attn_kernel", "_sample_rows_kernel", "_logprobs_kernel"):
+    for kernel in ("_paged_attn_kernel", "_sample_rows_kernel", "_logprobs_kernel", "_bitmask_rows_kernel"):
         assert kernel in report[0]

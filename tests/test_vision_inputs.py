@@ -263,3 +263,43 @@ def test_max_pixels_kwarg_shrinks_images(tiny_qwen2_vl_dir):
     n_small = len(small.generate(p, SP, use_tqdm=False)[0].prompt_token_ids)
     assert n_big - n_small == 16 - 4  # 4x4 merged tokens, 2x2 with the cap
     assert os.path.exists(os.path.join(tiny_qwen2_vl_dir, "preprocessor_config.json"))
+
+
+@pytest.mark.parametrize("kind", ["llava", "idefics3", "qwen2_vl"])
+def test_images_processed_in_one_call_equal_one_by_one(kind, request):
+    """process_images runs the processor once over a list; each image's outputs must be what
+    it gets alone (the encoder and prefix caches key on them)."""
+    llm = LLM(request.getfixturevalue(f"tiny_{kind}_dir"), max_model_len=512, num_gpu_blocks_override=64)
+    mm = llm.llm_engine.processor.mm_processor
+    imgs = [random_image(50, 30, 21), random_image(28, 56, 22), random_image(64, 64, 23)]
+    together = mm.process_images(imgs)
+    assert len(together) == 3
+    for img, item in zip(imgs, together):
+        (alone,) = mm.process_images([img])
+        assert (item.num_embeds, item.replacement, item.identifier) == \
+            (alone.num_embeds, alone.replacement, alone.identifier)
+        assert sorted(item.data) == sorted(alone.data)
+        for key in alone.data:
+            assert item.data[key].shape == alone.data[key].shape, key
+            assert (item.data[key] == alone.data[key]).all(), key
+    assert len({it.identifier for it in together}) == 3
+
+
+def test_offline_image_batch_runs_while_images_are_processed(tiny_qwen2_vl_dir):
+    """40 image prompts (more than one chunk of the processor pool) give each prompt's tokens
+    alone; a bad prompt late in the batch fails the whole call and leaves nothing running."""
+    llm = LLM(tiny_qwen2_vl_dir, max_model_len=512, num_gpu_blocks_override=256)
+    ph = PLACEHOLDER["qwen2_vl"]
+    prompts = [{"prompt": f"n{i} {ph}", "multi_modal_data": {"image": random_image(28 + 4 * (i % 5), 28, i)}}
+               for i in range(40)]
+    batch = llm.generate(prompts, SP, use_tqdm=False)
+    for i in (0, 17, 39):
+        alone = llm.generate(prompts[i], SP, use_tqdm=False)[0]
+        assert batch[i].prompt_token_ids == alone.prompt_token_ids
+        assert batch[i].outputs[0].token_ids == alone.outputs[0].token_ids
+    bad = list(prompts)
+    bad[35] = {"prompt": ph * 2, "multi_modal_data": {"image": random_image(28, 28, 99)}}
+    with pytest.raises(ValueError, match="2 image placeholder"):
+        llm.generate(bad, SP, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.generate(prompts[3], SP, use_tqdm=False)[0].outputs[0].token_ids == batch[3].outputs[0].token_ids

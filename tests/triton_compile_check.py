@@ -145,6 +145,13 @@ def logprobs_variants() -> None:
             logprobs_topk_triton(torch.zeros(4, 3000, dtype=dtype), torch.zeros(4, dtype=torch.long), k)
 
 
+def grammar_bitmask_variants() -> None:
+    from pagoda.kernels.grammar_bitmask_triton import apply_bitmask_rows_triton
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        apply_bitmask_rows_triton(torch.zeros(4, 3000, dtype=dtype), torch.zeros(2, 94, dtype=torch.int32),
+                                  torch.tensor([3, 1], dtype=torch.int32), 2990)
+
+
 def w4a16_variants() -> None:
     from pagoda.kernels.w4a16 import w4a16_matmul_triton
     K, N, group = 256, 128, 128
@@ -158,7 +165,8 @@ def w4a16_variants() -> None:
 
 
 def main() -> int:
-    for part in (attention_variants, layer_variants, sampling_variants, logprobs_variants, w4a16_variants):
+    for part in (attention_variants, layer_variants, sampling_variants, logprobs_variants, grammar_bitmask_variants,
+                 w4a16_variants):
         try:
             part()
         except Exception as e:  # noqa: BLE001 - a wrapper itself broke on CPU tensors

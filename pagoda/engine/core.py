@@ -193,7 +193,8 @@ class EngineCore:
 
         def fill() -> None:
             resolve_prev()
-            grammar.bitmask = so.fill(ids)
+            grammar.bitmask, grammar.req_ids = so.fill(ids)
+            grammar.vocab_size = so.grammar_vocab_size
         grammar.fill = fill
 
     def _grammar_failures(self) -> list[EngineCoreOutput]:

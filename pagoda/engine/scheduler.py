@@ -277,6 +277,8 @@ class Scheduler:
                     o.new_prompt_logprobs = rows
                 else:
                     o.new_prompt_logprobs.extend(rows)
+        so_ids: list[str] = []
+        so_toks: list[int] = []
         for k, rid in enumerate(result.req_ids):
             req = self.requests.get(rid)
             if req is None or req.is_finished:
@@ -284,8 +286,9 @@ class Scheduler:
             tok = result.sampled_token_ids[k]
             req.num_pending -= 1
             req.all_token_ids.append(tok)
-            if so_reqs and rid in so_reqs:  # structured outputs: advance the request's matcher
-                self.structured_output.accept(rid, tok)
+            if so_reqs and rid in so_reqs:  # structured outputs: its matcher advances below
+                so_ids.append(rid)
+                so_toks.append(tok)
             self.generation_tokens_total += 1
             o = out_for(req)
             o.new_token_ids.append(tok)
@@ -302,6 +305,8 @@ class Scheduler:
                 req.finish_reason, req.stop_reason = reason, stop
                 o.finish_reason, o.stop_reason = reason, stop
                 self._free(req)
+        if so_ids:  # every matcher in one call (a finished request's is gone already)
+            self.structured_output.accept_tokens(so_ids, so_toks)
         for rid, vec in result.pooler_output.items():
             req = self.requests.get(rid)
             if req is None or req.is_finished:

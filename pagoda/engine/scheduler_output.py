@@ -47,16 +47,20 @@ class GrammarBitmask:
     """Structured outputs: the token bitmask of this step's constrained requests that sample a
     token (pagoda.structured_output fills it; the runner applies it to their logits rows only).
 
-    Row i of `bitmask` (int32 [len(req_ids), ceil(vocab / 32)], on the host, bit set = token
-    allowed) belongs to req_ids[i]. On overlapped steps a row depends on the token the previous
-    step sampled, which is read back only after this step was launched: the bitmask then comes
-    from `fill`, which the runner calls once the step's forward pass is queued (so the grammar
-    work runs while the device computes); `get()` does that at most once.
+    Row i of `bitmask` (int32 [len(req_ids), ceil(vocab_size / 32)], on the host, bit set = token
+    allowed) belongs to req_ids[i]; tokens at or past `vocab_size` (the grammar's vocabulary, the
+    tokenizer's ids: a model's padded ids) are never allowed (0: the bitmask's width). On
+    overlapped steps a row depends on the token the previous step sampled, which is read back
+    only after this step was launched: the bitmask then comes from `fill`, which the runner calls
+    once the step's forward pass is queued (so the grammar work runs while the device computes);
+    `get()` does that at most once. A fill leaves out requests no longer constrained (their
+    grammar ended, or gone), so `req_ids` is final only after `get()`.
     """
     req_ids: list[str]
     bitmask: Any = None                       # torch.int32 tensor (host; pinned on CUDA)
     fill: Optional[Callable[[], None]] = None
     error: Optional[BaseException] = None     # fill failed: every get() raises it
+    vocab_size: int = 0
 
     def get(self):
         if self.bitmask is None and self.fill is not None:

@@ -2,8 +2,8 @@
 per image its processor outputs, placeholder range and content hash (`MultiModalFeature`).
 
 The pixels are prepared by the model's own transformers image processor (PIL backend; the
-torchvision one where installed), one image at a time, so each image's outputs stand alone
-(the encoder cache and the prefix cache key on them). What a placeholder expands to is the
+torchvision one where installed), a list of images per call, split back into each image's
+outputs, which stand alone (the encoder cache and the prefix cache key on them). What a placeholder expands to is the
 family's (as its transformers processor writes it):
 - LLaVA: `<image>` x patches (CLS dropped with the "default" feature strategy);
 - Qwen2-VL / Qwen2.5-VL: `<|image_pad|>` x (grid t*h*w / 4), between the template's
@@ -68,8 +68,13 @@ class _Family:
         self.processor_config = processor_config
 
     def run(self, image_processor, image) -> dict[str, np.ndarray]:
-        out = image_processor([image], return_tensors="np")
-        return {k: np.asarray(v)[0] for k, v in out.items()}
+        return self.run_batch(image_processor, [image])[0]
+
+    def run_batch(self, image_processor, images: list) -> list[dict[str, np.ndarray]]:
+        """Each image's outputs from one processor call over all of them: the torchvision
+        processors cost mostly per call (~2 ms an image in batches against tens one by one)."""
+        out = image_processor(images, return_tensors="np")
+        return [{k: np.asarray(v)[i] for k, v in out.items()} for i in range(len(images))]
 
     def num_embeds(self, data: dict) -> int:
         raise NotImplementedError
@@ -92,10 +97,13 @@ class _Llava(_Family):
 class _Qwen2VL(_Family):
     image_token = "<|image_pad|>"
 
-    def run(self, image_processor, image):
-        out = image_processor([image], return_tensors="np")
-        return {"pixel_values": np.asarray(out["pixel_values"]),
-                "image_grid_thw": np.asarray(out["image_grid_thw"])}
+    def run_batch(self, image_processor, images):
+        # the patches of all images in one array, image i's are the next prod(grid_thw[i]) rows
+        out = image_processor(images, return_tensors="np")
+        pixels, grids = np.asarray(out["pixel_values"]), np.asarray(out["image_grid_thw"])
+        ends = np.cumsum(np.prod(grids, axis=1))
+        return [{"pixel_values": pixels[end - int(np.prod(g)):end], "image_grid_thw": g[None]}
+                for g, end in zip(grids, ends)]
 
     def num_embeds(self, data):
         merge = self.config.vision_config.spatial_merge_size
@@ -111,6 +119,9 @@ class _Idefics3(_Family):
         self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
         self.fake_token = getattr(tokenizer, "fake_image_token", None) or "<fake_token_around_image>"
         self.global_token = getattr(tokenizer, "global_image_token", None) or "<global-img>"
+
+    def run_batch(self, image_processor, images):  # tiles per image: one call each
+        return [self.run(image_processor, im) for im in images]
 
     def run(self, image_processor, image):
         out = image_processor([[image]], return_row_col_info=True, return_tensors="np")
@@ -193,11 +204,12 @@ class MultiModalProcessor:
     # -- steps ----------------------------------------------------------------------------
     def process_images(self, images: list) -> list[ImageItem]:
         """The image processor's outputs per image (PIL images), in the engine's dtype."""
-        items = []
+        rgb = []
         for im in images:
             self.check_image(im)
-            im = im.convert("RGB") if im.mode != "RGB" else im
-            data = self.family.run(self.image_processor, im)
+            rgb.append(im.convert("RGB") if im.mode != "RGB" else im)
+        items = []
+        for im, data in zip(rgb, self.family.run_batch(self.image_processor, rgb) if rgb else []):
             n = self.family.num_embeds(data)
             items.append(ImageItem(data, n, self.family.replacement(data, n), image_hash(im)))
         return items

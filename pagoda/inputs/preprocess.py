@@ -37,6 +37,20 @@ MAX_BAD_WORD_TOKENS = 64
 PREPARED_IMAGES = "_prepared_images"
 
 
+class _Item:
+    """Prompt j of a chunk the image pool is processing: a Future's view of one prompt."""
+    __slots__ = ("task", "j")
+
+    def __init__(self, task, j: int):
+        self.task, self.j = task, j
+
+    def done(self) -> bool:
+        return self.task.done()
+
+    def result(self):
+        return self.task.result()[self.j]
+
+
 def child_ids(request_id: str, n: int) -> list[str]:
     return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
 
@@ -73,29 +87,34 @@ class InputProcessor:
             raise ValueError("prompt: text prompts need a tokenizer (started with --skip-tokenizer-init)")
         return mm.process(prompt["prompt"], images, items=items)
 
-    def prepare_images(self, prompts: list, workers: int = 8) -> list:
-        """Prompts whose images have been through the image processor, on a pool of threads
-        (the offline LLM's batches; the processors' numpy and PIL work runs without the GIL).
-        A prompt whose images fail keeps them unprocessed (process() reports the error)."""
+    def prepare_images(self, prompts: list, pool, chunk: int = 16) -> list:
+        """Start the image processor on the prompts that carry images, `chunk` prompts per task
+        on `pool` (threads: the processors' numpy, PIL and torch work runs without the GIL).
+        One entry per prompt: the prompt itself, or a Future of it with its images prepared, so
+        the offline LLM can hand the first prompts to the engine while the rest are still
+        processed. A prompt whose images fail keeps them unprocessed (process() reports it)."""
         mm = self.mm_processor
         todo = [i for i, p in enumerate(prompts) if isinstance(p, dict) and p.get("multi_modal_data")]
         if mm is None or len(todo) < 2:
-            return prompts
-        from concurrent.futures import ThreadPoolExecutor
+            return list(prompts)
         from pagoda.inputs.multimodal import image_list
 
-        def run(i):
-            try:
-                return mm.process_images(image_list(prompts[i]["multi_modal_data"].get("image", [])))
-            except ValueError:
-                return None
-        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            done = list(pool.map(run, todo))
-        out = list(prompts)
-        for i, items in zip(todo, done):
-            if items is not None:
-                out[i] = {**prompts[i], PREPARED_IMAGES: items}
-        return out
+        def run(group):
+            out = []
+            for i in group:
+                try:
+                    items = mm.process_images(image_list(prompts[i]["multi_modal_data"].get("image", [])))
+                    out.append({**prompts[i], PREPARED_IMAGES: items})
+                except ValueError:
+                    out.append(prompts[i])
+            return out
+        entries: list = list(prompts)
+        for k in range(0, len(todo), chunk):
+            group = todo[k:k + chunk]
+            task = pool.submit(run, group)
+            for j, i in enumerate(group):
+                entries[i] = _Item(task, j)
+        return entries
 
     def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],
                                                                             Optional[list[int]]]:

@@ -10,10 +10,15 @@ constrained request, and fill each step's token bitmask.
   requests (the request's own error: a 400 naming its field) and its thread stops holding up the
   others; the same constraint sent again fails at once until that compilation ends in the
   background, and is then served from the cache.
-- **Matchers** advance with each sampled token when the scheduler resolves it
-  (`accept`, from `Scheduler.update_from_output`).
+- **The vocabulary** the grammars compile against is the tokenizer's own ids, not the model's
+  padded width: xgrammar treats padded ids as special tokens, and its `accept_token` searches
+  them one by one (~30 us a token for Qwen3's 151,936 ids over a 49,152-id tokenizer, against
+  ~1 us). Ids past the tokenizer's are masked in constrained rows on the device.
+- **Matchers** advance with the step's sampled tokens, all rows in one call, when the scheduler
+  resolves it (`accept_tokens`, from `Scheduler.update_from_output`).
 - **The bitmask** of a step has one row per constrained request that samples in it (allowed
-  tokens' bits set), filled by xgrammar's batch matcher on several threads. On overlapped steps
+  tokens' bits set), filled by xgrammar's batch matcher on several threads into one of two
+  reused host buffers (pinned on CUDA: the copy to the device does not sync). On overlapped steps
   (CUDA) a row depends on the token the step before sampled, which is known only once that step
   is read back: the engine core then hands the runner a `GrammarBitmask` whose `fill` resolves the
   previous step and fills the rows, and the runner calls it after queueing the forward pass, so
@@ -53,7 +58,7 @@ class _RequestGrammar:
 @dataclass
 class _Backend:
     compiler: Any      # xgrammar.GrammarCompiler for this vocabulary
-    vocab_size: int
+    vocab_size: int    # the grammar's vocabulary: the tokenizer's ids (<= the model's)
     batch: Any         # xgrammar.BatchGrammarMatcher: fills many rows on several threads
 
 
@@ -75,6 +80,8 @@ class StructuredOutputManager:
         self._cache_lock = threading.Lock()   # a late compilation lands from its own thread
         self.requests: dict[str, _RequestGrammar] = {}
         self._compiling: set[str] = set()   # requests whose matcher is not made yet
+        self._buffers: list = []            # two host bitmasks, used in turn (see fill)
+        self._turn = 0
 
     # -- compiling --------------------------------------------------------------------------------
     def _get_backend(self) -> _Backend:
@@ -84,9 +91,11 @@ class StructuredOutputManager:
                 tok = self._load_tokenizer()
                 if tok is None:
                     raise ValueError("structured outputs need the model's tokenizer")
-                info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size)
+                info = xgr.TokenizerInfo.from_huggingface(tok)  # unpadded: see the module's notes
+                if info.vocab_size > self.vocab_size:  # ids the model cannot produce
+                    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=self.vocab_size)
                 self._backend = _Backend(xgr.GrammarCompiler(info, max_threads=self._threads,
-                                                             cache_enabled=False), self.vocab_size,
+                                                             cache_enabled=False), info.vocab_size,
                                          xgr.BatchGrammarMatcher(self._threads))
             return self._backend
 
@@ -143,8 +152,9 @@ class StructuredOutputManager:
                 st.error = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
             return False
         import xgrammar as xgr
-        st.matcher = xgr.GrammarMatcher(st.future.result(),
-                                        override_stop_tokens=st.stop_token_ids or None)
+        vocab = self._get_backend().vocab_size
+        stop = [t for t in st.stop_token_ids if t < vocab]  # an id the tokenizer lacks never comes
+        st.matcher = xgr.GrammarMatcher(st.future.result(), override_stop_tokens=stop or None)
         self._compiling.discard(request_id)
         return True
 
@@ -174,15 +184,32 @@ class StructuredOutputManager:
     def has_requests(self) -> bool:
         return bool(self.requests)
 
-    def accept(self, request_id: str, token: int) -> None:
-        """Advance the request's matcher with a sampled token."""
+    def _active(self, request_id: str) -> Optional[_RequestGrammar]:
+        """The request's state while its matcher constrains it."""
         st = self.requests.get(request_id)
         if st is None or st.matcher is None or st.broken or st.matcher.is_terminated():
+            return None
+        return st
+
+    def accept_tokens(self, request_ids: list[str], tokens: list[int]) -> None:
+        """Advance each request's matcher with its sampled token (one call for all of them)."""
+        import xgrammar as xgr
+        states, toks = [], []
+        for rid, tok in zip(request_ids, tokens):
+            st = self._active(rid)
+            if st is not None:
+                states.append((rid, st))
+                toks.append(tok)
+        if not states:
             return
-        if not st.matcher.accept_token(token):
-            st.broken = True
-            logger.warning("request %s: token %d is outside its grammar; the rest of its output is "
-                           "not constrained", request_id, token)
+        ok = xgr.BatchGrammarMatcher.batch_accept_token([st.matcher for _, st in states], toks)
+        if all(ok):
+            return
+        for (rid, st), tok, good in zip(states, toks, ok):
+            if not good:
+                st.broken = True
+                logger.warning("request %s: token %d is outside its grammar; the rest of its output "
+                               "is not constrained", rid, tok)
 
     # -- the step's bitmask -----------------------------------------------------------------------
     def sampling_requests(self, num_scheduled_tokens: dict[str, int], requests: dict) -> list[str]:
@@ -196,26 +223,37 @@ class StructuredOutputManager:
                     out.append(rid)
         return out
 
+    @property
+    def grammar_vocab_size(self) -> int:
+        return self._get_backend().vocab_size
+
     def fill(self, req_ids: list[str]):
-        """The bitmask rows of these requests (int32 [n, ceil(V/32)]; all bits set for a request
-        that is gone, finished its grammar, or is no longer constrained)."""
+        """(bitmask int32 [k, ceil(grammar_vocab_size / 32)], the k requests of its rows): the
+        rows of those of `req_ids` still constrained (not gone, grammar not ended or broken).
+
+        The bitmask is a view of one of two host buffers used in turn: a step's bitmask is
+        copied to the device before the step samples, and the engine fills step N+1's only
+        after step N was read back, so the buffer of step N-1 is free again."""
         import torch
         backend = self._get_backend()
-        width = (backend.vocab_size + 31) // 32
-        bitmask = torch.full((len(req_ids), width), -1, dtype=torch.int32, pin_memory=self.pin_memory)
         matchers, rows = [], []
-        for i, rid in enumerate(req_ids):
-            st = self.requests.get(rid)
-            if st is None or st.matcher is None or st.broken or st.matcher.is_terminated():
-                continue
-            matchers.append(st.matcher)
-            rows.append(i)
-        if matchers:
-            if len(matchers) == 1:
-                matchers[0].fill_next_token_bitmask(bitmask, rows[0])
-            else:
-                backend.batch.batch_fill_next_token_bitmask(matchers, bitmask, rows)
-        return bitmask
+        for rid in req_ids:
+            st = self._active(rid)
+            if st is not None:
+                matchers.append(st.matcher)
+                rows.append(rid)
+        k, width = len(rows), (backend.vocab_size + 31) // 32
+        if len(self._buffers) < 2 or self._buffers[0].shape[0] < k:
+            size = max(k, 256, 2 * self._buffers[0].shape[0] if self._buffers else 0)
+            self._buffers = [torch.empty((size, width), dtype=torch.int32, pin_memory=self.pin_memory)
+                             for _ in range(2)]
+        self._turn ^= 1
+        bitmask = self._buffers[self._turn][:k]
+        if k == 1:
+            matchers[0].fill_next_token_bitmask(bitmask, 0)
+        elif k:
+            backend.batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        return bitmask, rows
 
     def shutdown(self) -> None:
         self._pool.shutdown()

@@ -303,9 +303,12 @@ class Worker:
             if first < n:
                 runner.execute(_step(cached=[(rid, first, n - first)]))
             made.append((rid, n))
-        # a mixed step: every warm-up request decodes one token while a short prompt prefills
-        runner.execute(_step(new=[("__warmup_mixed", [5, 6, 7], [last], 3, params[0])],
-                             cached=[(rid, n, 1) for rid, n in made]))
+        # a mixed step: every warm-up request decodes one token while a short prompt prefills,
+        # the first under a structured-outputs bitmask (its kernel, in the logits' dtype)
+        mixed = _step(new=[("__warmup_mixed", [5, 6, 7], [last], 3, params[0])],
+                      cached=[(rid, n, 1) for rid, n in made])
+        mixed.grammar = _all_allowed_bitmask(made[0][0], vocab)
+        runner.execute(mixed)
         runner.forget([rid for rid, _ in made] + ["__warmup_mixed"])
         self.startup.mark("warm-up")
 
@@ -316,6 +319,13 @@ class Worker:
     def describe(self) -> str:
         return (f"{self.model_config.model} on {self.device} ({self.model_config.dtype}), "
                 f"{self.num_blocks} KV blocks x {self.args.block_size} tokens")
+
+
+def _all_allowed_bitmask(req_id: str, vocab: int):
+    """A SchedulerOutput.grammar for one row (the warm-up's): every token but the last allowed."""
+    from types import SimpleNamespace as NS
+    bitmask = torch.full((1, (vocab + 31) // 32), -1, dtype=torch.int32)
+    return NS(req_ids=[req_id], vocab_size=vocab - 1, get=lambda: bitmask)
 
 
 def _step(new=(), cached=()):
