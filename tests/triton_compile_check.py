@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "run with TRITON_INTERPRET unset"
@@ -84,27 +85,30 @@ def _compile_only(self, *args, grid, warmup=False, **kwargs):
 JITFunction.run = _compile_only
 
 
-def attention_variants() -> None:
+def attention_variants(shard: int = 0, shards: int = 1) -> None:
+    """shard k of n: every n-th (dtype, cache format) pair from the k-th (nearly all the time
+    of the check is here, so the test splits it over two processes)."""
     from pagoda.kernels.attention_triton import paged_attention_triton, reshape_and_cache_triton
     from pagoda.layers.quantization.kv_cache import KVCacheFormat
     nb, bs, kvh, heads, d, reqs = 8, 16, 2, 8, 64, 2
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        for kv in ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2"):
-            fmt = KVCacheFormat(kv, dtype, kvh, d)
-            (cache, quant), = fmt.allocate(1, nb, bs, lambda shape, dt: torch.zeros(shape, dtype=dt))
-            k = torch.zeros(5, kvh, d, dtype=dtype)
-            reshape_and_cache_triton(k, k.clone(), cache, torch.arange(5), quant)
-            bt = torch.arange(nb, dtype=torch.int32).view(reqs, nb // reqs)
-            seq = torch.tensor([20, 33], dtype=torch.int32)
-            for q_lens, mql in (((1, 1), 1), ((3, 9), 9), ((3, 9), None), ((64, 1), 64)):
-                qsl = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
-                q = torch.zeros(sum(q_lens), heads, d, dtype=dtype)
-                for sliding, cap in ((None, None), (16, None), (None, 30.0), (16, 50.0)):
-                    splits = (1, 4) if mql == 1 else (None,)
-                    for ns in splits:
-                        paged_attention_triton(q, cache, qsl, seq, bt, 0.125, max_query_len=mql,
-                                               max_seq_len=64, num_splits=ns, sliding_window=sliding,
-                                               logits_soft_cap=cap, kv_quant=quant)
+    pairs = [(dt, kv) for dt in (torch.bfloat16, torch.float16, torch.float32)
+             for kv in ("auto", "int8", "int4", "fp8_e4m3", "fp8_e5m2")]
+    for dtype, kv in pairs[shard::shards]:
+        fmt = KVCacheFormat(kv, dtype, kvh, d)
+        (cache, quant), = fmt.allocate(1, nb, bs, lambda shape, dt: torch.zeros(shape, dtype=dt))
+        k = torch.zeros(5, kvh, d, dtype=dtype)
+        reshape_and_cache_triton(k, k.clone(), cache, torch.arange(5), quant)
+        bt = torch.arange(nb, dtype=torch.int32).view(reqs, nb // reqs)
+        seq = torch.tensor([20, 33], dtype=torch.int32)
+        for q_lens, mql in (((1, 1), 1), ((3, 9), 9), ((3, 9), None), ((64, 1), 64)):
+            qsl = torch.tensor([0, q_lens[0], sum(q_lens)], dtype=torch.int32)
+            q = torch.zeros(sum(q_lens), heads, d, dtype=dtype)
+            for sliding, cap in ((None, None), (16, None), (None, 30.0), (16, 50.0)):
+                splits = (1, 4) if mql == 1 else (None,)
+                for ns in splits:
+                    paged_attention_triton(q, cache, qsl, seq, bt, 0.125, max_query_len=mql,
+                                           max_seq_len=64, num_splits=ns, sliding_window=sliding,
+                                           logits_soft_cap=cap, kv_quant=quant)
 
 
 def layer_variants() -> None:
@@ -164,14 +168,27 @@ def w4a16_variants() -> None:
                                 split_k=split)
 
 
+PARTS = (attention_variants, layer_variants, sampling_variants, logprobs_variants, grammar_bitmask_variants,
+         w4a16_variants)
+
+
 def main() -> int:
-    for part in (attention_variants, layer_variants, sampling_variants, logprobs_variants, grammar_bitmask_variants,
-                 w4a16_variants):
+    """argv: the parts to compile (function names, `attention_variants:K/N` for shard K of N;
+    all when none), so the test can run two processes side by side."""
+    by_name = {p.__name__: p for p in PARTS}
+    chosen = []
+    for spec in sys.argv[1:] or list(by_name):
+        name, _, shard = spec.partition(":")
+        k, n = (int(x) for x in shard.split("/")) if shard else (0, 1)
+        chosen.append((by_name[name], (k, n) if shard else ()))
+    for part, shard_args in chosen:
+        t0 = time.time()
         try:
-            part()
+            part(*shard_args)
         except Exception as e:  # noqa: BLE001 - a wrapper itself broke on CPU tensors
             FAILED.append(f"{part.__name__}: {type(e).__name__}: {e}")
             traceback.print_exc()
+        print(f"part {part.__name__} {time.time() - t0:.1f}s", file=sys.stderr)
     names = sorted({k[0] for k in COMPILED})
     print(f"compiled {len(COMPILED)} kernel variants for sm_90{'' if os.environ.get('FULL_COMPILE') else ' (to TTGIR)'} ({', '.join(names)})")
     for line in FAILED:
