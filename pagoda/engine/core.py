@@ -407,6 +407,9 @@ def run_engine_core(args: EngineArgs, input_address: str, output_addresses: list
         return
     ready.send_multipart([b"ready", enc(proc.core.ready_message())])
     ready.close()
+    if threading.current_thread() is threading.main_thread():  # a process of its own
+        from pagoda.startup import freeze_after_start
+        freeze_after_start()
     try:
         proc.run_busy_loop()
     finally:

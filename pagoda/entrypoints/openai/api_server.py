@@ -92,6 +92,8 @@ def serve_app(engine, args: argparse.Namespace, sockets: Optional[list] = None) 
     # normal exit, so make that re-raise a no-op and return 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    from pagoda.startup import freeze_after_start
+    freeze_after_start()  # the engine and the app live as long as this process
     logger.info("serving %s on %s://%s:%d", ", ".join(engine.model_config.served_model_names),
                 "https" if args.ssl_certfile else "http", args.host, args.port)
     server.run(sockets=sockets)
