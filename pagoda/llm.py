@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Union
 
 from pagoda.config import EngineArgs
 from pagoda.engine.llm_engine import LLMEngine
-from pagoda.inputs.preprocess import PromptType
+from pagoda.inputs.preprocess import PendingPrompt, PromptType
 from pagoda.beam_search import BeamSearchOutput, BeamSearchParams
 from pagoda.outputs import (ClassificationOutput, ClassificationRequestOutput, EmbeddingOutput,
                             EmbeddingRequestOutput, PoolingRequestOutput, RequestOutput, ScoringOutput,
@@ -101,7 +101,7 @@ class LLM:
                 # add each prompt that is ready, in order; wait only when the engine is idle
                 while len(ids) < len(entries):
                     e = entries[len(ids)]
-                    if hasattr(e, "done"):
+                    if isinstance(e, PendingPrompt):
                         if not e.done() and eng.has_unfinished_requests():
                             break
                         e = e.result()

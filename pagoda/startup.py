@@ -71,8 +71,8 @@ def first_start_gc():
     transformers' import-time objects as they were made. What the caller left before is
     collected first. Nothing is frozen here (gc.freeze would keep a deleted LLM's engine and its
     KV cache alive: an offline user frees one engine before making the next; servers freeze
-    with `freeze_after_start`). A start that fails pauses it again next time; later starts import nothing
-    new and run with the collector as it is."""
+    with `freeze_after_start`). A start that fails pauses it again next time; later starts
+    import nothing new and run with the collector as it is."""
     global _first_start
     if not _first_start or not gc.isenabled():
         yield

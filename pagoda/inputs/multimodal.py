@@ -3,8 +3,8 @@ per image its processor outputs, placeholder range and content hash (`MultiModal
 
 The pixels are prepared by the model's own transformers image processor (PIL backend; the
 torchvision one where installed), a list of images per call, split back into each image's
-outputs, which stand alone (the encoder cache and the prefix cache key on them). What a placeholder expands to is the
-family's (as its transformers processor writes it):
+outputs, which stand alone (the encoder cache and the prefix cache key on them). What a
+placeholder expands to is the family's (as its transformers processor writes it):
 - LLaVA: `<image>` x patches (CLS dropped with the "default" feature strategy);
 - Qwen2-VL / Qwen2.5-VL: `<|image_pad|>` x (grid t*h*w / 4), between the template's
   `<|vision_start|>` and `<|vision_end|>`;

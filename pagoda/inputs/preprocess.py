@@ -37,7 +37,7 @@ MAX_BAD_WORD_TOKENS = 64
 PREPARED_IMAGES = "_prepared_images"
 
 
-class _Item:
+class PendingPrompt:
     """Prompt j of a chunk the image pool is processing: a Future's view of one prompt."""
     __slots__ = ("task", "j")
 
@@ -90,9 +90,10 @@ class InputProcessor:
     def prepare_images(self, prompts: list, pool, chunk: int = 16) -> list:
         """Start the image processor on the prompts that carry images, `chunk` prompts per task
         on `pool` (threads: the processors' numpy, PIL and torch work runs without the GIL).
-        One entry per prompt: the prompt itself, or a Future of it with its images prepared, so
-        the offline LLM can hand the first prompts to the engine while the rest are still
-        processed. A prompt whose images fail keeps them unprocessed (process() reports it)."""
+        One entry per prompt: the prompt itself, or a PendingPrompt of it with its images
+        prepared, so the offline LLM can hand the first prompts to the engine while the rest are
+        still processed. A prompt whose images fail keeps them unprocessed (process() reports
+        it)."""
         mm = self.mm_processor
         todo = [i for i, p in enumerate(prompts) if isinstance(p, dict) and p.get("multi_modal_data")]
         if mm is None or len(todo) < 2:
@@ -113,7 +114,7 @@ class InputProcessor:
             group = todo[k:k + chunk]
             task = pool.submit(run, group)
             for j, i in enumerate(group):
-                entries[i] = _Item(task, j)
+                entries[i] = PendingPrompt(task, j)
         return entries
 
     def tokenize(self, prompt: PromptType, field: str = "prompt") -> tuple[Optional[str], list[int],

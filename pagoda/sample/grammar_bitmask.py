@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from pagoda.kernels.grammar_bitmask import apply_bitmask_rows
+from pagoda.sample.ops import to_device
 
 
 def apply_token_bitmask(logits: torch.Tensor, grammar, req_ids: list[str]) -> torch.Tensor:
@@ -37,5 +38,4 @@ def apply_token_bitmask(logits: torch.Tensor, grammar, req_ids: list[str]) -> to
         return apply_bitmask_rows(logits, bitmask, rows, vocab)
     dev = logits.device
     bitmask = (bitmask if bitmask.is_pinned() else bitmask.pin_memory()).to(dev, non_blocking=True)
-    index = torch.tensor(rows, dtype=torch.int32).pin_memory().to(dev, non_blocking=True)
-    return apply_bitmask_rows(logits, bitmask, index, vocab)
+    return apply_bitmask_rows(logits, bitmask, to_device(rows, torch.int32, dev), vocab)

@@ -307,7 +307,7 @@ class Worker:
         # the first under a structured-outputs bitmask (its kernel, in the logits' dtype)
         mixed = _step(new=[("__warmup_mixed", [5, 6, 7], [last], 3, params[0])],
                       cached=[(rid, n, 1) for rid, n in made])
-        mixed.grammar = _all_allowed_bitmask(made[0][0], vocab)
+        mixed.grammar = _warmup_bitmask(made[0][0], vocab)
         runner.execute(mixed)
         runner.forget([rid for rid, _ in made] + ["__warmup_mixed"])
         self.startup.mark("warm-up")
@@ -321,8 +321,10 @@ class Worker:
                 f"{self.num_blocks} KV blocks x {self.args.block_size} tokens")
 
 
-def _all_allowed_bitmask(req_id: str, vocab: int):
-    """A SchedulerOutput.grammar for one row (the warm-up's): every token but the last allowed."""
+def _warmup_bitmask(req_id: str, vocab: int):
+    """A SchedulerOutput.grammar for one row (the warm-up's): every token but the last allowed,
+    so the mask kernel runs and has a token to mask (plain data: the worker imports nothing from
+    the engine)."""
     from types import SimpleNamespace as NS
     bitmask = torch.full((1, (vocab + 31) // 32), -1, dtype=torch.int32)
     return NS(req_ids=[req_id], vocab_size=vocab - 1, get=lambda: bitmask)
