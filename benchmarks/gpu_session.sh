@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh structured   # W1 half under a JSON schema vs free (issue 14;
 #                                               # first `bash benchmarks/gpu_structured.sh prepare` here)
 # VISION_SHAPE=tiny VISION_IMAGES=8 runs the vision case small (a smoke run on a CPU);
+# VISION_ARGS="--skip hf" leaves runs out (the serve leg and offline fit one call without HF);
 # SHAPE=tiny-llama W1_ARGS="--num-prompts 8 --input-len-range 16 64 --output-len 16" the sampling case.
 # Everything is written under $OUT (the device tool brings it back).
 set -uo pipefail
@@ -59,7 +60,7 @@ case "${1:-tests}" in
     # Qwen2.5-VL-3B shape, random bf16 weights, 512 images of 448x448; figures land in
     # $OUT/v1.json after each of the three runs, so a run cut short keeps the others
     timeout "${VISION_TIMEOUT:-460}" python3 benchmarks/v1_images.py --shape "${VISION_SHAPE:-3b}" \
-      --num-images "${VISION_IMAGES:-512}" --out "$OUT/v1.json" 2>&1 | tee "$OUT/v1.txt" | tail -12 ;;
+      --num-images "${VISION_IMAGES:-512}" --out "$OUT/v1.json" ${VISION_ARGS:-} 2>&1 | tee "$OUT/v1.txt" | tail -12 ;;
   structured)
     OUT="$OUT" NO_WHEELS=1 bash benchmarks/gpu_structured.sh ;;
   quant)
