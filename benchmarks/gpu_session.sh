@@ -11,7 +11,7 @@
 #   bash benchmarks/gpu_session.sh structured   # W1 half under a JSON schema vs free (issue 14;
 #                                               # first `bash benchmarks/gpu_structured.sh prepare` here)
 # VISION_SHAPE=tiny VISION_IMAGES=8 runs the vision case small (a smoke run on a CPU);
-# VISION_ARGS="--skip hf" leaves runs out (the serve leg and offline fit one call without HF);
+# VISION_ARGS="--skip hf" leaves runs out (without HF, offline and serve may fit one call: unmeasured);
 # SHAPE=tiny-llama W1_ARGS="--num-prompts 8 --input-len-range 16 64 --output-len 16" the sampling case.
 # Everything is written under $OUT (the device tool brings it back).
 set -uo pipefail
